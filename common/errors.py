@@ -1,0 +1,52 @@
+"""The small exception hierarchy of SecDFD.
+
+Errors cross the wire by class name (never a pickled traceback); messages never contain secret
+values, only peers, steps and what to do.
+"""
+
+from __future__ import annotations
+
+
+class SecDFDError(Exception):
+    """Base of every error SecDFD raises on purpose."""
+
+
+class PlanError(SecDFDError):
+    """A model cannot be lowered to secure steps (unsupported layer, bad shape)."""
+
+
+class RandomnessError(SecDFDError):
+    """Correlated randomness is missing, mismatched or was already consumed."""
+
+
+class ProtocolError(SecDFDError):
+    """A peer sent something malformed or out of step."""
+
+
+class PeerTimeout(SecDFDError):
+    """A peer did not answer within the deadline."""
+
+
+class PeerLost(SecDFDError):
+    """A peer is not reachable."""
+
+
+class RemoteError(SecDFDError):
+    """A peer reported an error."""
+
+
+class ModelError(SecDFDError):
+    """A model name, file or input size is unknown, malformed or fails its checksum."""
+
+
+class DataError(SecDFDError):
+    """An image or a data folder cannot be used (not an image, too large, empty class folder)."""
+
+
+ERRORS: dict[str, type[SecDFDError]] = {
+    cls.__name__: cls
+    for cls in (
+        SecDFDError, PlanError, RandomnessError, ProtocolError, PeerTimeout, PeerLost, RemoteError,
+        ModelError, DataError,
+    )
+}

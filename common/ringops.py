@@ -1,0 +1,47 @@
+"""Ring products for linear layers: int64 on CPU, float64 limbs where int64 conv/matmul is missing.
+
+CUDA has no int64 convolution or matrix product. A ring element splits into four unsigned 16-bit
+limbs, x = sum_i x_i 2^(16 i); the product mod 2^64 keeps the ten limb pairs with i + j < 4:
+    op(x, w) = sum_{i + j < 4} op(x_i, w_j) 2^(16 (i + j))   (mod 2^64).
+Each op(x_i, w_j) sums at most K products of two 16-bit values, exact in float64 while
+K * 2^32 < 2^53, i.e. for reductions up to 2^21 terms, far above any layer here (K <= 6552 for
+DFDNet). The limb path is selectable on CPU too, where the tests check it bit for bit against int64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+LIMB_BITS = 16
+LIMBS = 64 // LIMB_BITS
+MAX_REDUCTION = 1 << (53 - 2 * LIMB_BITS)
+
+Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
+    mask = (1 << LIMB_BITS) - 1
+    return [((x >> (LIMB_BITS * i)) & mask).to(torch.float64) for i in range(LIMBS)]
+
+
+def limb_product(op: Op, x: torch.Tensor, w: torch.Tensor, reduction: int) -> torch.Tensor:
+    """op(x, w) mod 2^64 for a bilinear op, computed with float64 products of 16-bit limbs."""
+    if reduction >= MAX_REDUCTION:
+        raise ValueError(f"a reduction over {reduction} terms is too long for exact float64 limbs")
+    xl, wl = _limbs(x), _limbs(w)
+    out: torch.Tensor | None = None
+    for i in range(LIMBS):
+        for j in range(LIMBS - i):
+            part = op(xl[i], wl[j]).to(torch.int64) << (LIMB_BITS * (i + j))
+            out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def ring_op(op: Op, reduction: int, limbs: bool) -> Op:
+    """The ring version of a bilinear op: native int64, or float64 limbs."""
+    if limbs:
+        return lambda x, w: limb_product(op, x, w, reduction)
+    return op

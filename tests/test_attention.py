@@ -1,0 +1,64 @@
+"""SecChannel and SecSpatial: DFDNet's CBAM modules evaluated securely, alone and gating their input,
+and the sharing of rounds by independent branches."""
+
+import torch
+from torch import nn
+
+from secdfd.common.engine import TwoParty
+from secdfd.common.model import ChannelAttention, SpatialAttention
+
+
+class Gated(nn.Module):
+    def __init__(self, att: nn.Module) -> None:
+        super().__init__()
+        self.att = att
+
+    def forward(self, x):
+        return self.att(x) * x
+
+
+def _check(module: nn.Module, shape: tuple[int, ...], bound: float) -> int:
+    torch.manual_seed(3)
+    x = torch.randn(shape) * 2
+    tp = TwoParty(module.eval(), shape)
+    y, rep = tp(x)
+    with torch.no_grad():
+        ref = module(x).double()
+    assert (y - ref).abs().max().item() <= bound
+    return rep.rounds
+
+
+def test_sec_channel_attention():
+    torch.manual_seed(0)
+    rounds = _check(ChannelAttention(64), (1, 64, 8, 8), 2e-4)
+    # global max over 64 (3 layers of max-of-4, 15 rounds) dominates the avg branch; the shared MLP's
+    # two calls run side by side: conv (1) + ReLU (3) + conv (1) + sigmoid (6) = 11; + the mean's truncation
+    assert rounds <= 15 + 11 + 1 + 2
+    _check(Gated(ChannelAttention(64)), (1, 64, 8, 8), 1e-3)
+
+
+def test_sec_spatial_attention():
+    torch.manual_seed(1)
+    rounds = _check(SpatialAttention(), (1, 32, 12, 12), 2e-4)
+    assert rounds <= 15 + 1 + 6 + 1  # channel max over 32 (3 layers), conv7x7, sigmoid, mean truncation
+    _check(Gated(SpatialAttention()), (1, 32, 12, 12), 1e-3)
+
+
+class TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_independent_branches_share_rounds():
+    one = TwoParty(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1)), (1, 3, 12, 12))
+    two = TwoParty(TwoBranches(), (1, 3, 12, 12))
+    x = torch.rand(1, 3, 12, 12)
+    _, r1 = one(x)
+    _, r2 = two(x)
+    assert r2.rounds == r1.rounds  # the second branch adds bytes, not rounds
+    assert r2.bytes_per_party[0] > 1.9 * r1.bytes_per_party[0]

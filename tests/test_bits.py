@@ -1,0 +1,44 @@
+import torch
+
+from secdfd.common.bits import Form, Products, pack, planes, unpack
+from secdfd.common.prng import Stream, new_seed
+
+
+def test_planes_match_bit_extraction():
+    x = Stream(new_seed(), "p").ring((1000,))
+    for lo, count in ((0, 41), (16, 41), (5, 12)):
+        p = planes(x, lo, count)
+        assert p.shape == (count, 16)
+        for j in range(count):
+            want = (x >> (lo + j)) & 1
+            got = unpack(p[j], 1000)
+            assert torch.equal(got, want)
+
+
+def test_pack_unpack_roundtrip():
+    b = torch.tensor([1, 0, 1, 1] * 50)
+    assert torch.equal(unpack(pack(b), 200), b)
+
+
+def test_products_of_masked_bits_are_exact():
+    # v_i = alpha_i XOR (beta_i AND a_i); check every product against the plain AND.
+    n = 3
+    s = Stream(new_seed(), "b")
+    a = s.ring((n, 4))
+    alpha = s.ring((n, 4))
+    beta = s.ring((n, 4))
+    spec = Products(n, ((0, 1), (0, 1, 2), (2, 1)))
+    mono = spec.deal(a)
+    a0 = s.ring((n, 4))
+    a1 = a ^ a0
+    m0 = s.ring(tuple(mono.shape))
+    m1 = mono ^ m0
+    forms = [[Form(alpha[v], beta[v]) for v in p] for p in spec.products]
+    r0 = spec.evaluate(forms, a0, m0, 0)
+    r1 = spec.evaluate(forms, a1, m1, 1)
+    v = alpha ^ (beta & a)
+    for k, p in enumerate(spec.products):
+        want = v[p[0]]
+        for j in p[1:]:
+            want = want & v[j]
+        assert torch.equal(r0[k] ^ r1[k], want)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+from torch import nn
+
+from secdfd.common.errors import PlanError
+from secdfd.common.plan import build_plan, extract_weights
+
+
+class Odd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def test_unsupported_layer_is_named():
+    with pytest.raises(PlanError) as e:
+        build_plan(Odd(), (1, 3, 8, 8))
+    assert "act" in str(e.value) and "GELU" in str(e.value) and "Conv2d" in str(e.value)
+
+
+def test_bn_is_folded_and_truncation_fused_into_relu():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    plan = build_plan(m, (1, 3, 8, 8))
+    ops = [s.op for s in plan.steps]
+    assert ops == ["input", "linear", "relu", "linear", "trunc", "output"]
+    assert plan.steps[2].attrs["shift"] == 16  # conv output at 2f goes straight into ReLU
+    m.eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    w = extract_weights(m, plan)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    folded = torch.nn.functional.conv2d(x, w["0.weight"], w["0.bias"])
+    with torch.no_grad():
+        ref = m[1].double()(m[0].double()(x))
+    assert (folded - ref).abs().max().item() < 1e-10
+
+
+def test_plan_depends_on_architecture_only():
+    a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    pa, pb = build_plan(a, (1, 3, 8, 8)), build_plan(b, (1, 3, 8, 8))
+    assert pa.steps == pb.steps and pa.weights == pb.weights
+
+
+def test_full_width_dfdnet_plan_builds():
+    from secdfd.common.model import FusedDFDNet, build_model
+
+    fused = FusedDFDNet(build_model("dfdnet"), build_model("dfdnet"))
+    plan = build_plan(fused, (1, 3, 128, 128))
+    counts = plan.describe()
+    assert counts["linear"] == 275 and counts["sigmoid"] == 50 and counts["maxpool"] == 8
+    n_params = sum(torch.Size(s).numel() for s in plan.weights.values())
+    assert abs(n_params - 2 * 28.15e6) / (2 * 28.15e6) < 0.01
