@@ -1,0 +1,1 @@
+"""SecDFD client package."""

@@ -1,0 +1,1 @@
+"""SecDFD dealer package."""

@@ -1,0 +1,144 @@
+"""The dealer process (`secdfd-dealer`): provisioning and correlated-randomness bundles.
+
+It learns the architecture and input size only (from the public model info `model.json` written by
+`secdfd share`, or from its options), never an image, a weight or an output. It listens in the
+"servers" ZAP domain; which server asks is taken from the authenticated public key, never from the
+request. Bundle ids come from a persisted ledger, and each id's two halves are handed out once
+each, in id order (see secdfd.common.bundles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from secdfd.common import deployment
+from secdfd.common.bundles import BundleBook, IdLedger
+from secdfd.common.errors import ProtocolError, SecDFDError
+from secdfd.common.keys import load_party, read_public
+from secdfd.common.runtime import set_threads
+from secdfd.common.transport import Node, Request, Responder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DealerConfig:
+    keys: Path
+    state: Path
+    listen: str
+    info: deployment.ModelInfo
+    cap: int = 64  # halves kept per server that has not fetched them yet
+
+
+class DealerService:
+    """Serve provisioning and bundles until `stop` is set."""
+
+    def __init__(self, config: DealerConfig) -> None:
+        self.config = config
+        self.ready = threading.Event()
+        self.endpoint = ""
+
+    def run(self, stop: threading.Event) -> None:
+        cfg = self.config
+        keys = load_party(cfg.keys, "dealer")
+        dealer = deployment.make_dealer(cfg.info, cfg.state)
+        provisions = deployment.provision_bytes(dealer)
+        # names the provisioning (stable across restarts: the seeds are kept); servers check bundles
+        epoch = hashlib.sha256(b"secdfd-epoch\0" + b"".join(dealer.provision_seeds)).hexdigest()[:16]
+        ledger = IdLedger(Path(cfg.state) / "dealer.ids")
+        book = BundleBook(lambda i: deployment.bundle_bytes(dealer, i), ledger, cfg.cap)
+        allow = keys.allow_dir("servers")
+        names = {read_public(allow / f"{s}.key"): s for s in deployment.SERVERS if (allow / f"{s}.key").is_file()}
+        with Node(keys) as node:
+            front = Responder(node, cfg.listen, "servers", names)
+            self.endpoint = front.endpoint
+            self.ready.set()
+            log.info("dealer ready on %s", self.endpoint)
+            while not stop.is_set():
+                req = front.recv(timeout=0.2)
+                if req is not None:
+                    self._handle(front, req, provisions, book, epoch)
+
+    def _handle(self, front: Responder, req: Request, provisions: tuple[bytes, bytes], book: BundleBook,
+                epoch: str) -> None:
+        if req.sender not in deployment.SERVERS:
+            front.reply_error(req, ProtocolError("the dealer serves server_a and server_b only"))
+            return
+        role = deployment.SERVERS.index(req.sender)
+        kind = req.message.kind
+        try:
+            if kind == "provision_request":
+                info = self.config.info
+                front.reply(req, "provision", {"epoch": epoch, "model": info.arch, "input_size": info.size,
+                                               "frac_bits": info.frac}, [_as_tensor(provisions[role])])
+            elif kind == "bundle_request":
+                t0 = time.perf_counter()
+                bundle_id, half = book.next_for(role)
+                front.reply(req, "bundle", {"bundle": bundle_id, "epoch": epoch,
+                                            "seconds": time.perf_counter() - t0}, _as_frames(half))
+            else:
+                raise ProtocolError(f"the dealer does not serve {kind!r} requests")
+        except SecDFDError as e:
+            log.warning("%s", e)
+            front.reply_error(req, e)
+        except Exception as e:  # noqa: BLE001 - one failed request must never stop the dealer
+            log.exception("request failed")
+            front.reply_error(req, SecDFDError(f"internal error in the dealer ({type(e).__name__}); see its log"))
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+FRAME_BYTES = 1 << 20  # a bundle travels in frames of at most 1 MiB
+
+
+def _as_frames(data: bytes) -> list[torch.Tensor]:
+    """`data` as consecutive frames of at most FRAME_BYTES (views of one buffer, no copies).
+
+    A ZMTP heartbeat is answered only between frames: one frame of hundreds of MB (a full-width
+    bundle) would outlast the receiver's heartbeat timeout on a 1 Gbit/s link shared by both
+    servers, and the connection would be dropped and the request retried forever.
+    """
+    buf = bytearray(data)
+    return [torch.frombuffer(buf, dtype=torch.uint8, offset=i, count=min(FRAME_BYTES, len(buf) - i))
+            for i in range(0, len(buf), FRAME_BYTES)]
+
+
+@click.command("secdfd-dealer", context_settings={"auto_envvar_prefix": "SECDFD_DEALER",
+                                                  "help_option_names": ["-h", "--help"]})
+@click.option("--keys", type=click.Path(path_type=Path), default=Path(".secdfd/keys"), show_default=True,
+              help="Keys folder from `secdfd keys` (or the dealer's own subfolder).")
+@click.option("--state", type=click.Path(path_type=Path), default=Path(".secdfd/state/dealer"),
+              show_default=True, help="Where the bundle-id ledger and provisioning seeds are kept.")
+@click.option("--listen", default="tcp://127.0.0.1:7300", show_default=True, help="Endpoint to bind.")
+@click.option("--model", "model_info", type=click.Path(path_type=Path), default=None, envvar="SECDFD_DEALER_MODEL",
+              help="Public model info from `secdfd share` (DIR/model.json); overrides --arch/--size/--frac-bits.")
+@click.option("--arch", default="dfdnet-s", show_default=True, help="Model architecture name.")
+@click.option("--size", type=int, default=128, show_default=True, help="Model input size.")
+@click.option("--frac-bits", type=int, default=16, show_default=True, help="Fixed-point fractional bits.")
+@click.option("--threads", type=int, default=0, envvar=["SECDFD_DEALER_THREADS", "SECDFD_THREADS"],
+              help="CPU threads for torch (env SECDFD_THREADS) [default: every core; `secdfd up` uses 1].")
+def main(keys: Path, state: Path, listen: str, model_info: Path | None, arch: str, size: int, frac_bits: int,
+         threads: int) -> None:
+    """Run the dealer: provisioning for the weight masks and one bundle per inference."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s dealer %(levelname)s %(message)s")
+    set_threads(threads)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        info = deployment.read_info(model_info) if model_info else deployment.ModelInfo(arch, size, frac_bits)
+        cfg = DealerConfig(keys, state, listen, info)
+        DealerService(cfg).run(stop)
+    except SecDFDError as e:
+        raise click.ClickException(str(e)) from None

@@ -1,0 +1,1 @@
+"""SecDFD server_b package."""

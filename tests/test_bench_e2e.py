@@ -1,0 +1,45 @@
+"""`secdfd bench e2e`: three processes on loopback, figures per inference that add up."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from secdfd.common.bench_e2e import FIGURES, run_e2e
+from secdfd.common.cli import main
+from secdfd.common.local import Endpoints, Launch
+
+
+def test_e2e_figures_and_wrapped_launch(tmp_path):
+    seen: list[Launch] = []
+
+    def spawn(launch, log):  # what a LAN benchmark wraps (e.g. with `ip netns exec`)
+        from secdfd.common.local import spawn_local
+
+        seen.append(launch)
+        return spawn_local(launch, log)
+
+    eps = Endpoints.free()
+    res = run_e2e("dfdnet-s", 32, 2, work=tmp_path, spawn=spawn, endpoints=eps)
+    assert [s.name for s in seen] == ["dealer", "server_a", "server_b"]
+    assert seen[1].endpoint == eps.server_a and "--peer" in seen[2].argv and eps.peer in seen[2].argv
+    assert all(s.env["SECDFD_THREADS"] == "1" for s in seen)
+    assert len(res["inferences"]) == 2 and all(k in res for k in FIGURES)
+    for r in res["inferences"]:
+        assert r["abs_error"] <= 1e-3
+        assert r["bytes_per_server"][0] == r["bytes_per_server"][1] > 1_000_000
+        assert 100 < r["rounds"] < 1500
+        assert 0 < r["online_seconds"] <= r["client_seconds"]
+        assert r["offline_seconds"] >= r["dealer_seconds"] > 0 and r["dealer_bytes"] > 0
+        assert r["plaintext_seconds"] > 0
+    steps = res["steps"]
+    assert sum(s["bytes_per_server"][0] for s in steps) == res["inferences"][-1]["bytes_per_server"][0]
+    assert max(s["rounds"] for s in steps) <= res["rounds"]
+    assert {"linear", "relu", "sigmoid"} <= {s["op"] for s in steps}
+    assert not list(tmp_path.iterdir())  # the scratch deployment is removed
+
+
+def test_e2e_command_refuses_nonsense():
+    r = CliRunner().invoke(main, ["bench", "e2e", "--images", "0"])
+    assert r.exit_code == 2 and "--images" in r.output
+    r = CliRunner().invoke(main, ["bench", "e2e", "--model", "resnet"])
+    assert r.exit_code == 2 and "dfdnet-s" in r.output

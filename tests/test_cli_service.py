@@ -1,0 +1,89 @@
+"""`secdfd keys`, `share`, `up`, `status`, `down` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_tiny_model
+from PIL import Image
+
+from secdfd.client.main import main as client_main
+from secdfd.common import deployment
+from secdfd.common.cli import main
+from secdfd.common.keys import PARTIES, load_party
+from secdfd.common.local import free_ports
+
+
+def test_keys_command(tmp_path):
+    out = tmp_path / "keys"
+    r = CliRunner().invoke(main, ["keys", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert sorted(info["folders"]) == sorted(PARTIES)
+    for p in PARTIES:
+        assert stat.S_IMODE((out / p / f"{p}.key_secret").stat().st_mode) == 0o600
+        assert load_party(out, p).name == p
+    again = CliRunner().invoke(main, ["keys", "--out", str(out)])
+    assert again.exit_code == 1 and "--force" in again.output and "Traceback" not in again.output
+    env = CliRunner().invoke(main, ["keys", "--force"], env={"SECDFD_KEYS_OUT": str(tmp_path / "env")})
+    assert env.exit_code == 0 and (tmp_path / "env" / "client" / "client.key_secret").is_file()
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A deployable dfdnet-s at 32x32 with freshly initialised weights (tests only)."""
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "dfdnet-s-32.pt")
+
+
+def test_share_command(tmp_path, model_file):
+    out = tmp_path / "shares"
+    r = CliRunner().invoke(main, ["share", str(model_file), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    files = json.loads(r.output)
+    assert sorted(files) == ["info", "server_a", "server_b"]
+    info = deployment.read_info(out / "model.json")
+    assert info == deployment.ModelInfo("dfdnet-s", 32, 16, 32)
+    for server in deployment.SERVERS:
+        assert stat.S_IMODE((out / f"{server}.weights").stat().st_mode) == 0o600
+        got, weights = deployment.load_weight_share(out / f"{server}.weights", server)
+        assert got == info and len(weights) > 10
+    missing = CliRunner().invoke(main, ["share", str(tmp_path / "nope.pt"), "--out", str(out)])
+    assert missing.exit_code == 1 and "no such model file" in missing.output and "Traceback" not in missing.output
+
+
+def test_up_detect_status_down(tmp_path, model_file):
+    """`secdfd up` on free ports, a detection through the three processes, `status`, `down`."""
+    state = tmp_path / "state"
+    ports = free_ports(4)
+    eps = [f"tcp://127.0.0.1:{p}" for p in ports]
+    args = ["--state", str(state)]
+    up = CliRunner().invoke(main, ["up", *args, "--model", str(model_file), "--dealer", eps[0], "--server-a", eps[1],
+                                   "--server-b", eps[2], "--peer", eps[3], "--wait", "120"])
+    try:
+        assert up.exit_code == 0, up.output
+        assert f"secdfd-client detect --keys {state / 'keys'} --server-a {eps[1]} --server-b {eps[2]}" in up.output
+        again = CliRunner().invoke(main, ["up", *args])
+        assert again.exit_code == 0 and "already up" in again.output
+        status = CliRunner().invoke(main, ["status", *args, "--json"])
+        assert status.exit_code == 0, status.output
+        rows = json.loads(status.output)["processes"]
+        assert [r["name"] for r in rows] == ["dealer", "server_a", "server_b"] and all(r["running"] for r in rows)
+        assert rows[1]["serving"] == "dfdnet-s at 32"
+        image = tmp_path / "face.png"
+        Image.new("RGB", (40, 30), (120, 80, 60)).save(image)
+        det = CliRunner().invoke(client_main, ["detect", str(image), "--json", "--keys", str(state / "keys"),
+                                               "--server-a", eps[1], "--server-b", eps[2]])
+        assert det.exit_code == 0, det.output
+        res = json.loads(det.output)
+        assert res["verdict"] in ("real", "fake") and res["rounds"] > 100
+        assert res["bytes_per_server"][0] == res["bytes_per_server"][1] > 0
+        assert 0 < res["online_seconds"] <= res["seconds"] and res["offline_seconds"] > 0 and res["dealer_bytes"] > 0
+    finally:
+        down = CliRunner().invoke(main, ["down", *args])
+    assert down.exit_code == 0 and "stopped dealer, server_a, server_b" in down.output
+    after = CliRunner().invoke(main, ["status", *args])
+    assert after.exit_code == 1 and "nothing started" in after.output

@@ -1,0 +1,245 @@
+"""Errors users meet, against dealer and servers running as separate processes.
+
+Each error must reach the user as one clear line with a non-zero exit, and the servers must go on
+serving: every test ends with a good detection. A small model (dfdnet-s at 32x32) keeps this light.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import zmq
+from click.testing import CliRunner
+from conftest import write_tiny_model
+from PIL import Image
+
+from secdfd.client.main import Client, ClientConfig
+from secdfd.client.main import main as client_main
+from secdfd.common import deployment, local
+from secdfd.common.bundles import IdLedger
+from secdfd.common.errors import PeerLost, PeerTimeout, ProtocolError
+from secdfd.common.keys import load_party, make_keys
+from secdfd.common.transport import Node, Requester, Responder
+from secdfd.common.wire import unpack
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def deploy(tmp_path_factory):
+    """Dealer, server_a, server_b as processes on free loopback ports; yields (layout, endpoints, started)."""
+    root = tmp_path_factory.mktemp("svc")
+    layout = local.Layout(root)
+    write_tiny_model(root / "model.pt", SIZE)
+    make_keys(layout.keys)
+    deployment.share_model(root / "model.pt", layout.shares)
+    eps = local.Endpoints.free()
+    started = local.start(layout, local.launches(layout, eps, local.Options(timeout=10.0)))
+    try:
+        local.wait_ready(started, layout.keys, 180)
+        yield layout, eps, started
+    finally:
+        local.stop(started)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "face.png"
+    Image.new("RGB", (48, 40), (180, 120, 90)).save(path)
+    return path
+
+
+def _cli(deploy, *args: str, keys: Path | None = None, timeout: float = 20.0):
+    layout, eps, _ = deploy
+    return CliRunner().invoke(client_main, ["detect", *args, "--keys", str(keys or layout.keys),
+                                            "--server-a", eps.server_a, "--server-b", eps.server_b,
+                                            "--timeout", f"{timeout:g}"])
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def _serves(deploy, image) -> None:
+    r = _cli(deploy, str(image), "--json")
+    assert r.exit_code == 0 and '"verdict"' in r.output, r.output
+
+
+def test_not_an_image_and_bomb(deploy, image, tmp_path):
+    junk = tmp_path / "notes.png"
+    junk.write_text("not an image")
+    line = _one_line_error(_cli(deploy, str(junk)))
+    assert "notes.png: not a readable image" in line
+    bomb = tmp_path / "bomb.png"
+    _png_claiming(bomb, 9000, 9000)
+    line = _one_line_error(_cli(deploy, str(bomb)))
+    assert "bomb.png: 9000x9000 pixels exceeds the limit" in line
+    _png_claiming(bomb, 100_000, 100_000)  # beyond Pillow's own bomb limit
+    assert "bomb.png: image exceeds the limit of 67108864 pixels" in _one_line_error(_cli(deploy, str(bomb)))
+    missing = _one_line_error(_cli(deploy, str(tmp_path / "nope.jpg")))
+    assert "no such file" in missing
+    # one bad file among good ones: the good ones are still detected
+    r = _cli(deploy, str(image), str(junk), str(image), "--json")
+    assert r.exit_code == 1 and r.output.count('"verdict"') == 2
+    _serves(deploy, image)
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A small valid PNG whose header claims width x height (what a decompression bomb looks like)."""
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def test_server_not_reachable_names_it(deploy, image):
+    layout, eps, _ = deploy
+    dead = f"tcp://127.0.0.1:{local.free_ports(1)[0]}"
+    t0 = time.monotonic()
+    r = CliRunner().invoke(client_main, ["detect", str(image), "--keys", str(layout.keys), "--server-a", eps.server_a,
+                                         "--server-b", dead, "--timeout", "2"])
+    line = _one_line_error(r)
+    assert f"could not reach server_b at {dead} within 2 s" in line and time.monotonic() - t0 < 10
+
+
+def test_server_not_answering_hits_the_deadline(deploy, image):
+    """A server_b that accepts connections and never answers: the deadline names it."""
+    layout, eps, _ = deploy
+    with Node(load_party(layout.keys, "server_b")) as node:
+        mute = Responder(node, "tcp://127.0.0.1:*", "clients")
+        t0 = time.monotonic()
+        r = CliRunner().invoke(client_main, ["detect", str(image), "--keys", str(layout.keys), "--server-a",
+                                             eps.server_a, "--server-b", mute.endpoint, "--timeout", "3"])
+        line = _one_line_error(r)
+        assert f"no answer from server_b at {mute.endpoint} within 3 s" in line
+        assert time.monotonic() - t0 < 15
+    _serves(deploy, image)
+
+
+def test_unknown_and_mismatched_keys_are_refused(deploy, image, tmp_path):
+    other = tmp_path / "other"
+    make_keys(other)  # a client nobody admitted, and servers' keys that are not the real ones
+    line = _one_line_error(_cli(deploy, str(image), keys=other, timeout=5))
+    assert "server_a" in line and ("refused this party's key" in line or "CURVE handshake" in line)
+    # the real client key, but a wrong public key for server_a: the handshake fails
+    layout, _, _ = deploy
+    mixed = tmp_path / "mixed"
+    make_keys(mixed)
+    for f in (layout.keys / "client").rglob("*"):
+        if f.is_file():
+            dest = mixed / "client" / f.relative_to(layout.keys / "client")
+            dest.write_bytes(f.read_bytes())
+    (mixed / "client" / "public" / "server_a.key").write_bytes((mixed / "public" / "server_a.key").read_bytes())
+    line = _one_line_error(_cli(deploy, str(image), keys=mixed, timeout=5))
+    assert "server_a" in line and ("CURVE handshake" in line or "could not reach" in line)
+    _serves(deploy, image)
+
+
+def test_malformed_and_unexpected_requests(deploy, image):
+    layout, eps, _ = deploy
+    with Node(load_party(layout.keys, "client")) as node:
+        req = Requester(node, eps.server_a, "server_a", timeout=10)
+        with pytest.raises(ProtocolError, match="server_a does not serve 'bundle_request' requests"):
+            req.request("bundle_request")
+        with pytest.raises(ProtocolError, match="resize the image to 32"):
+            req.request("detect", tensors=[torch.zeros(1, 3, 8, 8, dtype=torch.int64)])
+        # raw garbage on an authenticated connection: answered with an error, never a crash
+        sock, _ = node.connect(eps.server_b, "server_b", zmq.DEALER)
+        sock.send_multipart([b"\xc1 not msgpack", b"x"])
+        assert sock.poll(10_000)
+        reply = unpack(sock.recv_multipart(), "server_b")
+        assert reply.kind == "error" and "malformed message from client" in reply.meta["message"]
+        envelope = {"v": 1, "sid": "s", "seq": 0, "step": "x", "kind": "nope", "dtypes": [], "shapes": [], "meta": {}}
+        sock.send_multipart([msgpack.packb(envelope)])
+        assert sock.poll(10_000)
+        assert "unknown message kind" in unpack(sock.recv_multipart(), "server_b").meta["message"]
+    _serves(deploy, image)
+
+
+def test_malformed_reply_from_a_server(deploy, image):
+    """A 'server_b' that answers with garbage: the client reports a malformed message from server_b."""
+    layout, eps, _ = deploy
+    with Node(load_party(layout.keys, "server_b")) as node:
+        liar, endpoint = node.listen("tcp://127.0.0.1:*", "clients", zmq.ROUTER)
+        stop = threading.Event()
+
+        def reply_garbage() -> None:
+            while not stop.is_set():
+                if liar.poll(100):
+                    frames = liar.recv_multipart()
+                    liar.send_multipart([frames[0], b"\x92\x01", b"junk"])
+
+        t = threading.Thread(target=reply_garbage, daemon=True)
+        t.start()
+        try:
+            r = CliRunner().invoke(client_main, ["detect", str(image), "--keys", str(layout.keys), "--server-a",
+                                                 eps.server_a, "--server-b", endpoint, "--timeout", "5"])
+            line = _one_line_error(r)
+            assert "malformed message from server_b" in line
+        finally:
+            stop.set()
+            t.join(2)
+
+
+def test_server_killed_during_a_request_then_restarted(deploy, image):
+    """SIGKILL server_b mid-inference: a clear error within the deadline; after a restart of server_b
+    the pair serves again (set-up re-run), and no bundle id is ever used twice."""
+    layout, eps, started = deploy
+    _serves(deploy, image)
+    used_before = IdLedger(layout.state("server_a") / "server_a.used").last
+    client = Client(ClientConfig(layout.keys, eps.server_a, eps.server_b, timeout=20.0))
+    outcome: dict[str, object] = {}
+
+    def detect() -> None:
+        t0 = time.monotonic()
+        try:
+            outcome["result"] = client.detect(image)
+        except (PeerLost, PeerTimeout) as e:
+            outcome["error"] = e
+        outcome["seconds"] = time.monotonic() - t0
+
+    try:
+        t = threading.Thread(target=detect)
+        t.start()
+        time.sleep(0.3)  # inside the online phase (about a thousand rounds)
+        server_b = next(s for s in started if s.launch.name == "server_b")
+        server_b.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        server_b.process.wait(10)  # type: ignore[union-attr]
+        t.join(30)
+    finally:
+        client.close()
+    assert "error" in outcome, outcome
+    # within the client's 20 s deadline (plus scheduling slack on a loaded 2-core machine)
+    assert "server_b" in str(outcome["error"]) and float(outcome["seconds"]) < 22  # type: ignore[arg-type]
+
+    # restart server_b (same command line, same state): server_a sets up with it again
+    # server_a gives the dead session up at its round deadline (10 s here); a server_b restarted
+    # before that is not set up again (a known limitation, see the runtime), so wait for it
+    server_a = next(s for s in started if s.launch.name == "server_a")
+    t_end = time.monotonic() + 60
+    while "session failed" not in Path(server_a.log).read_text() and time.monotonic() < t_end:
+        time.sleep(0.5)
+    assert "session failed" in Path(server_a.log).read_text()
+    new = local.start(layout, [server_b.launch])[0]
+    started[started.index(server_b)] = new
+    local.write_processes(layout, started)
+    local.wait_ready(started, layout.keys, 120)
+    results = [_cli(deploy, str(image), "--json", timeout=60) for _ in range(2)]
+    assert all(r.exit_code == 0 for r in results), [r.output for r in results]
+    ids = [int(r.output.split('"bundle": ')[1].split("}")[0].split(",")[0]) for r in results]
+    assert used_before < ids[0] < ids[1]
+    for name in ("server_a", "server_b"):
+        assert IdLedger(layout.state(name) / f"{name}.used").last == ids[1]
