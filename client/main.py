@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 import torch
+import zmq
 
 from secdfd.common import deployment
 from secdfd.common.errors import PeerTimeout, ProtocolError, SecDFDError
@@ -103,16 +104,24 @@ class Client:
 
 
     def _finish(self, pending: list[Pending]) -> list[Message]:
-        """Both replies; a deadline names the server(s) that did not answer (the deadlines coincide)."""
-        replies: list[Message | None] = []
+        """Both replies, waiting on both servers at once: the first failure ends the request (a
+        server that lost its peer answers late or never). A deadline names the server(s) that did
+        not answer (the deadlines coincide)."""
+        poller = zmq.Poller()
+        for r in self.servers:
+            for sock in r.sockets:
+                poller.register(sock, zmq.POLLIN)
+        replies: list[Message | None] = [None, None]
         late: list[PeerTimeout] = []
-        for r, p in zip(self.servers, pending, strict=True):
-            try:
-                replies.append(r.finish(p))
-            except PeerTimeout as e:
-                late.append(e)
-                replies.append(None)
-        if len(late) == 2:
+        while any(m is None for m in replies) and not late:
+            poller.poll(max(1, int((min(p.deadline for p in pending) - time.monotonic()) * 1000)))
+            for i, (r, p) in enumerate(zip(self.servers, pending, strict=True)):
+                if replies[i] is None:
+                    try:
+                        replies[i] = r.poll(p, time.monotonic())  # whatever has arrived, no waiting
+                    except PeerTimeout as e:
+                        late.append(e)
+        if late and all(m is None for m in replies):  # the deadlines coincide: neither answered
             raise PeerTimeout(f"no answer from server_a nor server_b within {self.config.timeout:g} s at step detect; "
                               "check that both are running and reach each other")
         if late:

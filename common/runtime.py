@@ -19,7 +19,9 @@ One inference (a session), driven by server_a:
    separate online seconds (`seconds`) from offline ones (`prepare_seconds`, `dealer_seconds`).
 A failure on either side is sent to the peer (`abort`) and to the client as one-line errors; the
 next session starts clean (left-over messages of the failed one are dropped by session id).
-If server_b restarted, it asks for set-up again and server_a re-runs it before the next session.
+A lost peer connection fails the session at once (not at the round deadline). If server_b
+restarted, it asks for set-up again and server_a re-runs it, between sessions or in place of the one
+it was waiting in; if server_a restarted, its start-up set-up reaches server_b between sessions.
 """
 
 from __future__ import annotations
@@ -123,8 +125,7 @@ class ServerRuntime:
             if not self._setup(stop):
                 return
             queue = BundleQueue(self._fetcher(node), cfg.depth, cfg.name, idle=self.idle).start()
-            # `self.party` is looked up per call: a set-up session after a peer restart replaces it
-            ahead = PrepareAhead(queue, lambda bundle: self.party.prepare(bundle), self.idle, cfg.name).start()
+            ahead = PrepareAhead(queue, self.party.prepare, self.idle, cfg.name).start()
             try:
                 names = {k: "client" for k in allowed_keys(keys.allow_dir("clients"))}
                 self.front = Responder(node, cfg.listen, "clients", names)
@@ -146,39 +147,33 @@ class ServerRuntime:
                              f"{self.info.describe()}; start the dealer with --model DIR/model.json from the "
                              "same `secdfd share`")
 
-    def _set_up_again(self) -> None:
-        """A fresh party from the weight-share file (the engine's setup consumes the shares once)."""
-        cfg = self.config
-        if self.party.weights is None:
-            return
-        _, weights = deployment.load_weight_share(cfg.weights, cfg.name)
-        self.party = deployment.make_party(cfg.role, self.info, weights, self._provision, self.channel,
-                                           cfg.device, cfg.limbs, plan=self.party.plan)
-
-    def _setup(self, stop: threading.Event) -> bool:
+    def _setup(self, stop: threading.Event, patience: float | None = None) -> bool:
         """The set-up session (open F = W - B), started by server_a and joined by server_b.
 
         server_b first asks for it (a `session` message for bundle -1: server_a, if it is already
         serving, answers by starting set-up), then waits for it. A session announced before it
-        (server_b restarted while server_a kept running) is answered with PeerLost, on which
-        server_a runs set-up again. False if `stop` was set before set-up happened.
+        (server_b restarted while server_a kept running) is answered with PeerLost; server_a then
+        finds server_b's request and runs set-up again. Set-up may run any number of times: it opens
+        the same F = W - B each time (the shares and the masks B do not change), so a repeat reveals
+        nothing new and bundles prepared before it stay valid. `patience` bounds the wait for the
+        peer (start-up's by default). False if `stop` was set before set-up happened.
         """
         cfg = self.config
-        self.channel.timeout = cfg.startup  # the peer may still be starting
-        self._set_up_again()
+        patience = cfg.startup if patience is None else patience
+        self.channel.timeout = patience  # the peer may still be starting
         try:
-            if cfg.role == 0:
-                self.channel.begin(f"setup-{secrets.token_hex(8)}")
+            if cfg.role == 0:  # server_b's requests for set-up are answered by this one
+                self.channel.begin(f"setup-{secrets.token_hex(8)}", stale=_asks_for_setup)
                 self.channel.send("session", "session", {"bundle": _SETUP, "client": ""})
             else:
                 self.channel.begin(f"setup-request-{secrets.token_hex(8)}")
                 self.channel.send("session", "session", {"bundle": _SETUP, "client": ""})
-                deadline = time.monotonic() + cfg.startup
+                deadline = time.monotonic() + patience
                 while True:
                     if stop.is_set():
                         return False
                     if time.monotonic() > deadline:
-                        raise PeerTimeout(f"server_a did not start set-up within {cfg.startup:g} s; "
+                        raise PeerTimeout(f"server_a did not start set-up within {patience:g} s; "
                                           "check that it is running")
                     msg = self.channel.recv_session(1.0)
                     if msg is not None and msg.meta["bundle"] == _SETUP:
@@ -190,6 +185,15 @@ class ServerRuntime:
             self.channel.timeout = cfg.timeout
         log.info("%s: weights set up with %s", cfg.name, cfg.peer_name)
         return True
+
+    def _rejoin(self, stop: threading.Event) -> None:
+        """server_b after a failed set-up: ask server_a for it until it happens (or `stop`)."""
+        while not stop.is_set():
+            try:
+                if self._setup(stop, self.config.timeout):
+                    return
+            except SecDFDError as e:
+                log.warning("set-up with server_a failed: %s; asking again", e)
 
     def _fetcher(self, node: Node) -> Callable[[], Ready]:
         cfg = self.config
@@ -228,8 +232,8 @@ class ServerRuntime:
         poller.register(self.front.sock, zmq.POLLIN)
         poller.register(self.channel.sock, zmq.POLLIN)
         while not stop.is_set():
-            events = dict(poller.poll(200))
-            if self.channel.sock in events:
+            events = dict(poller.poll(0 if self.channel.stashed else 200))
+            if self.channel.sock in events or self.channel.stashed:
                 msg = self.channel.recv_session(0)  # only a restarted server_b speaks first
                 if msg is not None and msg.meta["bundle"] == _SETUP:
                     log.info("server_b asks for set-up (it restarted)")
@@ -252,9 +256,10 @@ class ServerRuntime:
 
     def _set_up_safely(self, stop: threading.Event) -> None:
         try:
-            self._setup(stop)
+            self._setup(stop, self.config.timeout)
         except SecDFDError as e:
-            log.warning("set-up with %s failed: %s; it is retried on the next request", self.config.peer_name, e)
+            log.warning("set-up with %s failed: %s; it runs again when %s asks for it", self.config.peer_name, e,
+                        self.config.peer_name)
 
     def _session_a(self, req: Request, ahead: PrepareAhead) -> None:
         cfg = self.config
@@ -273,9 +278,12 @@ class ServerRuntime:
                     if attempt == attempts - 1:
                         raise
                 except PeerLost:  # server_b restarted: set up again, then retry with a fresh bundle
-                    if attempt == attempts - 1:
+                    request = self.channel.stashed
+                    if attempt == attempts - 1 or request is None or request.meta["bundle"] != _SETUP:
                         raise
-                    self._setup(threading.Event())
+                    log.info("server_b asks for set-up (it restarted)")
+                    self.channel.recv_session(0)
+                    self._setup(threading.Event(), cfg.timeout)
                 self.idle.set()  # let the next bundle be prepared
             y, report = self.party.run(req.message.tensors[0], prep.rands)
             self.front.reply(req, "result", {"report": self._report(report, prep)}, [y])
@@ -289,14 +297,19 @@ class ServerRuntime:
         poller.register(self.front.sock, zmq.POLLIN)
         poller.register(self.channel.sock, zmq.POLLIN)
         while not stop.is_set():
-            events = dict(poller.poll(200))
+            events = dict(poller.poll(0 if self.channel.stashed else 200))
             if self.front.sock in events:
                 self._client_request(queue, ahead)
-            if self.channel.sock in events:
+            if self.channel.sock in events or self.channel.stashed:
                 msg = self.channel.recv_session(0)
-                if msg is not None and msg.meta["bundle"] == _SETUP:
-                    self._set_up_again()  # server_a restarted
-                    self.party.setup()
+                if msg is not None and msg.meta["bundle"] == _SETUP:  # server_a restarted
+                    log.info("server_a runs set-up (it restarted)")
+                    try:
+                        self.party.setup()
+                        log.info("server_b: weights set up with server_a")
+                    except SecDFDError as e:
+                        log.warning("set-up with server_a failed: %s; asking again", e)
+                        self._rejoin(stop)
                 elif msg is not None:
                     try:
                         self._session_b(msg, queue, ahead)
@@ -365,6 +378,10 @@ class ServerRuntime:
         d.update(bundle=prep.bundle_id, party=self.config.name, dealer_seconds=prep.ready.dealer_seconds,
                  dealer_bytes=prep.ready.nbytes)
         return d
+
+
+def _asks_for_setup(msg: Message) -> bool:
+    return msg.kind == "session" and msg.meta.get("bundle") == _SETUP
 
 
 def _session_error(e: Exception, name: str) -> SecDFDError:

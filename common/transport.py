@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _HEARTBEAT_MS = 1000  # ZMTP pings: a dead peer is noticed (and reconnected) within a few seconds
 _HEARTBEAT_TIMEOUT_MS = 5000
+_LINK_CHECK_MS = 500  # in a session, how often a channel looks at its link besides on disconnect events
 
 
 class Node:
@@ -97,6 +98,12 @@ class Node:
 
         Returns the socket and the endpoint actually bound (useful with tcp://127.0.0.1:*).
         """
+        s, bound, _ = self.listen_monitored(endpoint, domain, socket_type, monitor=False)
+        return s, bound
+
+    def listen_monitored(self, endpoint: str, domain: str, socket_type: int = zmq.ROUTER,
+                         monitor: bool = True) -> tuple[zmq.Socket, str, zmq.Socket | None]:
+        """`listen`, plus (with `monitor`) a socket reporting handshakes and disconnections."""
         folder = self.keys.allow_dir(domain)
         if not allowed_keys(folder):
             raise KeyFileError(f"{self.keys.name}: allow-list {folder} is empty, nobody could connect; "
@@ -109,12 +116,16 @@ class Node:
         s.curve_server = True  # before bind: every connection must do the CURVE handshake
         s.zap_domain = domain.encode()
         s.zap_enforce_domain = True  # no ZAP handler answering means refusal, never admission
+        mon = None
+        if monitor:
+            mon = s.get_monitor_socket(_MONITORED)
+            self._sockets.append(mon)
         try:
             s.bind(endpoint)
         except zmq.ZMQError as e:
             raise PeerLost(f"{self.keys.name} cannot listen on {endpoint}: {e.strerror}; "
                            "choose another address or stop the process using it") from None
-        return s, str(s.get_string(zmq.LAST_ENDPOINT))
+        return s, str(s.get_string(zmq.LAST_ENDPOINT)), mon
 
     def connect(self, endpoint: str, server: str, socket_type: int = zmq.DEALER,
                 monitor: bool = False) -> tuple[zmq.Socket, zmq.Socket | None]:
@@ -166,7 +177,7 @@ class ZmqChannel:
     """One server's end of the server_a <-> server_b channel (the `Channel` interface)."""
 
     def __init__(self, sock: zmq.Socket, peer: str, timeout: float, limits: Limits = DEFAULT_LIMITS,
-                 kinds: KindRegistry = KINDS, endpoint: str = "") -> None:
+                 kinds: KindRegistry = KINDS, endpoint: str = "", monitor: zmq.Socket | None = None) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.peer = peer
@@ -177,31 +188,53 @@ class ZmqChannel:
         self.sid = ""
         self._sent = 0
         self._received = 0
+        self._monitor = monitor
+        self._stash: Message | None = None  # a session the peer started while ours was running
+        self._stale: Callable[[Message], bool] | None = None
+        self._linked = False
 
     @classmethod
     def listen(cls, node: Node, endpoint: str, peer: str = "server_b", timeout: float = 60.0) -> ZmqChannel:
         """server_a's end: bind `endpoint` in the "peer" domain; read `.endpoint` for the bound one."""
-        sock, bound = node.listen(endpoint, "peer", zmq.DEALER)
-        return cls(sock, peer, timeout, node.limits, node.kinds, bound)
+        sock, bound, mon = node.listen_monitored(endpoint, "peer", zmq.DEALER)
+        return cls(sock, peer, timeout, node.limits, node.kinds, bound, mon)
 
     @classmethod
     def connect(cls, node: Node, endpoint: str, peer: str = "server_a", timeout: float = 60.0) -> ZmqChannel:
         """server_b's end: connect to server_a's peer endpoint."""
-        sock, _ = node.connect(endpoint, peer, zmq.DEALER)
-        return cls(sock, peer, timeout, node.limits, node.kinds, endpoint)
+        sock, mon = node.connect(endpoint, peer, zmq.DEALER, monitor=True)
+        return cls(sock, peer, timeout, node.limits, node.kinds, endpoint, mon)
 
-    def begin(self, sid: str) -> None:
-        """Start session `sid`: message counters restart, messages of other sessions are dropped."""
+    @property
+    def connected(self) -> bool:
+        """Whether the peer is connected now (authenticated: both ends queue only on such links)."""
+        return bool(self.sock.poll(0, zmq.POLLOUT))
+
+    @property
+    def stashed(self) -> Message | None:
+        """The `session` message of a session the peer started while this end was still in another."""
+        return self._stash
+
+    def begin(self, sid: str, stale: Callable[[Message], bool] | None = None) -> None:
+        """Start session `sid`: message counters restart, messages of other sessions are dropped.
+
+        A session the peer starts meanwhile ends this one (PeerLost, the peer's message kept for
+        `recv_session`), unless `stale` says that its start message is one to drop.
+        """
         self.sid = sid
         self._sent = 0
         self._received = 0
+        self._stale = stale
+        self._linked = False  # set by this session's first message: from then on a lost link is fatal
 
     def exchange(self, step: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One round: send `tensors` (all openings of the round in one message), get the peer's."""
         deadline = time.monotonic() + self.timeout
+        self._check_link(step)
         frames = pack(Message("open", self.sid, self._sent, step, {}, tensors), self.kinds)
         tracker = _send(self.sock, frames, deadline, self.peer, step, track=True)
         self._sent += 1
+        self._linked = True
         self.stats.add(step, payload_bytes(tensors))
         got = self._recv("open", step, deadline).tensors
         if len(got) != len(tensors) or any(
@@ -216,9 +249,11 @@ class ZmqChannel:
     def send(self, kind: str, step: str, meta: Mapping[str, Any] | None = None) -> None:
         """Send a control message of this session (counted as one round of `step`)."""
         deadline = time.monotonic() + self.timeout
+        self._check_link(step)
         _send(self.sock, pack(Message(kind, self.sid, self._sent, step, dict(meta or {})), self.kinds),
               deadline, self.peer, step)
         self._sent += 1
+        self._linked = True
         self.stats.add(step, 0)
 
     def recv(self, kind: str, step: str, timeout: float | None = None) -> Message:
@@ -233,12 +268,15 @@ class ZmqChannel:
         """
         deadline = time.monotonic() + timeout
         while True:
-            msg = self._next(deadline, "session")
+            msg, self._stash = self._stash, None
+            if msg is None:
+                msg = self._next(deadline, "session", idle=True)
             if msg is None:
                 return None
-            if msg.kind == "session" and msg.seq == 0 and msg.sid != self.sid:
+            if _starts_session(msg, self.sid):
                 self.begin(msg.sid)
                 self._received = 1
+                self._linked = True
                 return msg
             log.debug("dropping %s from %s of session %s while idle", msg.kind, self.peer, msg.sid)
 
@@ -251,10 +289,34 @@ class ZmqChannel:
         except (zmq.ZMQError, ValueError):
             log.debug("could not report the error to %s", self.peer)
 
-    def _next(self, deadline: float, step: str) -> Message | None:
-        if not self.sock.poll(_ms(deadline), zmq.POLLIN):
-            return None
-        return unpack(self.sock.recv_multipart(copy=False), self.peer, step, self.limits, self.kinds)
+    def _next(self, deadline: float, step: str, idle: bool = False) -> Message | None:
+        """The next message, None at the deadline.
+
+        In a session (not `idle`), a lost link is PeerLost at once: the messages in flight went with
+        it, so waiting for the deadline could only end in a timeout. Queued messages come first.
+        """
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        while True:
+            wait = _ms(deadline) if idle else min(_ms(deadline), _LINK_CHECK_MS)
+            events = dict(poller.poll(wait))
+            if self.sock in events:
+                return unpack(self.sock.recv_multipart(copy=False), self.peer, step, self.limits, self.kinds)
+            if self._monitor is not None and self._monitor in events:
+                while self._monitor.poll(0):  # only a wake-up: the socket's own state is what counts
+                    recv_monitor_message(self._monitor)
+            if not idle:
+                self._check_link(step)
+            if time.monotonic() >= deadline:
+                return None
+
+    def _check_link(self, step: str) -> None:
+        """PeerLost if this session's link is gone: its messages in flight went with it."""
+        if self._linked and not self.connected:
+            raise PeerLost(f"lost the connection to {self.peer} at step {step}; it may have stopped or "
+                           "restarted")
 
     def _recv(self, kind: str, step: str, deadline: float) -> Message:
         while True:
@@ -262,6 +324,10 @@ class ZmqChannel:
             if msg is None:
                 raise PeerTimeout(f"no message from {self.peer} within {self.timeout:g} s at step {step}; "
                                   f"check that {self.peer} is running")
+            if _starts_session(msg, self.sid) and not (self._stale is not None and self._stale(msg)):
+                self._stash = msg  # the peer gave ours up (or restarted) and begins anew
+                raise PeerLost(f"{self.peer} started a new session during step {step}; it gave this one up "
+                               "or restarted")
             if msg.sid != self.sid:
                 log.debug("dropping %s from %s of old session %s", msg.kind, self.peer, msg.sid)
                 continue
@@ -271,7 +337,12 @@ class ZmqChannel:
                 raise ProtocolError(f"{self.peer} is out of step: expected {kind} #{self._received} at step "
                                     f"{step}, got {msg.kind} #{msg.seq} at step {msg.step}")
             self._received += 1
+            self._linked = True
             return msg
+
+
+def _starts_session(msg: Message, current: str) -> bool:
+    return msg.kind == "session" and msg.seq == 0 and msg.sid != current
 
 
 def _sig(tensors: Sequence[torch.Tensor]) -> str:
@@ -347,13 +418,30 @@ class Requester:
 
     def finish(self, pending: Pending) -> Message:
         """Wait for the reply to `pending`, which must echo its session id and counter."""
+        reply = self.poll(pending, pending.deadline)
+        assert reply is not None  # poll raises at the request's own deadline
+        return reply
+
+    @property
+    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
+        """The sockets a reply or a disconnection shows up on (to wait on several servers at once)."""
+        return self.sock, self._monitor
+
+    def poll(self, pending: Pending, until: float) -> Message | None:
+        """The reply to `pending` if it comes before `until` (monotonic), else None.
+
+        Raises at the request's own deadline (PeerTimeout), on an error reply, and when the connection
+        drops (PeerLost): a caller waiting for several servers learns of a failure at once.
+        """
         sid, seq, step, deadline, waited = pending
         poller = zmq.Poller()
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(_ms(deadline)))
+            events = dict(poller.poll(_ms(min(until, deadline))))
             if not events:
+                if time.monotonic() < deadline:
+                    return None
                 raise PeerTimeout(f"no answer from {self.server} at {self.endpoint} within {waited:g} s at "
                                   f"step {step}; check that {self.server} is running")
             if self.sock in events:

@@ -246,3 +246,69 @@ def test_counts_match_memory_channel(servers):
     assert (a.stats.bytes, a.stats.rounds) == (ma.stats.bytes, ma.stats.rounds) == (263, 2)
     assert {k: (v.bytes, v.rounds) for k, v in a.stats.steps.items()} == \
         {k: (v.bytes, v.rounds) for k, v in ma.stats.steps.items()}
+
+
+def test_peer_gone_mid_session_is_lost_at_once(keys):
+    """A peer that dies mid-session fails the session at once (PeerLost), not at the round deadline;
+    before a session has used the link, an absent peer is still waited for (PeerTimeout)."""
+    with Node(load_party(keys, "server_a")) as na:
+        a = ZmqChannel.listen(na, ANY, timeout=20.0)
+        nb = Node(load_party(keys, "server_b"))
+        b = ZmqChannel.connect(nb, a.endpoint, timeout=20.0)
+
+        def fa():
+            a.begin("s")
+            return a.exchange("relu/1", [torch.ones(3, dtype=torch.int64)])
+
+        def fb():
+            b.begin("s")
+            return b.exchange("relu/1", [torch.zeros(3, dtype=torch.int64)])
+
+        got_a, got_b = run_pair(fa, fb)
+        assert torch.equal(got_a[0], torch.zeros(3, dtype=torch.int64))
+        nb.close()  # server_b's process ends: its sockets close
+        t0 = time.monotonic()
+        with pytest.raises(PeerLost, match="lost the connection to server_b at step relu/2"):
+            a.exchange("relu/2", [torch.ones(3, dtype=torch.int64)])
+        assert time.monotonic() - t0 < 2.0  # the round deadline is 20 s
+        # waiting in the middle of a round notices it too
+        nb2 = Node(load_party(keys, "server_b"))
+        b2 = ZmqChannel.connect(nb2, a.endpoint, timeout=20.0)
+        b2.begin("t")
+        b2.send("session", "session", {"bundle": 3, "client": ""})
+        assert a.recv_session(5.0) is not None
+        threading.Timer(0.3, nb2.close).start()
+        t0 = time.monotonic()
+        with pytest.raises(PeerLost, match="lost the connection to server_b at step session"):
+            a.recv("ready", "session")
+        assert 0.25 < time.monotonic() - t0 < 2.0
+        # a new session that has not used the link yet waits for the peer up to its deadline
+        a.timeout = 0.4
+        a.begin("u")
+        with pytest.raises(PeerTimeout, match="server_b"):
+            a.send("session", "session", {"bundle": 4, "client": ""})
+
+
+def test_a_session_started_by_the_peer_ends_the_current_one(servers):
+    """The peer starting a session (it gave ours up, or restarted) ends ours with PeerLost; its
+    start message is kept for recv_session. A `stale` predicate drops such messages instead."""
+    a, b = servers
+    b.begin("b-1")
+    b.send("session", "session", {"bundle": 7, "client": ""})
+    assert a.recv_session(2.0).meta["bundle"] == 7
+    a.send("ready", "session")
+    b.recv("ready", "session")
+    b.begin("b-2")  # server_b gives b-1 up and starts over
+    b.send("session", "session", {"bundle": -1, "client": ""})
+    with pytest.raises(PeerLost, match="server_b started a new session during step session"):
+        a.recv("ready", "session")
+    assert a.stashed is not None and a.stashed.sid == "b-2"
+    msg = a.recv_session(0)
+    assert msg is not None and (msg.sid, msg.meta["bundle"]) == ("b-2", -1) and a.stashed is None
+    # the same start message, declared stale, is dropped: the session goes on to its deadline
+    a.begin("a-3", stale=lambda m: m.meta.get("bundle") == -1)
+    b.begin("b-3")
+    b.send("session", "session", {"bundle": -1, "client": ""})
+    with pytest.raises(PeerTimeout):
+        a.recv("ready", "session", timeout=0.5)
+    assert a.stashed is None
