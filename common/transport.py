@@ -189,6 +189,10 @@ class ZmqChannel:
         self._sent = 0
         self._received = 0
         self._monitor = monitor
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            self._poller.register(monitor, zmq.POLLIN)
         self._stash: Message | None = None  # a session the peer started while ours was running
         self._stale: Callable[[Message], bool] | None = None
         self._linked = False
@@ -295,13 +299,12 @@ class ZmqChannel:
         In a session (not `idle`), a lost link is PeerLost at once: the messages in flight went with
         it, so waiting for the deadline could only end in a timeout. Queued messages come first.
         """
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
         while True:
-            wait = _ms(deadline) if idle else min(_ms(deadline), _LINK_CHECK_MS)
-            events = dict(poller.poll(wait))
+            if self.sock.poll(0, zmq.POLLIN):  # the common case in a round: the peer was first
+                events: dict[Any, int] = {self.sock: zmq.POLLIN}
+            else:
+                wait = _ms(deadline) if idle else min(_ms(deadline), _LINK_CHECK_MS)
+                events = dict(self._poller.poll(wait))
             if self.sock in events:
                 return unpack(self.sock.recv_multipart(copy=False), self.peer, step, self.limits, self.kinds)
             if self._monitor is not None and self._monitor in events:
