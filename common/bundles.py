@@ -186,7 +186,7 @@ class BundleQueue(_Worker):
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._items:
-                self._wait(deadline, timeout, "a bundle")
+                self._wait(deadline, timeout, "no bundle")
             item = self._items.popleft()
             self._cond.notify_all()
             return item
@@ -206,13 +206,13 @@ class BundleQueue(_Worker):
                                               "it (restarted?); the next request uses a fresh bundle")
                     self._cond.notify_all()
                     return self._items.popleft()
-                self._wait(deadline, timeout, f"bundle {bundle_id}")
+                self._wait(deadline, timeout, f"no bundle {bundle_id}")
 
     def _wait(self, deadline: float, timeout: float, what: str) -> None:
         left = deadline - time.monotonic()
         if left <= 0 or self._stop.is_set():
             why = f" (last fetch failed: {self._last_error})" if self._last_error else ""
-            raise RandomnessError(f"{self.owner} had no {what} ready within {timeout:g} s{why}; "
+            raise RandomnessError(f"{self.owner} had {what} ready within {timeout:g} s{why}; "
                                   "check that the dealer is running")
         self._cond.wait(left)
 

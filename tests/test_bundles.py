@@ -100,9 +100,9 @@ def test_waits_with_deadline_and_reports_fetch_errors():
     q = BundleQueue(failing, depth=2, owner="server_a", retry=0.05).start()
     try:
         t0 = time.monotonic()
-        with pytest.raises(RandomnessError, match="no a bundle ready within 0.3 s.*no answer from dealer"):
+        with pytest.raises(RandomnessError, match="server_a had no bundle ready within 0.3 s.*no answer from dealer"):
             q.take_next(0.3)
-        assert 0.25 <= time.monotonic() - t0 < 1.0 and len(calls) >= 2
+        assert 0.25 <= time.monotonic() - t0 < 2.0 and len(calls) >= 2
     finally:
         q.stop()
     slow = BundleQueue(_counter_fetch(delay=0.2), depth=1, owner="server_a").start()

@@ -125,7 +125,7 @@ def test_session_start_abort_and_stale_messages(servers):
     t0 = time.monotonic()
     with pytest.raises(RandomnessError, match="server_b reported RandomnessError at step session: bundle 12"):
         a.exchange("open/1", [torch.tensor([1])])
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 1.5  # the deadline is 2 s
 
 
 def test_request_reply_and_remote_errors(keys):
@@ -171,11 +171,11 @@ def test_unknown_key_is_refused(keys):
     rogue = PartyKeys("client", public, secret, dict(real.servers), {})
     with Node(load_party(keys, "server_a")) as ns, Node(rogue) as nr:
         srv = Responder(ns, ANY, "clients")
-        req = Requester(nr, srv.endpoint, "server_a", timeout=1.0)
+        req = Requester(nr, srv.endpoint, "server_a", timeout=5.0)
         t0 = time.monotonic()
         with pytest.raises(PeerLost, match="server_a .* refused this party's key.*allow-list"):
             req.request("info")
-        assert time.monotonic() - t0 < 0.5  # the refusal is reported, not waited out
+        assert time.monotonic() - t0 < 2.5  # the refusal is reported, not waited out (5 s)
         assert srv.recv(timeout=0.2) is None  # nothing ever reached the server
 
 
@@ -207,7 +207,7 @@ def test_unreachable_server_times_out(keys):
         t0 = time.monotonic()
         with pytest.raises(PeerTimeout, match="server_b.*step info"):
             req.request("info")
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0
 
 
 def test_server_gone_during_request_is_reported(keys):
