@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 ROLES = {"a": 0, "b": 1}
 NAMES = ("server_a", "server_b")
 _SETUP = -1  # the `bundle` of a set-up session
+_PEER_GRACE = 5.0  # how long a request waits for server_b to reconnect before it fails
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,7 @@ class ServerRuntime:
         attempts = cfg.depth + 3  # a restarted server_b lost the bundles it held: skip those ids
         try:
             self._check_share(req)
+            self._wait_for_peer(min(cfg.timeout, _PEER_GRACE))
             for attempt in range(attempts):
                 prep = ahead.take_next(cfg.bundle_wait)
                 self.ledger.claim(prep.bundle_id)  # before use: never twice, even after a crash
@@ -291,6 +293,16 @@ class ServerRuntime:
             err = _session_error(e, self.config.name)
             self.channel.abort(err, "session")
             self.front.reply_error(req, err)
+
+    def _wait_for_peer(self, grace: float) -> None:
+        """PeerLost unless server_b is connected (or reconnects within `grace` seconds): a session
+        that cannot start should not use up a bundle, nor keep the client waiting for its deadline."""
+        deadline = time.monotonic() + grace
+        while not self.channel.connected:
+            if time.monotonic() > deadline:
+                raise PeerLost(f"server_b is not connected to server_a (waited {grace:g} s); check that it "
+                               "is running: it sets up with server_a again when it starts")
+            time.sleep(0.05)
 
     def _serve_b(self, queue: BundleQueue, ahead: PrepareAhead, stop: threading.Event) -> None:
         poller = zmq.Poller()

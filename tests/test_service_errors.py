@@ -262,6 +262,15 @@ def test_server_killed_during_a_request_then_restarted(deploy, image):
     # well before server_a's 10 s round deadline and the client's 20 s one (slack for a loaded machine)
     assert float(outcome["seconds"]) < 8, outcome  # type: ignore[arg-type]
     assert "lost the connection to server_b" in _log(deploy, "server_a")
+    # while server_b is down, server_a refuses a request after a short grace, without using a bundle
+    with Node(load_party(layout.keys, "client")) as node:
+        used = IdLedger(layout.state("server_a") / "server_a.used").last
+        to_a = Requester(node, deploy[1].server_a, "server_a", timeout=30.0)
+        t0 = time.monotonic()
+        with pytest.raises(PeerLost, match="server_b is not connected to server_a"):
+            to_a.request("detect", tensors=[torch.zeros(1, 3, SIZE, SIZE, dtype=torch.int64)])
+        assert time.monotonic() - t0 < 15  # the grace is 5 s, the client's deadline 30 s
+        assert IdLedger(layout.state("server_a") / "server_a.used").last == used
     _restart(deploy, "server_b")
     assert "server_b asks for set-up (it restarted)" in _log(deploy, "server_a")
     _serves_twice_with_fresh_ids(deploy, image, used_before)
