@@ -443,7 +443,7 @@ class Requester:
         while True:
             events = dict(poller.poll(_ms(min(until, deadline))))
             if not events:
-                if time.monotonic() < deadline:
+                if until < deadline and time.monotonic() < deadline:  # (poll rounds down to whole ms)
                     return None
                 raise PeerTimeout(f"no answer from {self.server} at {self.endpoint} within {waited:g} s at "
                                   f"step {step}; check that {self.server} is running")

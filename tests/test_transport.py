@@ -229,6 +229,20 @@ def test_server_gone_during_request_is_reported(keys):
         t.join(2)
 
 
+def test_mute_server_reply_deadline(keys):
+    """A server that takes the request and never answers: PeerTimeout at the request's deadline,
+    naming the server and the step (also for a deadline that is not a whole number of ms)."""
+    with Node(load_party(keys, "client")) as nc, Node(load_party(keys, "server_a")) as ns:
+        srv = Responder(ns, ANY, "clients")
+        req = Requester(nc, srv.endpoint, "server_a", timeout=5.0)
+        for waited in (0.3, 0.2345):
+            t0 = time.monotonic()
+            with pytest.raises(PeerTimeout, match=f"no answer from server_a .* within {waited:g} s at step info"):
+                req.request("info", timeout=waited)
+            assert waited - 0.01 <= time.monotonic() - t0 < waited + 1.5
+            assert srv.recv(timeout=1.0) is not None  # it did arrive
+
+
 def test_counts_match_memory_channel(servers):
     a, b = servers
     ma, mb = pair(timeout=2.0)
