@@ -77,8 +77,7 @@ class Client:
         x0, x1 = deployment.share_image(x, self.info)
         sid = secrets.token_hex(16)
         t0 = time.perf_counter()
-        pending = [r.start("detect", tensors=[s], sid=sid) for r, s in zip(self.servers, (x0, x1), strict=True)]
-        replies = self._finish(pending)
+        replies = self._request((x0, x1), sid)
         seconds = time.perf_counter() - t0
         p_fake = deployment.fake_probability(replies[0].tensors[0], replies[1].tensors[0], self.info)
         reports = [dict(r.meta["report"]) for r in replies]
@@ -103,30 +102,54 @@ class Client:
         return out
 
 
-    def _finish(self, pending: list[Pending]) -> list[Message]:
-        """Both replies, waiting on both servers at once: the first failure ends the request (a
-        server that lost its peer answers late or never). A deadline names the server(s) that did
-        not answer (the deadlines coincide)."""
-        poller = zmq.Poller()
-        for r in self.servers:
-            for sock in r.sockets:
-                poller.register(sock, zmq.POLLIN)
+    def _request(self, shares: tuple[torch.Tensor, torch.Tensor], sid: str) -> list[Message]:
+        """Send share i to server i and return both replies, watching both servers at once.
+
+        Each share goes as soon as its server's connection is up; the first failure (an error
+        reply, a dropped connection, a refused key) ends the request, so a server that reports
+        that its peer is down is heard even while the other server cannot be reached. At the
+        deadline the error names the server(s) not reached or not answering.
+        """
+        timeout = self.config.timeout
+        deadline = time.monotonic() + timeout
+        pending: list[Pending | None] = [None, None]
         replies: list[Message | None] = [None, None]
-        late: list[PeerTimeout] = []
-        while any(m is None for m in replies) and not late:
-            poller.poll(max(1, int((min(p.deadline for p in pending) - time.monotonic()) * 1000)))
-            for i, (r, p) in enumerate(zip(self.servers, pending, strict=True)):
-                if replies[i] is None:
+        while True:
+            for i, r in enumerate(self.servers):
+                if pending[i] is None and r.link_up():
+                    pending[i] = r.start("detect", tensors=[shares[i]], sid=sid,
+                                         timeout=max(0.001, deadline - time.monotonic()))
+                p = pending[i]
+                if p is not None and replies[i] is None:
                     try:
-                        replies[i] = r.poll(p, time.monotonic())  # whatever has arrived, no waiting
-                    except PeerTimeout as e:
-                        late.append(e)
-        if late and all(m is None for m in replies):  # the deadlines coincide: neither answered
-            raise PeerTimeout(f"no answer from server_a nor server_b within {self.config.timeout:g} s at step detect; "
-                              "check that both are running and reach each other")
-        if late:
-            raise late[0]
-        return [m for m in replies if m is not None]
+                        replies[i] = r.poll(p, time.monotonic())  # what has arrived, without waiting
+                    except PeerTimeout:
+                        pass  # the deadline, reported below for both servers
+            if all(m is not None for m in replies):
+                return [m for m in replies if m is not None]
+            if time.monotonic() >= deadline:
+                raise self._deadline_error(pending, replies, timeout)
+            poller = zmq.Poller()
+            for i, r in enumerate(self.servers):
+                if replies[i] is None:  # a server that has answered is not watched any more
+                    sock, monitor = r.sockets
+                    poller.register(monitor, zmq.POLLIN)
+                    poller.register(sock, zmq.POLLIN if pending[i] is not None else zmq.POLLOUT)
+            poller.poll(max(1, int((deadline - time.monotonic()) * 1000)))
+
+    def _deadline_error(self, pending: list[Pending | None], replies: list[Message | None],
+                        timeout: float) -> PeerTimeout:
+        late = [(r, p) for r, p, m in zip(self.servers, pending, replies, strict=True) if m is None]
+        if len(late) == 2:
+            verb = "reach" if all(p is None for _, p in late) else "get an answer from"
+            return PeerTimeout(f"could not {verb} either server_a or server_b within {timeout:g} s at step detect; "
+                               "check that both are running and reach each other")
+        r, p = late[0]
+        if p is None:
+            return PeerTimeout(f"could not reach {r.server} at {r.endpoint} within {timeout:g} s at step detect; "
+                               f"check that {r.server} is running and that it has this party's public key")
+        return PeerTimeout(f"no answer from {r.server} at {r.endpoint} within {timeout:g} s at step detect; "
+                           f"check that {r.server} is running")
 
 
 def merge_steps(per_server: list[list[Any]]) -> list[dict[str, Any]]:

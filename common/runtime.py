@@ -53,6 +53,7 @@ ROLES = {"a": 0, "b": 1}
 NAMES = ("server_a", "server_b")
 _SETUP = -1  # the `bundle` of a set-up session
 _PEER_GRACE = 5.0  # how long a request waits for server_b to reconnect before it fails
+_ASK_EVERY = 2.0  # how often server_b repeats its request for set-up while it waits
 
 
 @dataclass(frozen=True)
@@ -167,20 +168,27 @@ class ServerRuntime:
                 self.channel.begin(f"setup-{secrets.token_hex(8)}", stale=_asks_for_setup)
                 self.channel.send("session", "session", {"bundle": _SETUP, "client": ""})
             else:
-                self.channel.begin(f"setup-request-{secrets.token_hex(8)}")
-                self.channel.send("session", "session", {"bundle": _SETUP, "client": ""})
+                # ask, and ask again every few seconds: a request can be lost with a connection, and
+                # server_a drops the ones that reach it while it runs set-up (they ask for that)
                 deadline = time.monotonic() + patience
+                ask = 0.0
                 while True:
                     if stop.is_set():
                         return False
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise PeerTimeout(f"server_a did not start set-up within {patience:g} s; "
                                           "check that it is running")
-                    msg = self.channel.recv_session(1.0)
+                    if now >= ask:
+                        self.channel.begin(f"setup-request-{secrets.token_hex(8)}")
+                        self.channel.send("session", "session", {"bundle": _SETUP, "client": ""})
+                        ask = time.monotonic() + _ASK_EVERY
+                    msg = self.channel.recv_session(min(1.0, _ASK_EVERY))
                     if msg is not None and msg.meta["bundle"] == _SETUP:
                         break
                     if msg is not None:
-                        self.channel.abort(PeerLost("server_b has restarted and needs set-up"), "session")
+                        self.channel.abort(PeerLost("server_b is not set up (it started or lost set-up) and has "
+                                                    "asked for set-up"), "session")
             self.party.setup()
         finally:
             self.channel.timeout = cfg.timeout
@@ -193,8 +201,9 @@ class ServerRuntime:
             try:
                 if self._setup(stop, self.config.timeout):
                     return
-            except SecDFDError as e:
-                log.warning("set-up with server_a failed: %s; asking again", e)
+            except Exception as e:  # noqa: BLE001 - server_b lives on until server_a is back
+                _log_failure("set-up with server_a failed; asking again", e)
+                stop.wait(1.0)
 
     def _fetcher(self, node: Node) -> Callable[[], Ready]:
         cfg = self.config
@@ -235,9 +244,9 @@ class ServerRuntime:
         while not stop.is_set():
             events = dict(poller.poll(0 if self.channel.stashed else 200))
             if self.channel.sock in events or self.channel.stashed:
-                msg = self.channel.recv_session(0)  # only a restarted server_b speaks first
+                msg = self._next_session()  # between sessions, only server_b asking for set-up
                 if msg is not None and msg.meta["bundle"] == _SETUP:
-                    log.info("server_b asks for set-up (it restarted)")
+                    log.info("server_b asks for set-up")
                     self._set_up_safely(stop)
             if self.front.sock not in events:
                 continue
@@ -258,17 +267,26 @@ class ServerRuntime:
     def _set_up_safely(self, stop: threading.Event) -> None:
         try:
             self._setup(stop, self.config.timeout)
+        except Exception as e:  # noqa: BLE001 - server_b asks again; this server serves on
+            _log_failure("set-up with server_b failed; it runs again when server_b asks again", e)
+
+    def _next_session(self) -> Message | None:
+        """The peer's next session start, if one is waiting; a malformed message is logged and dropped."""
+        try:
+            return self.channel.recv_session(0)
         except SecDFDError as e:
-            log.warning("set-up with %s failed: %s; it runs again when %s asks for it", self.config.peer_name, e,
-                        self.config.peer_name)
+            log.warning("dropped a message from %s: %s", self.config.peer_name, e)
+            return None
 
     def _session_a(self, req: Request, ahead: PrepareAhead) -> None:
         cfg = self.config
         attempts = cfg.depth + 3  # a restarted server_b lost the bundles it held: skip those ids
         try:
             self._check_share(req)
-            self._wait_for_peer(min(cfg.timeout, _PEER_GRACE))
+            self._wait_for_peer(min(cfg.timeout, _PEER_GRACE))  # before a bundle is claimed
             for attempt in range(attempts):
+                if attempt:
+                    self._wait_for_peer(min(cfg.timeout, _PEER_GRACE))
                 prep = ahead.take_next(cfg.bundle_wait)
                 self.ledger.claim(prep.bundle_id)  # before use: never twice, even after a crash
                 self.channel.begin(f"b{prep.bundle_id}")
@@ -283,7 +301,7 @@ class ServerRuntime:
                     request = self.channel.stashed
                     if attempt == attempts - 1 or request is None or request.meta["bundle"] != _SETUP:
                         raise
-                    log.info("server_b asks for set-up (it restarted)")
+                    log.info("server_b asks for set-up")
                     self.channel.recv_session(0)
                     self._setup(threading.Event(), cfg.timeout)
                 self.idle.set()  # let the next bundle be prepared
@@ -313,14 +331,14 @@ class ServerRuntime:
             if self.front.sock in events:
                 self._client_request(queue, ahead)
             if self.channel.sock in events or self.channel.stashed:
-                msg = self.channel.recv_session(0)
+                msg = self._next_session()
                 if msg is not None and msg.meta["bundle"] == _SETUP:  # server_a restarted
-                    log.info("server_a runs set-up (it restarted)")
+                    log.info("server_a runs set-up (it started again)")
                     try:
                         self.party.setup()
                         log.info("server_b: weights set up with server_a")
-                    except SecDFDError as e:
-                        log.warning("set-up with server_a failed: %s; asking again", e)
+                    except Exception as e:  # noqa: BLE001 - server_b lives on until server_a is back
+                        _log_failure("set-up with server_a failed; asking again", e)
                         self._rejoin(stop)
                 elif msg is not None:
                     try:
@@ -378,11 +396,22 @@ class ServerRuntime:
             self.channel.send("ready", "session")
             y, report = self.party.run(req.message.tensors[0], prep.rands)
             self.front.reply(req, "result", {"report": self._report(report, prep)}, [y])
+        except PeerLost as e:
+            if req is not None and self.channel.stashed is not None:
+                # server_a gave this session up and started another (set-up, or this client's request
+                # again with a fresh bundle): the client's share waits for it, as after a RandomnessError
+                self._pending[client_sid] = (req, since)
+                log.info("session given up by server_a (%s); keeping the client's share for its retry", e)
+                return
+            self._fail_b(e, req)
         except Exception as e:  # noqa: BLE001 - one failed session must never stop the server
-            err = _session_error(e, self.config.name)
-            self.channel.abort(err, "session")
-            if req is not None:
-                self.front.reply_error(req, err)
+            self._fail_b(e, req)
+
+    def _fail_b(self, e: Exception, req: Request | None) -> None:
+        err = _session_error(e, self.config.name)
+        self.channel.abort(err, "session")
+        if req is not None:
+            self.front.reply_error(req, err)
 
     def _report(self, report: Any, prep: Prepared) -> dict[str, Any]:
         report.prepare_seconds = prep.seconds
@@ -390,6 +419,13 @@ class ServerRuntime:
         d.update(bundle=prep.bundle_id, party=self.config.name, dealer_seconds=prep.ready.dealer_seconds,
                  dealer_bytes=prep.ready.nbytes)
         return d
+
+
+def _log_failure(what: str, e: Exception) -> None:
+    if isinstance(e, SecDFDError):
+        log.warning("%s: %s", what, e)
+    else:
+        log.exception(what)
 
 
 def _asks_for_setup(msg: Message) -> bool:

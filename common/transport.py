@@ -425,6 +425,16 @@ class Requester:
         assert reply is not None  # poll raises at the request's own deadline
         return reply
 
+    def link_up(self) -> bool:
+        """Whether a request can go now (the connection is authenticated); PeerLost if the server
+        refused this party's key or the handshake failed."""
+        self._read_monitor()
+        if self.sock.poll(0, zmq.POLLOUT):
+            return True
+        if self._failure is not None:
+            raise PeerLost(self._failure)
+        return False
+
     @property
     def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
         """The sockets a reply or a disconnection shows up on (to wait on several servers at once)."""
