@@ -184,7 +184,7 @@ class ServerRuntime:
                         self.channel.send("session", "session", {"bundle": _SETUP, "client": ""})
                         ask = time.monotonic() + _ASK_EVERY
                     msg = self.channel.recv_session(min(1.0, _ASK_EVERY))
-                    if msg is not None and msg.meta["bundle"] == _SETUP:
+                    if msg is not None and _asks_for_setup(msg):
                         break
                     if msg is not None:
                         self.channel.abort(PeerLost("server_b is not set up (it started or lost set-up) and has "
@@ -237,18 +237,27 @@ class ServerRuntime:
             raise ProtocolError(f"the image share has shape {list(x.shape)}, {self.config.name} serves "
                                 f"{list(self.info.input_shape)}; resize the image to {self.info.size}")
 
-    def _serve_a(self, queue: BundleQueue, ahead: PrepareAhead, stop: threading.Event) -> None:
+    def _waiting(self, poller: zmq.Poller) -> tuple[bool, bool]:
+        """Within 200 ms: whether a client request waits, and whether a peer message does."""
+        events = dict(poller.poll(0 if self.channel.stashed else 200))
+        return self.front.sock in events, self.channel.sock in events or self.channel.stashed is not None
+
+    def _poller(self) -> zmq.Poller:
         poller = zmq.Poller()
         poller.register(self.front.sock, zmq.POLLIN)
         poller.register(self.channel.sock, zmq.POLLIN)
+        return poller
+
+    def _serve_a(self, queue: BundleQueue, ahead: PrepareAhead, stop: threading.Event) -> None:
+        poller = self._poller()
         while not stop.is_set():
-            events = dict(poller.poll(0 if self.channel.stashed else 200))
-            if self.channel.sock in events or self.channel.stashed:
+            client, peer = self._waiting(poller)
+            if peer:
                 msg = self._next_session()  # between sessions, only server_b asking for set-up
-                if msg is not None and msg.meta["bundle"] == _SETUP:
+                if msg is not None and _asks_for_setup(msg):
                     log.info("server_b asks for set-up")
                     self._set_up_safely(stop)
-            if self.front.sock not in events:
+            if not client:
                 continue
             req = self.front.recv(timeout=0)
             if req is None:
@@ -299,7 +308,7 @@ class ServerRuntime:
                         raise
                 except PeerLost:  # server_b restarted: set up again, then retry with a fresh bundle
                     request = self.channel.stashed
-                    if attempt == attempts - 1 or request is None or request.meta["bundle"] != _SETUP:
+                    if attempt == attempts - 1 or request is None or not _asks_for_setup(request):
                         raise
                     log.info("server_b asks for set-up")
                     self.channel.recv_session(0)
@@ -323,16 +332,14 @@ class ServerRuntime:
             time.sleep(0.05)
 
     def _serve_b(self, queue: BundleQueue, ahead: PrepareAhead, stop: threading.Event) -> None:
-        poller = zmq.Poller()
-        poller.register(self.front.sock, zmq.POLLIN)
-        poller.register(self.channel.sock, zmq.POLLIN)
+        poller = self._poller()
         while not stop.is_set():
-            events = dict(poller.poll(0 if self.channel.stashed else 200))
-            if self.front.sock in events:
+            client, peer = self._waiting(poller)
+            if client:
                 self._client_request(queue, ahead)
-            if self.channel.sock in events or self.channel.stashed:
+            if peer:
                 msg = self._next_session()
-                if msg is not None and msg.meta["bundle"] == _SETUP:  # server_a restarted
+                if msg is not None and _asks_for_setup(msg):  # server_a restarted
                     log.info("server_a runs set-up (it started again)")
                     try:
                         self.party.setup()

@@ -400,15 +400,8 @@ class Requester:
         poller.register(self.sock, zmq.POLLOUT)
         # 1. wait until the connection is authenticated (immediate=True: no queueing before that);
         #    a refused key shows up on the monitor at once instead of as a silent timeout
-        while True:
-            events = dict(poller.poll(_ms(deadline)))
-            if self._monitor in events:
-                self._read_monitor()
-            if events.get(self.sock, 0) & zmq.POLLOUT:
-                break
-            if self._failure is not None:
-                raise PeerLost(f"{self._failure} (step {step})")
-            if not events:
+        while not self.link_up(step):
+            if not poller.poll(_ms(deadline)):
                 raise PeerTimeout(f"could not reach {self.server} at {self.endpoint} within {waited:g} s at "
                                   f"step {step}; check that {self.server} is running and that it has this "
                                   "party's public key")
@@ -425,14 +418,14 @@ class Requester:
         assert reply is not None  # poll raises at the request's own deadline
         return reply
 
-    def link_up(self) -> bool:
+    def link_up(self, step: str = "detect") -> bool:
         """Whether a request can go now (the connection is authenticated); PeerLost if the server
         refused this party's key or the handshake failed."""
         self._read_monitor()
         if self.sock.poll(0, zmq.POLLOUT):
             return True
         if self._failure is not None:
-            raise PeerLost(self._failure)
+            raise PeerLost(f"{self._failure} (step {step})")
         return False
 
     @property
