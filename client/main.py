@@ -20,11 +20,11 @@ import click
 import torch
 import zmq
 
-from secdfd.common import deployment
 from secdfd.common.errors import PeerTimeout, ProtocolError, SecDFDError
-from secdfd.common.keys import load_party
-from secdfd.common.transport import Node, Pending, Requester
-from secdfd.common.wire import Message
+from secdfd.common.net.keys import load_party
+from secdfd.common.net.transport import Node, Pending, Requester
+from secdfd.common.net.wire import Message
+from secdfd.common.service import deployment
 
 THRESHOLD = 0.5
 
@@ -62,7 +62,7 @@ class Client:
 
     def detect(self, path: Path, breakdown: bool = False) -> dict[str, Any]:
         """Load, share and detect one image file (see `detect_tensor`)."""
-        from secdfd.common.data import load_image
+        from secdfd.common.ml.data import load_image
 
         return self.detect_tensor(load_image(path, self.info.size), str(path), breakdown)
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import click
 import torch
 
-from secdfd.common import deployment
-from secdfd.common.bundles import BundleBook, IdLedger
 from secdfd.common.errors import ProtocolError, SecDFDError
-from secdfd.common.keys import load_party, read_public
-from secdfd.common.runtime import set_threads
-from secdfd.common.transport import Node, Request, Responder
+from secdfd.common.net.keys import load_party, read_public
+from secdfd.common.net.transport import Node, Request, Responder
+from secdfd.common.service import deployment
+from secdfd.common.service.server import set_threads
+from secdfd.common.service.supply import BundleBook, IdLedger
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from secdfd.common.model import FusedDFDNet, build_model, init_weights
+from secdfd.common.ml.dfdnet import FusedDFDNet, build_model, init_weights
 
 
 def _fused(name: str, size: int = 128) -> nn.Module:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from secdfd.common.runtime import server_main
+from secdfd.common.service.server import server_main
 
 
 def main() -> None:

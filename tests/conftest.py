@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from secdfd.common.cli_bench import run_protocol
-from secdfd.common.ring import FixedPoint
+from secdfd.common.cli.bench import run_protocol
+from secdfd.common.engine.ring import FixedPoint
 
 
 @pytest.fixture
@@ -30,8 +30,8 @@ def _one_thread():
 
 def write_tiny_model(path: Path, size: int = 32) -> Path:
     """A deployable fused dfdnet-s for `size` inputs with seeded, freshly initialised weights (tests only)."""
-    from secdfd.common.export import fuse, save_deployable
-    from secdfd.common.model import build_model, init_weights
+    from secdfd.common.ml.dfdnet import build_model, init_weights
+    from secdfd.common.ml.export import fuse, save_deployable
 
     torch.manual_seed(0)  # test weights only
     rgb, ycc = build_model("dfdnet-s", size), build_model("dfdnet-s", size)

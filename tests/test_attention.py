@@ -4,8 +4,8 @@ and the sharing of rounds by independent branches."""
 import torch
 from torch import nn
 
-from secdfd.common.engine import TwoParty
-from secdfd.common.model import ChannelAttention, SpatialAttention
+from secdfd.common.engine.twoparty import TwoParty
+from secdfd.common.ml.dfdnet import ChannelAttention, SpatialAttention
 
 
 class Gated(nn.Module):

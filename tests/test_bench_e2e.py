@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from secdfd.common.bench_e2e import FIGURES, run_e2e
+from secdfd.common.bench.e2e import FIGURES, run_e2e
 from secdfd.common.cli import main
-from secdfd.common.local import Endpoints, Launch
+from secdfd.common.service.local import Endpoints, Launch
 
 
 def test_e2e_figures_and_wrapped_launch(tmp_path):
     seen: list[Launch] = []
 
     def spawn(launch, log):  # what a LAN benchmark wraps (e.g. with `ip netns exec`)
-        from secdfd.common.local import spawn_local
+        from secdfd.common.service.local import spawn_local
 
         seen.append(launch)
         return spawn_local(launch, log)

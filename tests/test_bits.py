@@ -1,7 +1,7 @@
 import torch
 
-from secdfd.common.bits import Form, Products, pack, planes, unpack
-from secdfd.common.prng import Stream, new_seed
+from secdfd.common.engine.bits import Form, Products, pack, planes, unpack
+from secdfd.common.engine.prng import Stream, new_seed
 
 
 def test_planes_match_bit_extraction():

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from secdfd.common.bundles import BundleBook, BundleQueue, IdLedger, PrepareAhead, Ready
 from secdfd.common.errors import PeerTimeout, RandomnessError
+from secdfd.common.service.supply import BundleBook, BundleQueue, IdLedger, PrepareAhead, Ready
 
 
 def test_ledger_never_reuses_ids_across_restarts(tmp_path):

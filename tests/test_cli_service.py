@@ -12,10 +12,10 @@ from conftest import write_tiny_model
 from PIL import Image
 
 from secdfd.client.main import main as client_main
-from secdfd.common import deployment
 from secdfd.common.cli import main
-from secdfd.common.keys import PARTIES, load_party
-from secdfd.common.local import free_ports
+from secdfd.common.net.keys import PARTIES, load_party
+from secdfd.common.service import deployment
+from secdfd.common.service.local import free_ports
 
 
 def test_keys_command(tmp_path):

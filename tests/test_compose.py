@@ -22,7 +22,7 @@ import torch
 import yaml
 from conftest import write_tiny_model
 
-from secdfd.common import local
+from secdfd.common.service import local
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from secdfd.common import data
-from secdfd.common.data import Augment, batches, load_folder, load_image, split_of
 from secdfd.common.errors import DataError
+from secdfd.common.ml import data
+from secdfd.common.ml.data import Augment, batches, load_folder, load_image, split_of
 
 
 def _gradient(h: int = 40, w: int = 48) -> np.ndarray:

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from secdfd.common.cli_bench import load_factory
-from secdfd.common.engine import TwoParty
+from secdfd.common.cli.bench import load_factory
+from secdfd.common.engine.twoparty import TwoParty
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -42,7 +42,7 @@ def test_cnn_block_bars_at_full_size():
 
 
 def test_reduced_dfdnet_matches_plaintext():
-    from secdfd.common.model import FusedDFDNet, build_model, init_weights
+    from secdfd.common.ml.dfdnet import FusedDFDNet, build_model, init_weights
 
     torch.manual_seed(0)
     streams = [build_model("dfdnet-s", 64), build_model("dfdnet-s", 64)]
@@ -62,7 +62,7 @@ def test_reduced_dfdnet_matches_plaintext():
 
 
 def test_setup_can_run_again_after_a_peer_restart():
-    from secdfd.common.channel import run_pair
+    from secdfd.common.engine.channel import run_pair
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from secdfd.common.errors import ModelError
-from secdfd.common.export import (
+from secdfd.common.ml.dfdnet import YCBCR_MATRIX, YCBCR_OFFSET, DFDNet, rgb_to_ycbcr
+from secdfd.common.ml.export import (
     DEFAULT_MODEL,
     fold_colour_map,
     fold_stream,
@@ -19,7 +20,6 @@ from secdfd.common.export import (
     read_deployable_meta,
     save_deployable,
 )
-from secdfd.common.model import YCBCR_MATRIX, YCBCR_OFFSET, DFDNet, rgb_to_ycbcr
 
 WIDTH, SIZE = 0.0625, 64
 
@@ -67,13 +67,13 @@ def test_export_checks_architecture_width(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="width"):  # dfdnet-s is wider than this test model
         save_deployable(fused, tmp_path / "m.pt", "dfdnet-s")
     with pytest.raises(ModelError, match="only folded"):
-        from secdfd.common.model import FusedDFDNet
+        from secdfd.common.ml.dfdnet import FusedDFDNet
 
         save_deployable(FusedDFDNet(_trained_like(3), _trained_like(4)), tmp_path / "m.pt", "dfdnet-s")
 
 
 def test_save_load_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from secdfd.common import model as model_mod
+    from secdfd.common.ml import dfdnet as model_mod
 
     monkeypatch.setitem(model_mod.MODELS, "tiny", model_mod.ModelSpec("tiny", WIDTH, "test"))
     rgb, ycc = _trained_like(3), _trained_like(4)

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from secdfd.common.keys import CONNECTS, LISTENS, PARTIES, KeyFileError, allowed_keys, load_party, make_keys
+from secdfd.common.net.keys import CONNECTS, LISTENS, PARTIES, KeyFileError, allowed_keys, load_party, make_keys
 
 
 def test_layout_and_modes(tmp_path):

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from secdfd.common import lan as lanmod
-from secdfd.common.lan import Lan, LanError, check_supported, cleanup_stale, list_namespaces, parse_rate
+from secdfd.common.bench import lan as lanmod
+from secdfd.common.bench.lan import Lan, LanError, check_supported, cleanup_stale, list_namespaces, parse_rate
 
 
 def _lan_unavailable() -> str | None:
@@ -110,7 +110,7 @@ def test_links_are_shaped_to_the_rate():
 
 _HOLDER = textwrap.dedent("""
     import json, sys, time
-    from secdfd.common.lan import Lan
+    from secdfd.common.bench.lan import Lan
     with Lan("1gbit") as net:
         p = net.spawn("server_a", ["sleep", "300"])
         print(json.dumps({"ns": list(net.namespaces.values()), "child": p.pid}), flush=True)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from secdfd.common.errors import ModelError
-from secdfd.common.model import (
+from secdfd.common.ml.dfdnet import (
     MODELS,
     DFDNet,
     FusedDFDNet,

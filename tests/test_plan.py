@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from secdfd.common.engine.plan import build_plan, extract_weights
 from secdfd.common.errors import PlanError
-from secdfd.common.plan import build_plan, extract_weights
 
 
 class Odd(nn.Module):
@@ -48,7 +48,7 @@ def test_plan_depends_on_architecture_only():
 
 
 def test_full_width_dfdnet_plan_builds():
-    from secdfd.common.model import FusedDFDNet, build_model
+    from secdfd.common.ml.dfdnet import FusedDFDNet, build_model
 
     fused = FusedDFDNet(build_model("dfdnet"), build_model("dfdnet"))
     plan = build_plan(fused, (1, 3, 128, 128))

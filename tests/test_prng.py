@@ -1,6 +1,6 @@
 import pytest
 
-from secdfd.common.prng import Stream, new_seed, purpose
+from secdfd.common.engine.prng import Stream, new_seed, purpose
 
 
 def test_streams_are_deterministic_and_separated_by_purpose():

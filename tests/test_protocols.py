@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from secdfd.common.prng import Stream, new_seed
-from secdfd.common.protocols import arith, compare, pool, sigmoid
-from secdfd.common.protocols.base import gather
-from secdfd.common.ring import FixedPoint, lshr
+from secdfd.common.engine.prng import Stream, new_seed
+from secdfd.common.engine.protocols import arith, compare, pool, sigmoid
+from secdfd.common.engine.protocols.base import gather
+from secdfd.common.engine.ring import FixedPoint, lshr
 
 L = 40
 
@@ -88,7 +88,7 @@ def test_sign_of_values_near_zero(run2):
 
 
 def test_linear_layers_with_secret_weights_exact(run2):
-    from secdfd.common.steps import depthwise
+    from secdfd.common.engine.steps import depthwise
 
     s = Stream(new_seed(), "w")
     cases = [

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
+from secdfd.common.engine.evaluator import Dealer
+from secdfd.common.engine.plan import build_plan
+from secdfd.common.engine.prng import new_seed
+from secdfd.common.engine.randomness import Bundle, Provision, Source
 from secdfd.common.errors import RandomnessError
-from secdfd.common.evaluator import Dealer
-from secdfd.common.plan import build_plan
-from secdfd.common.prng import new_seed
-from secdfd.common.randomness import Bundle, Provision, Source
 
 
 def _deal(src: Source):

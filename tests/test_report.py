@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from secdfd.common.report import (
+from secdfd.common.bench.report import (
     compare_table,
     group,
     layer_keys,

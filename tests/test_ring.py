@@ -1,7 +1,7 @@
 import torch
 
-from secdfd.common.ring import FixedPoint, lshr, msb, to_signed, to_unsigned
-from secdfd.common.sharing import reconstruct, share
+from secdfd.common.engine.ring import FixedPoint, lshr, msb, to_signed, to_unsigned
+from secdfd.common.engine.sharing import reconstruct, share
 
 EDGES = [0, 1, -1, 2**63 - 1, -(2**63), 2**62, -(2**62), 12345678901234567, -98765432109876543]
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from secdfd.common.engine import TwoParty
-from secdfd.common.prng import Stream, new_seed
-from secdfd.common.ringops import limb_product
+from secdfd.common.engine.prng import Stream, new_seed
+from secdfd.common.engine.ringops import limb_product
+from secdfd.common.engine.twoparty import TwoParty
 
 
 def test_limb_conv_and_matmul_are_exact():

@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 
 from secdfd.client.main import Client, ClientConfig
-from secdfd.common import deployment
-from secdfd.common.bundles import IdLedger
-from secdfd.common.data import load_image
 from secdfd.common.errors import DataError, ProtocolError
-from secdfd.common.export import load_deployable, save_deployable
-from secdfd.common.keys import make_keys
-from secdfd.common.model import FusedDFDNet, build_model
-from secdfd.common.runtime import ServerConfig, ServerRuntime
+from secdfd.common.ml.data import load_image
+from secdfd.common.ml.dfdnet import FusedDFDNet, build_model
+from secdfd.common.ml.export import load_deployable, save_deployable
+from secdfd.common.net.keys import make_keys
+from secdfd.common.service import deployment
+from secdfd.common.service.server import ServerConfig, ServerRuntime
+from secdfd.common.service.supply import IdLedger
 from secdfd.dealer.main import DealerConfig, DealerService
 
 SIZE = 32

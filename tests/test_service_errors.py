@@ -23,12 +23,12 @@ from PIL import Image
 
 from secdfd.client.main import Client, ClientConfig
 from secdfd.client.main import main as client_main
-from secdfd.common import deployment, local
-from secdfd.common.bundles import IdLedger
 from secdfd.common.errors import PeerLost, PeerTimeout, ProtocolError
-from secdfd.common.keys import load_party, make_keys
-from secdfd.common.transport import Node, Requester, Responder
-from secdfd.common.wire import unpack
+from secdfd.common.net.keys import load_party, make_keys
+from secdfd.common.net.transport import Node, Requester, Responder
+from secdfd.common.net.wire import unpack
+from secdfd.common.service import deployment, local
+from secdfd.common.service.supply import IdLedger
 
 SIZE = 32
 

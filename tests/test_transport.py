@@ -9,11 +9,11 @@ import pytest
 import torch
 import zmq
 
-from secdfd.common.channel import pair, run_pair
+from secdfd.common.engine.channel import pair, run_pair
 from secdfd.common.errors import PeerLost, PeerTimeout, ProtocolError, RandomnessError
-from secdfd.common.keys import PartyKeys, load_party, make_keys
-from secdfd.common.transport import Node, Requester, Responder, ZmqChannel
-from secdfd.common.wire import Message, pack
+from secdfd.common.net.keys import PartyKeys, load_party, make_keys
+from secdfd.common.net.transport import Node, Requester, Responder, ZmqChannel
+from secdfd.common.net.wire import Message, pack
 
 ANY = "tcp://127.0.0.1:*"
 

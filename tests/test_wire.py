@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from secdfd.common.errors import ProtocolError
-from secdfd.common.wire import (
+from secdfd.common.net.wire import (
     KINDS,
     WIRE_VERSION,
     Kind,

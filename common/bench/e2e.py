@@ -1,0 +1,232 @@
+"""`secdfd bench e2e`: the three parties as separate processes over CURVE sockets, timed per inference.
+
+1. Make a deployment in a scratch folder: keys, the model's weight shares, free loopback ports.
+   `dfdnet-s` is the embedded trained model (rebuilt at --size: the weights do not depend on it);
+   `dfdnet` is a trained full-width model if one is installed, else freshly initialised weights
+   (timing and traffic do not depend on the weights; the output says which).
+2. Start dealer, server_a and server_b (`local.launches` + a `Spawn`: the caller may wrap each
+   command line, e.g. with `ip netns exec`, and give other `Endpoints`).
+3. Per image: wait until both servers have a bundle prepared and nothing runs in the background,
+   then detect through the client; time the same fused model in plaintext torch in this process.
+
+Figures per inference: online_seconds (the servers' online phase), client_seconds (what the client
+waited), bytes_per_server, rounds, dealer_bytes, offline_seconds (dealer generation + preparation),
+plaintext_seconds, abs_error = |p_secure - p_plain|; `steps` is the per-layer breakdown of the last
+inference. Top-level figures are medians over the inferences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import torch
+
+from secdfd.common.bench import lan_e2e as lan_bench
+from secdfd.common.bench.report import write_report
+from secdfd.common.cli.bench import bench
+from secdfd.common.errors import SecDFDError
+from secdfd.common.ml.dfdnet import FusedDFDNet
+from secdfd.common.service import local
+
+if TYPE_CHECKING:
+    from secdfd.client.main import Client
+
+FIGURES = ("online_seconds", "client_seconds", "bytes_per_server", "rounds", "dealer_bytes", "offline_seconds",
+           "dealer_seconds", "plaintext_seconds", "abs_error")
+
+
+def bench_model(model: str, size: int) -> tuple[FusedDFDNet, str]:
+    """The fused, folded `model` at `size`, and where its weights come from."""
+    from secdfd.common.ml.dfdnet import build_model, get_spec, init_weights
+    from secdfd.common.ml.export import DEFAULT_MODEL, MODELS_DIR, fuse, load_deployable
+
+    get_spec(model)  # unknown names fail with the list of known ones
+    trained = DEFAULT_MODEL if model == "dfdnet-s" else MODELS_DIR / f"{model}.pt"
+    if trained.is_file():
+        return at_size(load_deployable(trained), model, size), f"trained weights from {trained.name}"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # benchmark weights only, never secret
+        rgb, ycc = build_model(model, size), build_model(model, size)
+        for m in (rgb, ycc):
+            init_weights(m)
+    what = f"random weights (no trained {model} model installed; timing and traffic do not depend on weights)"
+    return fuse(rgb.eval(), ycc.eval()), what
+
+
+def at_size(fused: FusedDFDNet, arch: str, size: int) -> FusedDFDNet:
+    """The same weights for another input size (no weight depends on it: global pools before the fcs)."""
+    from secdfd.common.ml.dfdnet import build_model
+
+    if fused.rgb.input_size == size:
+        return fused
+    out = FusedDFDNet(build_model(arch, size, folded=True), build_model(arch, size, folded=True))
+    out.load_state_dict(fused.state_dict())
+    return out.eval()
+
+
+@dataclass
+class Scratch:
+    """A running scratch deployment: its folder, processes and a connected client."""
+
+    layout: local.Layout
+    started: list[local.Started]
+    client: Client
+    setup_seconds: float
+    startup: float
+
+    def idle(self) -> None:
+        """Wait until both servers have a bundle prepared and nothing runs in the background."""
+        local.wait_ready(self.started, self.layout.keys, self.startup, prepared=True)
+
+
+@contextlib.contextmanager
+def scratch_deployment(model: FusedDFDNet, arch: str, work: Path | None = None,
+                       spawn: local.Spawn = local.spawn_local, endpoints: local.Endpoints | None = None,
+                       options: local.Options | None = None, startup: float = 900.0) -> Iterator[Scratch]:
+    """Keys, weight shares of `model` and the three processes in a temporary folder, removed after."""
+    from secdfd.client.main import Client, ClientConfig
+    from secdfd.common.ml.export import save_deployable
+    from secdfd.common.net.keys import make_keys
+    from secdfd.common.service.deployment import share_model
+
+    options = options or local.Options()
+    with tempfile.TemporaryDirectory(prefix="secdfd-e2e-", dir=work) as tmp:
+        layout = local.Layout(Path(tmp))
+        endpoints = endpoints or local.Endpoints.free()
+        t0 = time.perf_counter()
+        model_file = layout.root / "model.pt"
+        save_deployable(model, model_file, arch)
+        make_keys(layout.keys)
+        share_model(model_file, layout.shares)
+        model_file.unlink()  # the servers get shares only
+        started = local.start(layout, local.launches(layout, endpoints, options), spawn)
+        try:
+            local.wait_ready(started, layout.keys, startup, prepared=True)
+            client = Client(ClientConfig(layout.keys, endpoints.server_a, endpoints.server_b, options.timeout * 4))
+            try:
+                yield Scratch(layout, started, client, time.perf_counter() - t0, startup)
+            finally:
+                client.close()
+        finally:
+            local.stop(started)
+
+
+def bench_images(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
+    """`n` smooth random test images (1, 3, size, size) in [0, 1] (benchmark data, not secret)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        coarse = torch.rand(1, 3, 8, 8, generator=g)
+        img = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+        out.append((img + 0.05 * torch.rand(1, 3, size, size, generator=g)).clamp(0, 1))
+    return out
+
+
+def run_e2e(model: str = "dfdnet-s", size: int = 128, images: int = 3, work: Path | None = None,
+            spawn: local.Spawn = local.spawn_local, endpoints: local.Endpoints | None = None,
+            options: local.Options | None = None, startup: float = 900.0,
+            echo: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Start the three parties, run `images` detections, return the figures (see the module doc)."""
+    plain, weights = bench_model(model, size)
+    echo(f"{model} at {size}x{size}: {weights}")
+    runs = []
+    with scratch_deployment(plain, model, work, spawn, endpoints, options, startup) as dep:
+        echo(f"dealer and servers ready after {dep.setup_seconds:.1f} s; {images} inferences")
+        for i, x in enumerate(bench_images(images, size)):
+            dep.idle()  # time the online phase alone
+            r = dep.client.detect_tensor(x, f"image {i}", breakdown=True)
+            p_plain, plain_s = plaintext(plain, x)
+            r.update(client_seconds=r.pop("seconds"), plaintext_seconds=plain_s, p_secure=r.pop("p_fake"),
+                     p_plain=p_plain)
+            r["abs_error"] = abs(r["p_secure"] - p_plain)
+            runs.append(r)
+            echo(f"image {i}: online {r['online_seconds']:.2f} s, "
+                 f"{r['bytes_per_server'][0] / 1e6:.1f} MB per server, {r['rounds']} rounds, "
+                 f"|p_secure - p_plain| = {r['abs_error']:.2e}")
+        setup_s = dep.setup_seconds
+    steps = runs[-1].pop("steps")
+    for r in runs[:-1]:
+        r.pop("steps")
+    return {"model": model, "size": size, "weights": weights, "images": images,
+            "threads": (options or local.Options()).threads,
+            "setup_seconds": setup_s, **{k: _median([r[k] for r in runs]) for k in FIGURES},
+            "inferences": runs, "steps": steps}
+
+
+def plaintext(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """The plaintext fused fake probability of x and the seconds it took (after a warm-up)."""
+    with torch.no_grad():
+        model(x)  # warm-up
+        t = time.perf_counter()
+        p = float(model(x).reshape(-1)[0])
+        return p, time.perf_counter() - t
+
+
+def _median(values: list[Any]) -> Any:
+    """The median (of each position, for lists); integers stay integers (the lower median)."""
+    if isinstance(values[0], list):
+        return [_median(list(v)) for v in zip(*values, strict=True)]
+    if all(isinstance(v, int) for v in values):
+        return statistics.median_low(values)
+    return statistics.median(values)
+
+
+@bench.command("e2e")
+@click.option("--model", type=click.Choice(["dfdnet", "dfdnet-s"]), default="dfdnet-s", show_default=True,
+              help="dfdnet-s: the embedded trained model; dfdnet: full width (random weights unless trained).")
+@click.option("--size", type=int, default=128, show_default=True, help="Input size.")
+@click.option("--images", type=int, default=3, show_default=True, help="Detections to run.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
+@click.option("--depth", type=int, default=1, show_default=True, help="Bundles each server keeps ready.")
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for the scratch deployment [default: the system's temporary folder].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the per-layer breakdown).")
+@lan_bench.lan_options
+@click.pass_context
+def e2e(ctx: click.Context, model: str, size: int, images: int, threads: int, depth: int, work: Path | None,
+        as_json: bool, lan: str | None, lan_rtt_ms: float | None, report: Path | None) -> None:
+    """Dealer, server_a and server_b as separate processes on loopback; figures per inference.
+
+    JSON keys: online_seconds, bytes_per_server, rounds, dealer_bytes, offline_seconds,
+    plaintext_seconds, abs_error (medians), inferences (each one), steps (per-layer breakdown).
+    With --lan RATE each party runs in its own network namespace (see secdfd.common.bench.lan_e2e)
+    and `lan` adds the rate, the measured RTT and, with --lan-rtt-ms, an estimate.
+    """
+    if images < 1:
+        raise click.BadParameter("run at least one image", param_hint="--images")
+    lan_bench.check_lan_options(lan, lan_rtt_ms)
+    torch.set_num_threads(max(1, threads))
+    try:
+        if lan:  # this command again, as the client inside the LAN
+            res = lan_bench.run_in_lan(lan, lan_bench.driver_argv(lan_bench.inner_command(ctx)), lan_rtt_ms)
+        else:
+            res = run_e2e(model, size, images, work, options=local.Options(threads=threads, depth=depth),
+                          echo=lambda s: click.echo(s, err=True), **lan_bench.placement_kwargs())
+    except SecDFDError as e:
+        raise click.ClickException(str(e)) from None
+    if report is not None:
+        title = f"{model}, both streams, {size}x{size}, " + (f"LAN {lan}" if lan else "loopback")
+        for path in write_report(res, report, "e2e", title=title).values():
+            click.echo(f"report: {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"{model} at {size}x{size}, {weights_line(res)}")
+    for k in FIGURES:
+        v = res[k]
+        click.echo(f"  {k:18s} {v if not isinstance(v, float) else f'{v:.4g}'}")
+    for line in lan_bench.lan_lines(res):
+        click.echo(line)
+
+
+def weights_line(res: dict[str, Any]) -> str:
+    return f"{res['weights']}; medians over {res['images']} inferences, {res['threads']} thread(s) per process"

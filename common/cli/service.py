@@ -1,0 +1,218 @@
+"""Commands of the service area: `keys`, `share`, `up`, `down`, `status` (and `bench e2e`, `bench fidelity`).
+
+User mistakes end as one-line click errors with a non-zero exit, never as tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from secdfd.common.bench.e2e import e2e  # noqa: F401 - importing it registers `secdfd bench e2e` on the bench group
+from secdfd.common.bench.fidelity import fidelity_cmd  # noqa: F401 - and `secdfd bench fidelity`
+from secdfd.common.errors import SecDFDError
+from secdfd.common.net.keys import PARTIES, make_keys
+from secdfd.common.service import local
+
+_STATE = click.option("--state", "state", type=click.Path(path_type=Path), default=Path(".secdfd"),
+                      show_default=True, envvar="SECDFD_STATE",
+                      help="State folder of the local deployment (keys, shares, ledgers, logs).")
+
+
+@click.command("keys")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path(".secdfd/keys"), show_default=True,
+              help="Folder for the keys; each party gets its own subfolder.")
+@click.option("--force", is_flag=True, help="Replace existing keys (every party then needs its new folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the folders and public keys as JSON.")
+def keys_cmd(out: Path, force: bool, as_json: bool) -> None:
+    """Make CURVE keypairs for the dealer, both servers and the client.
+
+    Each party's folder (OUT/<party>/) holds its secret key (mode 600), the public keys of the
+    servers it connects to, and the allow-lists of the sockets it listens on. Give each process
+    only its own folder.
+    """
+    try:
+        folders = make_keys(out, force=force)
+    except (SecDFDError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    publics = {p: (out / "public" / f"{p}.key") for p in PARTIES}
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "folders": {p: str(f) for p, f in folders.items()},
+                               "public": {p: str(f) for p, f in publics.items()}}))
+        return
+    for party in PARTIES:
+        click.echo(f"{party:9s} {folders[party]}")
+    click.echo(f"public keys: {out / 'public'}")
+
+
+@click.command("share")
+@click.argument("model", type=click.Path(path_type=Path), required=False, envvar="SECDFD_SHARE_MODEL")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=Path(".secdfd/shares"), show_default=True,
+              help="Folder for server_a.weights, server_b.weights and model.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the files written as JSON.")
+def share_cmd(model: Path | None, out: Path, as_json: bool) -> None:
+    """Split a deployable MODEL (from `secdfd export`; default: the embedded model) into weight shares.
+
+    Writes one share file per server (give server_a only server_a.weights, server_b only
+    server_b.weights; either alone is uniformly random) and model.json, the public model info
+    (architecture, input size, number format) for the dealer.
+    """
+    try:
+        paths = share_model(model, out)
+    except (SecDFDError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({k: str(v) for k, v in paths.items()}))
+        return
+    for name, path in paths.items():
+        click.echo(f"{name:9s} {path}")
+
+
+def share_model(model: Path | None, out: Path) -> dict[str, Path]:
+    """`deployment.share_model`, with a clear message when the embedded default is missing."""
+    from secdfd.common.errors import ModelError
+    from secdfd.common.ml.export import DEFAULT_MODEL
+    from secdfd.common.service import deployment
+
+    if model is None and not DEFAULT_MODEL.is_file():
+        raise ModelError(f"no embedded model in this installation ({DEFAULT_MODEL}); give a deployable "
+                         "model file from `secdfd export`")
+    return deployment.share_model(model, out)
+
+
+def _endpoint_options(f: Any) -> Any:
+    d = local.Endpoints()
+    for name, default, what in (("peer", d.peer, "server_a <-> server_b endpoint"),
+                                ("server-b", d.server_b, "server_b's client endpoint"),
+                                ("server-a", d.server_a, "server_a's client endpoint"),
+                                ("dealer", d.dealer, "dealer endpoint")):
+        f = click.option(f"--{name}", default=default, show_default=True, help=what)(f)
+    return f
+
+
+@click.command("up")
+@_STATE
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Deployable model to (re)share [default: the embedded model, on first use only].")
+@_endpoint_options
+@click.option("--threads", type=int, default=1, show_default=True, envvar="SECDFD_THREADS",
+              help="torch threads per process (the three share this machine).")
+@click.option("--depth", type=int, default=2, show_default=True, help="Bundles each server keeps ready.")
+@click.option("--device", default="cpu", show_default=True, help="Servers' device: cpu or cuda.")
+@click.option("--limbs", is_flag=True, help="Float64 limb ring products on CPU too.")
+@click.option("--wait", type=float, default=600.0, show_default=True, help="Seconds to wait for readiness.")
+def up_cmd(state: Path, model: Path | None, dealer: str, server_a: str, server_b: str, peer: str, threads: int,
+           depth: int, device: str, limbs: bool, wait: float) -> None:
+    """Start dealer, server_a and server_b in the background on this machine, ready for clients.
+
+    On first use, makes the keys and the weight shares of the embedded model in the state folder.
+    """
+    layout = local.Layout(state)
+    endpoints = local.Endpoints(dealer, server_a, server_b, peer)
+    try:
+        running = [s for s in local.read_processes(layout) if s.alive()]
+        if running:
+            names = ", ".join(s.launch.name for s in running)
+            if len(running) == len(local.PARTIES):
+                click.echo(f"already up ({names}); `secdfd status` shows them, `secdfd down` stops them")
+                return
+            raise click.ClickException(f"{names} of an earlier `secdfd up` still running; run `secdfd down` first")
+        if not (layout.keys / "client" / "client.key_secret").is_file():
+            make_keys(layout.keys)
+            click.echo(f"keys made in {layout.keys}")
+        if model is not None or not layout.model_info.is_file():
+            share_model(model, layout.shares)
+            click.echo(f"weight shares of {model or 'the embedded model'} made in {layout.shares}")
+        from secdfd.common.service.deployment import check_device, read_info
+
+        check_device(device)
+        info = read_info(layout.model_info)
+        plan = local.launches(layout, endpoints, local.Options(threads, depth, device, limbs))
+        started = local.start(layout, plan)
+        try:
+            local.wait_ready(started, layout.keys, wait)
+        except (SecDFDError, KeyboardInterrupt):
+            local.stop(started)
+            layout.processes.unlink(missing_ok=True)
+            raise
+    except (SecDFDError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"SecDFD is up: {info.describe()}, state in {state}")
+    for s in started:
+        click.echo(f"  {s.launch.name:9s} {s.launch.endpoint:24s} pid {s.pid:<7d} log {s.log}")
+    click.echo("Detect an image:  " + client_command(layout, endpoints) + " IMAGE... [--json]")
+    click.echo("Stop:             secdfd down" + ("" if state == Path(".secdfd") else f" --state {state}"))
+
+
+def client_command(layout: local.Layout, endpoints: local.Endpoints) -> str:
+    """The `secdfd-client detect` command line for this deployment (defaults left out)."""
+    d = local.Endpoints()
+    parts = ["secdfd-client detect"]
+    if layout.root != Path(".secdfd"):
+        parts.append(f"--keys {layout.keys}")
+    if endpoints.server_a != d.server_a:
+        parts.append(f"--server-a {endpoints.server_a}")
+    if endpoints.server_b != d.server_b:
+        parts.append(f"--server-b {endpoints.server_b}")
+    return " ".join(parts)
+
+
+@click.command("down")
+@_STATE
+def down_cmd(state: Path) -> None:
+    """Stop the processes started by `secdfd up`."""
+    layout = local.Layout(state)
+    try:
+        stopped = local.stop(local.read_processes(layout))
+    except SecDFDError as e:
+        raise click.ClickException(str(e)) from None
+    layout.processes.unlink(missing_ok=True)
+    click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@click.command("status")
+@_STATE
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status_cmd(state: Path, as_json: bool) -> None:
+    """Show the processes of `secdfd up` and what each server has ready; exit 1 unless all run."""
+    layout = local.Layout(state)
+    try:
+        procs = local.read_processes(layout)
+    except SecDFDError as e:
+        raise click.ClickException(str(e)) from None
+    rows = []
+    for s in procs:
+        row: dict[str, Any] = {"name": s.launch.name, "running": s.alive(), "pid": s.pid,
+                               "endpoint": s.launch.endpoint, "log": str(s.log)}
+        if not row["running"]:
+            row["last_log_line"] = local.last_line(s.log)
+        rows.append(row)
+    up = bool(rows) and all(r["running"] for r in rows)
+    if up:
+        try:
+            infos = local.wait_ready(procs, layout.keys, timeout=5.0)
+        except SecDFDError:
+            infos = {}
+        for r in rows:
+            if r["name"] in infos:
+                i = infos[r["name"]]
+                r["serving"] = f"{i['model']} at {i['input_size']}"
+                r["bundles_ready"] = i["bundles_ready"] + i["prepared"]
+    if as_json:
+        click.echo(json.dumps({"up": up, "processes": rows}))
+    elif not rows:
+        click.echo(f"nothing started from {state}; `secdfd up` starts dealer and servers")
+    else:
+        for r in rows:
+            extra = (f"serving {r['serving']}, {r['bundles_ready']} bundles ready" if "serving" in r
+                     else r.get("last_log_line", ""))
+            click.echo(f"{r['name']:9s} {'running' if r['running'] else 'stopped':8s} pid {r['pid']:<7d} "
+                       f"{r['endpoint']:24s} {extra}")
+    if not up:
+        raise SystemExit(1)
+
+
+COMMANDS = [keys_cmd, share_cmd, up_cmd, down_cmd, status_cmd]

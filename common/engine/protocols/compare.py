@@ -1,0 +1,321 @@
+"""Comparison, SecReLU and bit injection on masked values.
+
+Sign of x from its masked form x = P - s (+ Q*m), with |x| < 2^L (L = ctx.cmp_bits):
+y = x + 2^L lies in [0, 2^(L+1)), and y mod 2^(L+1) = (u - s) mod 2^(L+1) with u = P + 2^L public
+(the Q*m term is a multiple of 2^(64-k), which vanishes mod 2^(L+1) when L + 1 <= 64 - k). So
+    [x >= 0] = bit_L(y) = u_L XOR s_L XOR [u mod 2^L < s mod 2^L].
+The borrow [u_low < s_low] compares public bits with the dealer's secret bits of s. It is a tree
+over the bits, from low to high: a node's (g, e) = (s > u, s == u) on its range;
+    g = g_hi XOR e_hi g_(hi-1) XOR e_hi e_(hi-1) g_(hi-2) ...,   e = prod e_i.
+- Leaves: groups of 4 bits. g_i = s_i AND NOT u_i and e_i = s_i XOR NOT u_i are affine in the
+  dealer's bits with public coefficients, so with shares of every product of the group's bits (11
+  dealer bits per group) a group's (g, e) is local: no round.
+- Inner nodes: fan-in up to 4, one round each: open d = v XOR a for each child bit used in a product,
+  then every product of up to 4 bits is local given the dealer's shares of the mask products.
+For L = 40: 10 leaf groups -> 3 nodes -> 1 root: 2 rounds, 21 bits sent per comparison.
+
+Bit injection (ReLU and selection): b * x for a shared bit b and x = P - s + Q*m. Open d = b XOR beta
+for a dealer bit beta (one round, one bit per element); then b = d + (1 - 2d) beta and
+b*x = d*P + (1-2d)*P*[beta] - d*[s] - (1-2d)*[beta s] + Q*(d*[m] + (1-2d)*[beta m]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from secdfd.common.engine.bits import ONES, Form, Products, planes, unpack, words_for
+from secdfd.common.engine.protocols.arith import Masked, MaskRand, deal_mask, mask_open
+from secdfd.common.engine.protocols.base import Ctx, Proto
+from secdfd.common.engine.randomness import Source
+
+FANIN = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The tree's shape: which children each node combines, and the products each batch needs.
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Nodes of one level with the same arity, evaluated together."""
+
+    nodes: tuple[tuple[int, ...], ...]  # child indices of each node, low to high
+    arity: int
+    need_e: bool
+
+    @property
+    def spec(self) -> Products:
+        return _node_products(self.arity, self.need_e)
+
+
+@cache
+def _node_products(arity: int, need_e: bool) -> Products:
+    """Variables: e_k at index k, g_k at index arity + k (k = 0 is the lowest child)."""
+    hi = arity - 1
+    prods = []
+    for low in range(hi - 1, -1, -1):  # e_hi ... e_(low+1) g_low
+        prods.append(tuple(range(hi, low, -1)) + (arity + low,))
+    if need_e:
+        prods.append(tuple(range(hi, -1, -1)))
+    return Products(2 * arity, tuple(prods))
+
+
+@cache
+def tree_levels(nbits: int) -> tuple[tuple[int, ...], tuple[tuple[Batch, ...], ...]]:
+    """Leaf group sizes (low to high) and the inner levels of the comparison tree over nbits."""
+    groups = tuple(min(FANIN, nbits - i) for i in range(0, nbits, FANIN))
+    levels = []
+    width = len(groups)
+    while width > 1:
+        nodes = [tuple(range(i, min(i + FANIN, width))) for i in range(0, width, FANIN)]
+        root = len(nodes) == 1
+        by_arity: dict[int, list[tuple[int, ...]]] = {}
+        for nd in nodes:
+            by_arity.setdefault(len(nd), []).append(nd)
+        levels.append(tuple(Batch(tuple(v), k, not root) for k, v in sorted(by_arity.items())))
+        width = len(nodes)
+    return groups, tuple(levels)
+
+
+@cache
+def _leaf_products(size: int) -> Products:
+    """Variables are the group's bits k; product j (j < size-1) is e_hi .. e_(low+1) g_low with
+    low = size-2-j, the last is e_hi .. e_0. Forms (e or g) are chosen in `_leaf`."""
+    hi = size - 1
+    prods = [tuple(range(hi, low - 1, -1)) for low in range(hi - 1, -1, -1)]
+    prods.append(tuple(range(hi, -1, -1)))
+    return Products(size, tuple(prods))
+
+
+@cache
+def _used(spec: Products) -> list[int]:
+    """Variables that appear in a product: only these are opened (the top g is used linearly)."""
+    return sorted({v for p in spec.products for v in p})
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness.
+
+
+@dataclass
+class CmpRand:
+    leaf_mono: list[torch.Tensor]  # per leaf batch: shares of products of the group's s bits
+    levels: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per level, per batch: (a, monomials)
+
+
+def _leaf_layout(nbits: int) -> list[tuple[int, int, int]]:
+    """(first bit, group size, number of groups) runs of equal-size leaf groups."""
+    groups, _ = tree_levels(nbits)
+    runs: list[tuple[int, int, int]] = []
+    bit = 0
+    for size in groups:
+        if runs and runs[-1][1] == size:
+            runs[-1] = (runs[-1][0], size, runs[-1][2] + 1)
+        else:
+            runs.append((bit, size, 1))
+        bit += size
+    return runs
+
+
+def _group_bits(sbits: torch.Tensor, first: int, size: int, count: int) -> torch.Tensor:
+    """Planes (nbits, W) -> (size, count, W): bit k of group j at [k, j]."""
+    x = sbits[first : first + size * count]
+    return x.reshape(count, size, -1).transpose(0, 1)
+
+
+def deal_compare(src: Source, sbits: torch.Tensor, n: int, nbits: int) -> CmpRand:
+    """Randomness for comparing n public values with the dealer's s (its bit planes `sbits`)."""
+    W = words_for(n)
+    leaf_mono = []
+    for i, (first, size, count) in enumerate(_leaf_layout(nbits)):
+        spec = _leaf_products(size)
+        shape = (len(spec.monomials), count, W)
+
+        def leaf_value(first=first, size=size, count=count, spec=spec) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            return spec.deal(_group_bits(sbits, first, size, count))
+
+        leaf_mono.append(src.bits_from(f"leaf{i}", shape, leaf_value))
+    levels = []
+    for li, level in enumerate(tree_levels(nbits)[1]):
+        batches = []
+        for bi, batch in enumerate(level):
+            spec = batch.spec
+            a = src.bits(f"a{li}.{bi}", (spec.nvars, len(batch.nodes), W))
+            shape = (len(spec.monomials), len(batch.nodes), W)
+            mono = src.bits_from(f"m{li}.{bi}", shape, _dealer_monomials(spec, a))
+            batches.append((a, mono))
+        levels.append(batches)
+    return CmpRand(leaf_mono, levels)
+
+
+def _dealer_monomials(spec: Products, a: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: spec.deal(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online.
+
+
+def _not(x: torch.Tensor) -> torch.Tensor:
+    return x ^ ONES
+
+
+def _leaf(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local (g, e) shares of every leaf group: (ngroups, W) each."""
+    gs, es = [], []
+    for i, (first, size, count) in enumerate(_leaf_layout(nbits)):
+        nu = _not(_group_bits(u, first, size, count))  # public NOT u_k, (size, count, W)
+        sb = _group_bits(sbits, first, size, count)
+        spec = _leaf_products(size)
+        e_forms = [Form(nu[k], None) for k in range(size)]  # e_k = NOT u_k XOR s_k
+        g_forms = [Form(None, nu[k]) for k in range(size)]  # g_k = NOT u_k AND s_k
+        forms = [[e_forms[v] for v in p[:-1]] + [g_forms[p[-1]]] for p in spec.products[:-1]]
+        forms.append([e_forms[v] for v in spec.products[-1]])
+        prods = spec.evaluate(forms, sb, R.leaf_mono[i], ctx.party)
+        g = sb[size - 1] & nu[size - 1]
+        for p in prods[: size - 1]:
+            g = g ^ p
+        gs.append(g)
+        es.append(prods[size - 1])
+    return torch.cat(gs, 0), torch.cat(es, 0)
+
+
+def borrow(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int) -> Proto[torch.Tensor]:
+    """XOR shares (W,) of [u mod 2^nbits < s mod 2^nbits] from public planes u and shared planes of s."""
+    g, e = _leaf(ctx, u, sbits, R, nbits)
+    for level, rands in zip(tree_levels(nbits)[1], R.levels, strict=True):
+        opened = []
+        for batch, (a, _) in zip(level, rands, strict=True):
+            idx = torch.tensor(batch.nodes)  # (nodes, arity)
+            v = torch.cat([e[idx].transpose(0, 1), g[idx].transpose(0, 1)], 0)  # (2*arity, nodes, W)
+            used = _used(batch.spec)
+            opened.append((v[used] ^ a[used]).contiguous())
+        peer = yield opened  # one round: every batch of this level in one message
+        gs, es = [], []
+        for batch, (a, mono), mine, theirs in zip(level, rands, opened, peer, strict=True):
+            spec = batch.spec
+            d = dict(zip(_used(spec), mine ^ theirs, strict=True))
+            k = batch.arity
+            fv = {v: Form(dv, None) for v, dv in d.items()}
+            forms = [[fv[v] for v in p] for p in spec.products]
+            prods = spec.evaluate(forms, a, mono, ctx.party)
+            idx = torch.tensor(batch.nodes)
+            gh = g[idx[:, k - 1]]
+            for p in prods[: k - 1]:
+                gh = gh ^ p
+            gs.append((batch.nodes[0][0], gh))
+            if batch.need_e:
+                es.append((batch.nodes[0][0], prods[k - 1]))
+        gs.sort(key=lambda t: t[0])
+        es.sort(key=lambda t: t[0])
+        g = torch.cat([t[1] for t in gs], 0)
+        e = torch.cat([t[1] for t in es], 0) if es else e
+    return g[0]
+
+
+@dataclass
+class SignRand:
+    mask: MaskRand
+    cmp: CmpRand
+
+
+def deal_sign_of_masked(src: Source, mask: MaskRand, n: int, L: int) -> CmpRand:
+    assert mask.sbits is not None
+    return deal_compare(src, mask.sbits, n, L)
+
+
+def sign(ctx: Ctx, m: Masked, R: CmpRand) -> Proto[torch.Tensor]:
+    """XOR shares (words) of [x >= 0] for x = m's value, |x| < 2^L. Tree rounds only."""
+    L = ctx.cmp_bits
+    assert m.sbits is not None
+    u = planes(m.P + (1 << L), 0, L + 1)
+    b = yield from borrow(ctx, u[:L], m.sbits[:L], R, L)
+    b = b ^ m.sbits[L]
+    return b ^ u[L] if ctx.party == 0 else b
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit injection.
+
+
+@dataclass
+class InjectRand:
+    beta: torch.Tensor  # XOR share words
+    beta_a: torch.Tensor  # arithmetic shares of beta
+    beta_s: torch.Tensor | None  # arithmetic shares of beta*s
+    beta_m: torch.Tensor | None  # arithmetic shares of beta*m
+
+
+def deal_inject(src: Source, n: int, mask: MaskRand | None, with_m: bool) -> InjectRand:
+    beta = src.bits("beta", (words_for(n),))
+    beta_a = src.ring_from("beta_a", (n,), lambda: unpack(beta, n))
+    beta_s = beta_m = None
+    if mask is not None:
+        s = mask.s
+        beta_s = src.ring_from("beta_s", (n,), lambda: unpack(beta, n) * s)
+        if with_m and mask.m is not None:
+            m = mask.m
+            beta_m = src.ring_from("beta_m", (n,), lambda: unpack(beta, n) * m, bits=mask.shift)
+    return InjectRand(beta, beta_a, beta_s, beta_m)
+
+
+def open_bits(ctx: Ctx, b: torch.Tensor, R: InjectRand, n: int) -> Proto[torch.Tensor]:
+    """Open d = b XOR beta (one round, one bit per element); returns d as 0/1 int64 (n,)."""
+    (peer,) = yield [b ^ R.beta]
+    return unpack(b ^ R.beta ^ peer, n)
+
+
+def inject(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[torch.Tensor]:
+    """Arithmetic shares of b * x for shared bit words b and masked x (one round, 1 bit/element)."""
+    n = m.s.numel()
+    d = yield from open_bits(ctx, b, R, n)
+    k = 1 - 2 * d
+    assert R.beta_s is not None
+    out = k * (m.P * R.beta_a - R.beta_s) - d * m.s
+    if ctx.party == 0:
+        out = out + d * m.P
+    if m.Q is not None:
+        assert R.beta_m is not None and m.m is not None
+        out = out + m.Q * (d * m.m + k * R.beta_m)
+    return out
+
+
+def bit_to_arith(ctx: Ctx, b: torch.Tensor, R: InjectRand, n: int) -> Proto[torch.Tensor]:
+    """Arithmetic shares (n,) of the XOR-shared bit words b (one round, 1 bit/element)."""
+    d = yield from open_bits(ctx, b, R, n)
+    out = (1 - 2 * d) * R.beta_a
+    return out + d if ctx.party == 0 else out
+
+
+# ---------------------------------------------------------------------------------------------
+# SecReLU.
+
+
+@dataclass
+class ReluRand:
+    mask: MaskRand
+    cmp: CmpRand
+    inj: InjectRand
+
+
+def deal_relu(src: Source, n: int, shift: int, L: int) -> ReluRand:
+    mask = deal_mask(src, n, shift, L + 1)
+    return ReluRand(mask, deal_sign_of_masked(src, mask, n, L), deal_inject(src, n, mask, shift > 0))
+
+
+def relu(ctx: Ctx, x: torch.Tensor, R: ReluRand, shift: int = 0) -> Proto[torch.Tensor]:
+    """SecReLU(x) = [x >= 0] * x, optionally fused with truncation by `shift`.
+
+    1. open c = x + r (or the truncation opening)       1 round, 8 bytes
+    2. sign bit by the comparison tree                    2 rounds for L = 40, 21 bits
+    3. inject the bit into x, reusing c as x's mask       1 round, 1 bit
+    """
+    shape = x.shape
+    m = yield from mask_open(ctx, x.reshape(-1), R.mask, shift)
+    b = yield from sign(ctx, m, R.cmp)
+    y = yield from inject(ctx, b, m, R.inj)
+    return y.reshape(shape)

@@ -1,0 +1,188 @@
+"""SecMaxPool and maximum reductions (no argmax: inference needs only the maximum).
+
+Max of n <= 4 values in one comparison layer: all pairwise differences x_i - x_j (i < j) are masked
+and opened together (one round), their signs c_ij = [x_i >= x_j] come from the comparison tree (2
+rounds), the one-hot selectors
+    sel_i = prod_{j > i} c_ij * prod_{j < i} NOT c_ji        (the first maximal index wins ties)
+are one fan-in-(n-1) AND round (none for n = 2), and
+    max = x_(n-1) + sum_{i < n-1} sel_i * (x_i - x_(n-1))
+is one bit-injection round that reuses each difference's opening as its mask. So max of 2 takes 4
+rounds, max of 3 or 4 takes 5.
+
+Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
+repeats an edge element, which never changes a maximum. Global maxima reduce by 4 per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from itertools import combinations
+
+import torch
+
+from secdfd.common.engine.bits import ONES, Form, Products, words_for
+from secdfd.common.engine.protocols.arith import Masked, MaskRand, deal_mask, mask_open
+from secdfd.common.engine.protocols.base import Ctx, Proto
+from secdfd.common.engine.protocols.compare import CmpRand, InjectRand, deal_compare, deal_inject, inject, sign
+from secdfd.common.engine.randomness import Source
+
+MAX_ARITY = 4
+
+
+@cache
+def _pairs(n: int) -> tuple[tuple[int, int], ...]:
+    return tuple(combinations(range(n), 2))
+
+
+@cache
+def _selector_products(n: int) -> Products:
+    """Variables: the pairs (i, j), in `_pairs` order; product i is sel_i's factors."""
+    idx = {p: k for k, p in enumerate(_pairs(n))}
+    prods = []
+    for i in range(n - 1):
+        prods.append(tuple(idx[(min(i, j), max(i, j))] for j in range(n) if j != i))
+    return Products(len(idx), tuple(prods))
+
+
+@dataclass
+class MaxRand:
+    mask: MaskRand
+    cmp: CmpRand
+    sel_a: torch.Tensor | None
+    sel_mono: torch.Tensor | None
+    inj: InjectRand
+
+
+def deal_max(src: Source, rows: int, n: int, L: int) -> MaxRand:
+    """Randomness for the max over the last axis (size n <= 4) of `rows` rows."""
+    rows_p = words_for(rows) * 64
+    npairs = len(_pairs(n))
+    mask = deal_mask(src, npairs * rows_p, 0, L + 1)
+    cmp = deal_compare(src, mask.sbits, npairs * rows_p, L)  # type: ignore[arg-type]
+    sel_a = sel_mono = None
+    if n > 2:
+        spec = _selector_products(n)
+        sel_a = src.bits("sel_a", (spec.nvars, rows_p // 64))
+        sel_mono = src.bits_from("sel_m", (len(spec.monomials), rows_p // 64), lambda: spec.deal(sel_a))
+    # Injection into the differences (i, n-1): their masks are slices of the pair mask.
+    last = [k for k, (i, j) in enumerate(_pairs(n)) if j == n - 1]
+    sub = _slice_mask(mask, last, rows_p)
+    inj = deal_inject(src, (n - 1) * rows_p, sub, False)
+    return MaxRand(mask, cmp, sel_a, sel_mono, inj)
+
+
+def _slice_mask(mask: MaskRand, pairs: list[int], rows_p: int) -> MaskRand:
+    s = mask.s.view(-1, rows_p)[pairs].reshape(-1)
+    return MaskRand(mask.r, s, None, None)
+
+
+def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand) -> Proto[torch.Tensor]:
+    """Shares of x.max(-1) for x (..., n), n <= 4."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    rows = x[..., 0].numel()
+    if n == 1:
+        return x[..., 0]
+    rows_p = words_for(rows) * 64
+    xs = x.reshape(rows, n).t()
+    if rows_p != rows:
+        xs = torch.cat([xs, xs.new_zeros(n, rows_p - rows)], 1)
+    pairs = _pairs(n)
+    diffs = torch.stack([xs[i] - xs[j] for i, j in pairs]).reshape(-1)
+    m = yield from mask_open(ctx, diffs, R.mask, 0)  # one round for every pair
+    c = (yield from sign(ctx, m, R.cmp)).view(len(pairs), -1)  # (npairs, rows_p/64)
+    if n == 2:
+        sel = c
+    else:
+        sel = yield from _selectors(ctx, c, n, R)
+    last = [k for k, (i, j) in enumerate(pairs) if j == n - 1]
+    P = m.P.view(len(pairs), -1)[last].reshape(-1)
+    s = m.s.view(len(pairs), -1)[last].reshape(-1)
+    picked = yield from inject(ctx, sel.reshape(-1), Masked(P, s, None), R.inj)
+    out = xs[n - 1] + picked.view(n - 1, rows_p).sum(0)
+    return out[:rows].reshape(lead)
+
+
+def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Tensor]:
+    """One-hot selectors sel_0 .. sel_(n-2) as XOR-shared words (n-1, W): one fan-in AND round."""
+    assert R.sel_a is not None and R.sel_mono is not None
+    spec = _selector_products(n)
+    mine = c ^ R.sel_a
+    (peer,) = yield [mine]
+    d = mine ^ peer
+    pairs = _pairs(n)
+    forms = []
+    for i, prod in zip(range(n - 1), spec.products, strict=True):
+        f = []
+        for v in prod:
+            a, b = pairs[v]
+            # c_ab = [x_a >= x_b]; sel_i wants c_ij for j > i and NOT c_ji for j < i.
+            f.append(Form(d[v] if a == i else d[v] ^ ONES, None))
+        forms.append(f)
+    return torch.stack(spec.evaluate(forms, R.sel_a, R.sel_mono, ctx.party))
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and reductions.
+
+
+def reduce_plan(n: int) -> list[int]:
+    """Arity of each layer that reduces n values to one, MAX_ARITY at a time."""
+    out = []
+    while n > 1:
+        k = MAX_ARITY if n > MAX_ARITY else n
+        out.append(k)
+        n = (n + k - 1) // k
+    return out
+
+
+def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Pad the last axis to a multiple of k by repeating its last element, then split it."""
+    n = x.shape[-1]
+    pad = (-n) % k
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], -1)
+    return x.reshape(*x.shape[:-1], -1, k)
+
+
+def deal_reduce_max(src: Source, rows: int, n: int, L: int) -> list[MaxRand]:
+    out = []
+    for i, k in enumerate(reduce_plan(n)):
+        n = (n + k - 1) // k
+        out.append(deal_max(src.child(f"r{i}"), rows * n, k, L))
+    return out
+
+
+def reduce_max(ctx: Ctx, x: torch.Tensor, R: list[MaxRand]) -> Proto[torch.Tensor]:
+    """Max over the last axis of any size, by layers of max-of-4."""
+    for k, r in zip(reduce_plan(x.shape[-1]), R, strict=True):
+        x = yield from max_lastaxis(ctx, _pad_last(x, k), r)
+    return x[..., 0] if x.dim() and x.shape[-1] == 1 else x
+
+
+def windows(x: torch.Tensor, k: int, s: int, p: int, dim: int) -> torch.Tensor:
+    """Sliding windows of size k, stride s, padding p (edge repeated) along dim, as a new last axis."""
+    x = x.movedim(dim, -1)
+    if p:
+        x = torch.cat([x[..., :1].expand(*x.shape[:-1], p), x, x[..., -1:].expand(*x.shape[:-1], p)], -1)
+    w = x.unfold(-1, k, s)  # (..., out, k)
+    return w.movedim(-2, dim if dim >= 0 else dim - 1)
+
+
+def pool_plan(shape: tuple[int, ...], k: int, s: int, p: int) -> list[tuple[int, int]]:
+    """(rows, window) of the row pass and the column pass of a max-pool over NCHW `shape`."""
+    N, C, H, W = shape
+    Wo = (W + 2 * p - k) // s + 1
+    Ho = (H + 2 * p - k) // s + 1
+    return [(N * C * H * Wo, k), (N * C * Ho * Wo, k)]
+
+
+def deal_maxpool(src: Source, shape: tuple[int, ...], k: int, s: int, p: int, L: int) -> list[list[MaxRand]]:
+    return [deal_reduce_max(src.child(f"pass{i}"), rows, n, L) for i, (rows, n) in enumerate(pool_plan(shape, k, s, p))]
+
+
+def maxpool2d(ctx: Ctx, x: torch.Tensor, R: list[list[MaxRand]], k: int, s: int, p: int) -> Proto[torch.Tensor]:
+    """SecMaxPool: rows, then columns. For 3x3/2 that is 10 rounds."""
+    y = yield from reduce_max(ctx, windows(x, k, s, p, -1), R[0])
+    y = yield from reduce_max(ctx, windows(y, k, s, p, -2), R[1])
+    return y

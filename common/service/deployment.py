@@ -1,0 +1,230 @@
+"""The deployed model as the service sees it: the one place where processes call the secure engine.
+
+- Architecture and plan: dealer and servers build the same plan from (arch, input size, frac,
+  cmp_bits) alone; the module they trace has the architecture only (its weights are never used).
+- Weight shares (`secdfd share`): the model owner encodes the exported model's weights in fixed
+  point and splits them with the CSPRNG; one file per server, holding only that server's share and
+  the architecture, plus `model.json`, the public model info (what the dealer is given). Files are
+  read with `torch.load(weights_only=True)`, never unpickled freely.
+- Dealer: the provisioning seeds (which fix the weight masks B) are kept in the dealer's state folder
+  (mode 0600), so a restarted dealer deals bundles that still match the servers' opened F = W - B.
+- Client: fixed-point encoding and sharing of the image, reconstruction of the fused probability.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from secdfd.common.engine.channel import Channel
+from secdfd.common.engine.evaluator import Dealer, Party, Report
+from secdfd.common.engine.plan import Plan, build_plan
+from secdfd.common.engine.randomness import Bundle, Provision
+from secdfd.common.engine.ring import FixedPoint
+from secdfd.common.engine.sharing import reconstruct, share
+from secdfd.common.errors import ModelError, RandomnessError
+
+SHARE_FORMAT = "secdfd-weight-share"
+SHARE_VERSION = 1
+SERVERS = ("server_a", "server_b")  # party 0, party 1
+INFO_FILE = "model.json"  # public model info, written next to the weight shares
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What every party may know about the model: architecture, input size, number format.
+
+    cmp_bits: comparisons are exact for |x| < 2^cmp_bits ring units, 2^(cmp_bits - frac) = 65,536 in
+    real terms at 32 and 16. The values DFDNet compares (ReLU and sigmoid inputs, max-pool and max
+    differences) stay below 120 on the proxy set, a margin of more than 500x; 32 bits instead of the
+    engine's generic 40 make every comparison tree a quarter smaller (8 leaf groups instead of 10).
+    """
+
+    arch: str
+    size: int
+    frac: int = 16
+    cmp_bits: int = 32
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (1, 3, self.size, self.size)
+
+    def describe(self) -> str:
+        return f"{self.arch} at {self.size}x{self.size} ({self.frac} fractional bits)"
+
+
+def write_info(info: ModelInfo, path: Path) -> None:
+    """Write the public model info (architecture, input size, number format) as JSON."""
+    Path(path).write_text(json.dumps(asdict(info), indent=2) + "\n")
+
+
+def read_info(path: Path) -> ModelInfo:
+    """The model info written by `secdfd share` (OUT/model.json)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return ModelInfo(str(data["arch"]), int(data["size"]), int(data["frac"]), int(data["cmp_bits"]))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no model info; `secdfd share MODEL --out DIR` writes DIR/{INFO_FILE}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: not a model info file from `secdfd share` ({type(e).__name__})") from None
+
+
+def architecture(info: ModelInfo) -> nn.Module:
+    """The fused two-stream detector with the right shapes and no meaningful weights."""
+    from secdfd.common.ml.dfdnet import FusedDFDNet, build_model
+
+    return FusedDFDNet(build_model(info.arch, info.size, folded=True),
+                       build_model(info.arch, info.size, folded=True)).eval()
+
+
+def plan_for(info: ModelInfo, module: nn.Module | None = None) -> Plan:
+    """The plan of the fused detector; identical for every party given the same `info`."""
+    with torch.no_grad():
+        return build_plan(module if module is not None else architecture(info), info.input_shape,
+                          info.frac, info.cmp_bits)
+
+
+# --- the model owner's split ----------------------------------------------------------------
+
+
+def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: int = 32) -> dict[str, Path]:
+    """Split an exported model (None: the embedded default) into one weight-share file per server.
+
+    Returns the paths by name: server_a, server_b (the share files) and info (OUT/model.json).
+    """
+    from secdfd.common.engine.twoparty import share_weights
+    from secdfd.common.ml.export import load_deployable, read_deployable_meta
+
+    meta = read_deployable_meta(model_path)
+    info = ModelInfo(meta.arch, meta.size, frac, cmp_bits)
+    module = load_deployable(model_path)
+    shares = share_weights(module, plan_for(info, module))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for role, server in enumerate(SERVERS):
+        path = out / f"{server}.weights"
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": SHARE_FORMAT, "version": SHARE_VERSION, "party": server,
+                        "info": asdict(info), "weights": shares[role]}, f)
+        os.replace(tmp, path)
+        paths[server] = path
+    paths["info"] = out / INFO_FILE
+    write_info(info, paths["info"])
+    return paths
+
+
+def load_weight_share(path: Path, server: str) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    """A server's weight share and the model info it was made for."""
+    try:
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+        if payload.get("format") != SHARE_FORMAT or payload.get("version") != SHARE_VERSION:
+            raise ValueError("format")
+        info = ModelInfo(**payload["info"])
+        weights = payload["weights"]
+        party = payload["party"]
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no weight share file; make them with `secdfd share MODEL --out DIR`") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ModelError(f"{path}: not a weight share from `secdfd share` ({type(e).__name__})") from None
+    if party != server:
+        raise ModelError(f"{path} is {party}'s weight share, not {server}'s; give each server its own file")
+    return info, weights
+
+
+# --- dealer -----------------------------------------------------------------------------------
+
+
+def make_dealer(info: ModelInfo, state: Path) -> Dealer:
+    """The dealer for `info`, with provisioning seeds kept in `state` across restarts."""
+    seeds_file = Path(state) / "provision.seeds"
+    if seeds_file.exists():
+        data = seeds_file.read_bytes()
+        if len(data) != 64:
+            raise RandomnessError(f"{seeds_file} is corrupt; delete it and restart dealer and both servers")
+        seeds = (data[:32], data[32:])
+        dealer = Dealer(plan_for(info), seeds, info.cmp_bits)
+    else:
+        dealer = Dealer(plan_for(info), cmp_bits=info.cmp_bits)
+        Path(state).mkdir(parents=True, exist_ok=True)
+        tmp = seeds_file.with_name(seeds_file.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(dealer.provision_seeds[0] + dealer.provision_seeds[1])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, seeds_file)
+    return dealer
+
+
+def provision_bytes(dealer: Dealer) -> tuple[bytes, bytes]:
+    p0, p1 = dealer.provision()
+    return p0.to_bytes(), p1.to_bytes()
+
+
+def bundle_bytes(dealer: Dealer, bundle_id: int) -> tuple[bytes, bytes]:
+    b0, b1 = dealer.bundle(str(bundle_id))
+    return b0.to_bytes(), b1.to_bytes()
+
+
+# --- server -----------------------------------------------------------------------------------
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, with a sentence that says what to do."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but CUDA is not available here (torch "
+                         f"{torch.__version__}); run on a machine with a GPU and a CUDA build of torch, "
+                         "or use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ModelError(f"device {device!r} is not supported; use cpu or cuda")
+
+
+def make_party(role: int, info: ModelInfo, weights: dict[str, torch.Tensor], provision: bytes,
+               channel: Channel, device: str = "cpu", limbs: bool | None = None, plan: Plan | None = None) -> Party:
+    """A server's engine party; `limbs` forces (or forbids) the float64 limb path, None: on CUDA only."""
+    return Party(role, plan if plan is not None else plan_for(info), weights, Provision.from_bytes(provision),
+                 channel, info.cmp_bits, device, limbs)
+
+
+def load_bundle(data: bytes, role: int, bundle_id: int) -> Bundle:
+    """Decode a bundle and check it is the one announced, for this party."""
+    bundle = Bundle.from_bytes(data)
+    if bundle.role != role or bundle.bundle_id != str(bundle_id):
+        raise RandomnessError(f"the dealer sent bundle {bundle.bundle_id} for party {bundle.role}, "
+                              f"expected {bundle_id} for party {role}")
+    return bundle
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    """A server's report as plain msgpack-able values (`seconds`: the online phase only)."""
+    return {
+        "seconds": report.seconds,
+        "prepare_seconds": report.prepare_seconds,
+        "bytes": report.bytes,
+        "rounds": report.rounds,
+        # [plan index, name, op, bytes, rounds, seconds] of each step that communicated
+        "steps": [[i, s.name, s.op, s.bytes, s.rounds, s.seconds] for i, s in enumerate(report.steps)
+                  if s.bytes or s.rounds],
+    }
+
+
+# --- client -----------------------------------------------------------------------------------
+
+
+def share_image(x: torch.Tensor, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, size, size) floats in [0, 1] -> two ring shares of its fixed-point encoding."""
+    return share(FixedPoint(info.frac).encode(x))
+
+
+def fake_probability(y0: torch.Tensor, y1: torch.Tensor, info: ModelInfo) -> float:
+    return float(FixedPoint(info.frac).decode(reconstruct(y0, y1)).reshape(-1)[0])
