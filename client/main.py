@@ -1,168 +1,19 @@
-"""The client (`secdfd-client detect IMAGE...`): share the image, ask both servers, print the verdict.
+"""The client (`secdfd-client detect IMAGE...`): share each image, ask both servers, print the verdict.
 
-Per image: load with Pillow (any common format, converted to RGB, bombs refused), resize to the
-servers' input size, encode in fixed point, split into two shares with the CSPRNG, send share i to
-server i under one fresh session id (both requests in flight at once), add the two output shares
-and decode the fused fake probability. Only this process ever sees the image or the verdict.
+The client session itself is `secdfd.common.service.client.Client`; this is its command line.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
-import torch
-import zmq
 
-from secdfd.common.errors import PeerTimeout, ProtocolError, SecDFDError
-from secdfd.common.net.keys import load_party
-from secdfd.common.net.transport import Node, Pending, Requester
-from secdfd.common.net.wire import Message
-from secdfd.common.service import deployment
-
-THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    keys: Path
-    server_a: str
-    server_b: str
-    timeout: float = 120.0
-
-
-class Client:
-    """A connection to both servers; `detect` one image at a time."""
-
-    def __init__(self, config: ClientConfig) -> None:
-        self.config = config
-        self.node = Node(load_party(config.keys, "client"))
-        try:
-            self.servers = (Requester(self.node, config.server_a, "server_a", config.timeout),
-                            Requester(self.node, config.server_b, "server_b", config.timeout))
-            infos = [r.request("info", timeout=min(config.timeout, 10.0)).meta for r in self.servers]
-        except BaseException:
-            self.node.close()  # an open ZeroMQ context would block garbage collection
-            raise
-        a, b = ((i["model"], i["input_size"], i["frac_bits"]) for i in infos)
-        if a != b:
-            self.node.close()
-            raise ProtocolError(f"server_a serves {a[0]} at {a[1]}, server_b {b[0]} at {b[1]}; "
-                                "both must be provisioned from the same model")
-        self.info = deployment.ModelInfo(a[0], a[1], a[2])
-
-    def close(self) -> None:
-        self.node.close()
-
-    def detect(self, path: Path, breakdown: bool = False) -> dict[str, Any]:
-        """Load, share and detect one image file (see `detect_tensor`)."""
-        from secdfd.common.ml.data import load_image
-
-        return self.detect_tensor(load_image(path, self.info.size), str(path), breakdown)
-
-    def detect_tensor(self, x: torch.Tensor, name: str = "", breakdown: bool = False) -> dict[str, Any]:
-        """The verdict for x, (1, 3, size, size) in [0, 1], with the figures of this inference.
-
-        `seconds` is what this client waited (sharing excluded); `online_seconds` the servers'
-        online phase; `offline_seconds` the dealer's generation plus the servers' preparation of
-        the bundle, done before the request. With `breakdown`, `steps` lists each plan step's
-        bytes per server, rounds and seconds.
-        """
-        x0, x1 = deployment.share_image(x, self.info)
-        sid = secrets.token_hex(16)
-        t0 = time.perf_counter()
-        replies = self._request((x0, x1), sid)
-        seconds = time.perf_counter() - t0
-        p_fake = deployment.fake_probability(replies[0].tensors[0], replies[1].tensors[0], self.info)
-        reports = [dict(r.meta["report"]) for r in replies]
-        dealer_s = max(float(r["dealer_seconds"]) for r in reports)  # the first to ask waited for both halves
-        prepare_s = [float(r["prepare_seconds"]) for r in reports]
-        out: dict[str, Any] = {
-            "file": name,
-            "verdict": "fake" if p_fake >= THRESHOLD else "real",
-            "p_fake": p_fake,
-            "seconds": seconds,
-            "online_seconds": max(float(r["seconds"]) for r in reports),
-            "bytes_per_server": [int(r["bytes"]) for r in reports],
-            "rounds": int(reports[0]["rounds"]),
-            "offline_seconds": dealer_s + max(prepare_s),
-            "dealer_seconds": dealer_s,
-            "prepare_seconds": prepare_s,
-            "dealer_bytes": sum(int(r["dealer_bytes"]) for r in reports),
-            "bundle": int(reports[0]["bundle"]),
-        }
-        if breakdown:
-            out["steps"] = merge_steps([list(r["steps"]) for r in reports])
-        return out
-
-
-    def _request(self, shares: tuple[torch.Tensor, torch.Tensor], sid: str) -> list[Message]:
-        """Send share i to server i and return both replies, watching both servers at once.
-
-        Each share goes as soon as its server's connection is up; the first failure (an error
-        reply, a dropped connection, a refused key) ends the request, so a server that reports
-        that its peer is down is heard even while the other server cannot be reached. At the
-        deadline the error names the server(s) not reached or not answering.
-        """
-        timeout = self.config.timeout
-        deadline = time.monotonic() + timeout
-        pending: list[Pending | None] = [None, None]
-        replies: list[Message | None] = [None, None]
-        while True:
-            for i, r in enumerate(self.servers):
-                if pending[i] is None and r.link_up():
-                    pending[i] = r.start("detect", tensors=[shares[i]], sid=sid,
-                                         timeout=max(0.001, deadline - time.monotonic()))
-                p = pending[i]
-                if p is not None and replies[i] is None:
-                    try:
-                        replies[i] = r.poll(p, time.monotonic())  # what has arrived, without waiting
-                    except PeerTimeout:
-                        pass  # the deadline, reported below for both servers
-            if all(m is not None for m in replies):
-                return [m for m in replies if m is not None]
-            if time.monotonic() >= deadline:
-                raise self._deadline_error(pending, replies, timeout)
-            poller = zmq.Poller()
-            for i, r in enumerate(self.servers):
-                if replies[i] is None:  # a server that has answered is not watched any more
-                    sock, monitor = r.sockets
-                    poller.register(monitor, zmq.POLLIN)
-                    poller.register(sock, zmq.POLLIN if pending[i] is not None else zmq.POLLOUT)
-            poller.poll(max(1, int((deadline - time.monotonic()) * 1000)))
-
-    def _deadline_error(self, pending: list[Pending | None], replies: list[Message | None],
-                        timeout: float) -> PeerTimeout:
-        late = [(r, p) for r, p, m in zip(self.servers, pending, replies, strict=True) if m is None]
-        if len(late) == 2:
-            verb = "reach" if all(p is None for _, p in late) else "get an answer from"
-            return PeerTimeout(f"could not {verb} either server_a or server_b within {timeout:g} s at step detect; "
-                               "check that both are running and reach each other")
-        r, p = late[0]
-        if p is None:
-            return PeerTimeout(f"could not reach {r.server} at {r.endpoint} within {timeout:g} s at step detect; "
-                               f"check that {r.server} is running and that it has this party's public key")
-        return PeerTimeout(f"no answer from {r.server} at {r.endpoint} within {timeout:g} s at step detect; "
-                           f"check that {r.server} is running")
-
-
-def merge_steps(per_server: list[list[Any]]) -> list[dict[str, Any]]:
-    """Both servers' step lists ([index, name, op, bytes, rounds, seconds] each) as one breakdown."""
-    merged: dict[int, dict[str, Any]] = {}
-    for role, steps in enumerate(per_server):
-        for index, name, op, nbytes, rounds, secs in steps:
-            row = merged.setdefault(int(index), {"name": name, "op": op, "bytes_per_server": [0, 0], "rounds": 0,
-                                                 "seconds": 0.0})
-            row["bytes_per_server"][role] = int(nbytes)
-            row["rounds"] = max(row["rounds"], int(rounds))
-            row["seconds"] = max(row["seconds"], float(secs))
-    return [merged[i] for i in sorted(merged)]
+from secdfd.common import roster
+from secdfd.common.errors import SecDFDError
+from secdfd.common.service.client import Client, ClientConfig
 
 
 @click.group("secdfd-client", context_settings={"auto_envvar_prefix": "SECDFD_CLIENT",
@@ -175,10 +26,10 @@ def main() -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--keys", type=click.Path(path_type=Path), default=Path(".secdfd/keys"), show_default=True,
               envvar="SECDFD_CLIENT_KEYS", help="Keys folder from `secdfd keys` (or the client's own subfolder).")
-@click.option("--server-a", default="tcp://127.0.0.1:7301", show_default=True, envvar="SECDFD_CLIENT_SERVER_A",
-              help="server_a endpoint.")
-@click.option("--server-b", default="tcp://127.0.0.1:7302", show_default=True, envvar="SECDFD_CLIENT_SERVER_B",
-              help="server_b endpoint.")
+@click.option("--server-a", default=roster.endpoint(roster.SERVER_A), show_default=True,
+              envvar="SECDFD_CLIENT_SERVER_A", help="server_a endpoint.")
+@click.option("--server-b", default=roster.endpoint(roster.SERVER_B), show_default=True,
+              envvar="SECDFD_CLIENT_SERVER_B", help="server_b endpoint.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, envvar="SECDFD_CLIENT_TIMEOUT",
               help="Deadline per request (s).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")

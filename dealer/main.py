@@ -4,14 +4,14 @@ It learns the architecture and input size only (from the public model info `mode
 `secdfd share`, or from its options), never an image, a weight or an output. It listens in the
 "servers" ZAP domain; which server asks is taken from the authenticated public key, never from the
 request. Bundle ids come from a persisted ledger, and each id's two halves are handed out once
-each, in id order (see secdfd.common.bundles).
+each, in id order (see secdfd.common.service.supply).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,11 +20,12 @@ from pathlib import Path
 import click
 import torch
 
+from secdfd.common import roster
 from secdfd.common.errors import ProtocolError, SecDFDError
 from secdfd.common.net.keys import load_party, read_public
 from secdfd.common.net.transport import Node, Request, Responder
 from secdfd.common.service import deployment
-from secdfd.common.service.server import set_threads
+from secdfd.common.service.startup import run_process
 from secdfd.common.service.supply import BundleBook, IdLedger
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class DealerService:
         ledger = IdLedger(Path(cfg.state) / "dealer.ids")
         book = BundleBook(lambda i: deployment.bundle_bytes(dealer, i), ledger, cfg.cap)
         allow = keys.allow_dir("servers")
-        names = {read_public(allow / f"{s}.key"): s for s in deployment.SERVERS if (allow / f"{s}.key").is_file()}
+        names = {read_public(allow / f"{s}.key"): s for s in roster.SERVERS if (allow / f"{s}.key").is_file()}
         with Node(keys) as node:
             front = Responder(node, cfg.listen, "servers", names)
             self.endpoint = front.endpoint
@@ -70,10 +71,10 @@ class DealerService:
 
     def _handle(self, front: Responder, req: Request, provisions: tuple[bytes, bytes], book: BundleBook,
                 epoch: str) -> None:
-        if req.sender not in deployment.SERVERS:
+        if req.sender not in roster.SERVERS:
             front.reply_error(req, ProtocolError("the dealer serves server_a and server_b only"))
             return
-        role = deployment.SERVERS.index(req.sender)
+        role = roster.SERVERS.index(req.sender)
         kind = req.message.kind
         try:
             if kind == "provision_request":
@@ -120,7 +121,7 @@ def _as_frames(data: bytes) -> list[torch.Tensor]:
               help="Keys folder from `secdfd keys` (or the dealer's own subfolder).")
 @click.option("--state", type=click.Path(path_type=Path), default=Path(".secdfd/state/dealer"),
               show_default=True, help="Where the bundle-id ledger and provisioning seeds are kept.")
-@click.option("--listen", default="tcp://127.0.0.1:7300", show_default=True, help="Endpoint to bind.")
+@click.option("--listen", default=roster.endpoint(roster.DEALER), show_default=True, help="Endpoint to bind.")
 @click.option("--model", "model_info", type=click.Path(path_type=Path), default=None, envvar="SECDFD_DEALER_MODEL",
               help="Public model info from `secdfd share` (DIR/model.json); overrides --arch/--size/--frac-bits.")
 @click.option("--arch", default="dfdnet-s", show_default=True, help="Model architecture name.")
@@ -131,14 +132,8 @@ def _as_frames(data: bytes) -> list[torch.Tensor]:
 def main(keys: Path, state: Path, listen: str, model_info: Path | None, arch: str, size: int, frac_bits: int,
          threads: int) -> None:
     """Run the dealer: provisioning for the weight masks and one bundle per inference."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s dealer %(levelname)s %(message)s")
-    set_threads(threads)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         info = deployment.read_info(model_info) if model_info else deployment.ModelInfo(arch, size, frac_bits)
-        cfg = DealerConfig(keys, state, listen, info)
-        DealerService(cfg).run(stop)
     except SecDFDError as e:
         raise click.ClickException(str(e)) from None
+    sys.exit(run_process(roster.DEALER, threads, DealerService(DealerConfig(keys, state, listen, info)).run))

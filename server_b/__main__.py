@@ -1,19 +1,16 @@
-"""server_b's entry point: `python -m secdfd.server_b` is `secdfd-server --party b`.
+"""server_b's entry point: `python -m secdfd.server_b` (also `secdfd-server --party b`).
 
-Its configuration is server.env in this folder (environment variables SECDFD_SERVER_*), which the
-compose file uses (`secdfd up` passes options instead); options on the command line take precedence.
+Its container configuration is server.env in this folder (environment variables SECDFD_SERVER_*),
+which the compose file uses (`secdfd up` passes options instead); options on the command line take
+precedence.
 """
 
 from __future__ import annotations
 
-import sys
+from secdfd.common.cli.server import server_command
+from secdfd.server_b.follower import Follower
 
-from secdfd.common.service.server import server_main
-
-
-def main() -> None:
-    server_main(["--party", "b", *sys.argv[1:]])
-
+main = server_command(Follower)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from secdfd.common.cli.bench import run_protocol
+from secdfd.common.bench.protocols import run_protocol
 from secdfd.common.engine.ring import FixedPoint
 
 
@@ -20,6 +20,28 @@ def fp() -> FixedPoint:
 def run2():
     """run2(deal, proto, x_ring) -> (reconstructed ring output, figures)."""
     return run_protocol
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """Keys for every party (one folder each), made once per test module."""
+    from secdfd.common.net.keys import make_keys
+
+    d = tmp_path_factory.mktemp("keys")
+    make_keys(d)
+    return d
+
+
+@pytest.fixture
+def servers(keys):
+    """server_a and server_b joined by a CurveZMQ channel on loopback (2 s deadline)."""
+    from secdfd.common.net.keys import load_party
+    from secdfd.common.net.transport import Node, ZmqChannel
+
+    with Node(load_party(keys, "server_a")) as na, Node(load_party(keys, "server_b")) as nb:
+        a = ZmqChannel.listen(na, "tcp://127.0.0.1:*", timeout=2.0)
+        b = ZmqChannel.connect(nb, a.endpoint, timeout=2.0)
+        yield a, b
 
 
 @pytest.fixture(autouse=True)

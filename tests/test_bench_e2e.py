@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from secdfd.common.bench.e2e import FIGURES, run_e2e
-from secdfd.common.cli import main
-from secdfd.common.service.local import Endpoints, Launch
+from secdfd.common.cli.main import main
+from secdfd.common.service.local import Endpoints, Launch, Launcher
+
+pytestmark = pytest.mark.processes
 
 
 def test_e2e_figures_and_wrapped_launch(tmp_path):
@@ -19,7 +22,7 @@ def test_e2e_figures_and_wrapped_launch(tmp_path):
         return spawn_local(launch, log)
 
     eps = Endpoints.free()
-    res = run_e2e("dfdnet-s", 32, 2, work=tmp_path, spawn=spawn, endpoints=eps)
+    res = run_e2e("dfdnet-s", 32, 2, work=tmp_path, launcher=Launcher(spawn, eps))
     assert [s.name for s in seen] == ["dealer", "server_a", "server_b"]
     assert seen[1].endpoint == eps.server_a and "--peer" in seen[2].argv and eps.peer in seen[2].argv
     assert all(s.env["SECDFD_THREADS"] == "1" for s in seen)
@@ -32,7 +35,7 @@ def test_e2e_figures_and_wrapped_launch(tmp_path):
         assert r["offline_seconds"] >= r["dealer_seconds"] > 0 and r["dealer_bytes"] > 0
         assert r["plaintext_seconds"] > 0
     steps = res["steps"]
-    assert sum(s["bytes_per_server"][0] for s in steps) == res["inferences"][-1]["bytes_per_server"][0]
+    assert sum(s["bytes_per_party"][0] for s in steps) == res["inferences"][-1]["bytes_per_server"][0]
     assert max(s["rounds"] for s in steps) <= res["rounds"]
     assert {"linear", "relu", "sigmoid"} <= {s["op"] for s in steps}
     assert not list(tmp_path.iterdir())  # the scratch deployment is removed

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from secdfd.common.cli import main
+from secdfd.common.cli.main import main
 
 SIZE = "64"
 

@@ -12,10 +12,13 @@ from conftest import write_tiny_model
 from PIL import Image
 
 from secdfd.client.main import main as client_main
-from secdfd.common.cli import main
+from secdfd.common import roster
+from secdfd.common.cli.main import main
 from secdfd.common.net.keys import PARTIES, load_party
 from secdfd.common.service import deployment
 from secdfd.common.service.local import free_ports
+
+pytestmark = pytest.mark.processes
 
 
 def test_keys_command(tmp_path):
@@ -47,7 +50,7 @@ def test_share_command(tmp_path, model_file):
     assert sorted(files) == ["info", "server_a", "server_b"]
     info = deployment.read_info(out / "model.json")
     assert info == deployment.ModelInfo("dfdnet-s", 32, 16, 32)
-    for server in deployment.SERVERS:
+    for server in roster.SERVERS:
         assert stat.S_IMODE((out / f"{server}.weights").stat().st_mode) == 0o600
         got, weights = deployment.load_weight_share(out / f"{server}.weights", server)
         assert got == info and len(weights) > 10

@@ -24,6 +24,8 @@ from conftest import write_tiny_model
 
 from secdfd.common.service import local
 
+pytestmark = pytest.mark.processes
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PARTIES = ("dealer", "server_a", "server_b")

@@ -35,7 +35,7 @@ def test_cnn_block_bars_at_full_size():
     assert max(rep.bytes_per_party) <= 125e6
     assert rep.bytes_per_party[0] == rep.bytes_per_party[1]  # symmetric protocols
     # per-step breakdown adds up to the totals
-    assert sum(s["bytes_per_party"][0] for s in rep.steps) == rep.bytes_per_party[0]
+    assert sum(s.bytes_per_party[0] for s in rep.steps) == rep.bytes_per_party[0]
     # a second inference uses a fresh bundle and gives the same answer
     y2, rep2 = tp(x)
     assert (y2 - ref).abs().max().item() <= 1e-3 and rep2.rounds == rep.rounds

@@ -4,11 +4,15 @@ The servers run with --limbs: the float64 limb ring products that CUDA uses, her
 
 from __future__ import annotations
 
+import pytest
+
 from secdfd.common.bench.e2e import at_size
 from secdfd.common.bench.fidelity import check_fidelity, proxy_images
 from secdfd.common.ml.export import load_deployable, read_deployable_meta
 from secdfd.common.ml.synth import SynthConfig, synthesize
 from secdfd.common.service.local import Options
+
+pytestmark = pytest.mark.processes
 
 SIZE = 64
 

@@ -19,6 +19,8 @@ import pytest
 from secdfd.common.bench import lan as lanmod
 from secdfd.common.bench.lan import Lan, LanError, check_supported, cleanup_stale, list_namespaces, parse_rate
 
+pytestmark = pytest.mark.lan
+
 
 def _lan_unavailable() -> str | None:
     try:
@@ -170,7 +172,7 @@ def test_killed_run_is_removed_by_cleanup_stale():
 def _e2e(args: list[str], timeout: float = 400) -> tuple[dict, int]:
     """`secdfd bench e2e ARGS --json` in a child process; on a timeout it is interrupted (so that it
     cleans up) and whatever it left is removed."""
-    argv = [sys.executable, "-c", "from secdfd.common.cli import main; main()", "bench", "e2e", *args, "--json"]
+    argv = [sys.executable, "-c", "from secdfd.common.cli.main import main; main()", "bench", "e2e", *args, "--json"]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=timeout)

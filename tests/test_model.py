@@ -18,7 +18,7 @@ from secdfd.common.ml.dfdnet import (
     rgb_to_ycbcr,
 )
 
-# Engine-supported graph nodes (see the module docstring of secdfd.common.model).
+# Engine-supported graph nodes (see the module docstring of secdfd.common.ml.dfdnet).
 SUPPORTED_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                      nn.AdaptiveMaxPool2d, nn.Linear, nn.Sigmoid)
 SUPPORTED_FUNCTIONS = {"add", "mul", "cat", "flatten", "mean", "amax"}

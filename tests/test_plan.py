@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from secdfd.common.engine.plan import build_plan, extract_weights
+from secdfd.common.engine.plan import ShiftAttrs, build_plan, extract_weights
 from secdfd.common.errors import PlanError
 
 
@@ -27,7 +27,7 @@ def test_bn_is_folded_and_truncation_fused_into_relu():
     plan = build_plan(m, (1, 3, 8, 8))
     ops = [s.op for s in plan.steps]
     assert ops == ["input", "linear", "relu", "linear", "trunc", "output"]
-    assert plan.steps[2].attrs["shift"] == 16  # conv output at 2f goes straight into ReLU
+    assert plan.steps[2].get(ShiftAttrs).shift == 16  # conv output at 2f goes straight into ReLU
     m.eval()
     with torch.no_grad():
         m[1].running_mean.uniform_(-1, 1)

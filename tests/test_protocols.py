@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from secdfd.common.engine.driver import gather
 from secdfd.common.engine.prng import Stream, new_seed
 from secdfd.common.engine.protocols import arith, compare, pool, sigmoid
-from secdfd.common.engine.protocols.base import gather
 from secdfd.common.engine.ring import FixedPoint, lshr
 
 L = 40

@@ -16,11 +16,13 @@ from secdfd.common.bench.report import (
     summarize,
     write_report,
 )
+from secdfd.common.engine.figures import StepFigures
+
+_INDEX = iter(range(10**6))
 
 
 def _step(name, op, b, rounds, seconds):
-    return {"name": name, "op": op, "shape": [1], "bytes_per_party": [b, b + 1], "rounds": rounds,
-            "seconds": seconds}
+    return StepFigures(next(_INDEX), name, op, (b, b + 1), rounds, seconds).to_dict()
 
 
 # Two streams in lockstep (rgb first, then ycbcr in plan order), unnamed nodes, a fusion head.
@@ -98,13 +100,16 @@ def test_markdown_has_every_row_and_totals():
     assert "| relu | 2 | 0.400 | 0.00 | 0.00 |" in lines  # per operation
 
 
-def test_reads_bench_model_output_and_list_steps():
+def test_reads_bench_model_output():
     s = summarize({"seconds": 2.0, "bytes_per_party": [10, 10], "rounds": 3, "max_abs_error": 1e-5,
-                   "steps": [["conv1", "linear", 6, 1, 0.5], ["relu", "relu", 4, 2, 0.5]]})
+                   "steps": [StepFigures(0, "conv1", "linear", (6, 6), 1, 0.5).to_dict(),
+                             StepFigures(1, "relu", "relu", (4, 4), 2, 0.5).to_dict()]})
     assert s.online_seconds == 2.0 and s.bytes_per_server == (10, 10) and s.abs_error == 1e-5
     assert [(r.name, r.rounds) for r in group(s.steps, "block")] == [("conv1", 3)]  # relu follows conv1
     with pytest.raises(ValueError, match="not a benchmark result"):
         summarize({"rounds": 1})
+    with pytest.raises(ValueError, match="malformed step figures"):
+        summarize({"seconds": 2.0, "bytes_per_party": [1, 1], "rounds": 3, "steps": [["conv1", "linear", 6, 1, 0.5]]})
 
 
 def test_write_report_files(tmp_path):

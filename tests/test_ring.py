@@ -1,7 +1,18 @@
 import torch
 
-from secdfd.common.engine.ring import FixedPoint, lshr, msb, to_signed, to_unsigned
+from secdfd.common.engine.ring import FixedPoint, lshr, msb
 from secdfd.common.engine.sharing import reconstruct, share
+
+
+def to_signed(v: int) -> int:
+    """Python integer -> the int64 value representing it mod 2^64."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def to_unsigned(v: int) -> int:
+    """int64 value -> its representative in [0, 2^64)."""
+    return v & ((1 << 64) - 1)
 
 EDGES = [0, 1, -1, 2**63 - 1, -(2**63), 2**62, -(2**62), 12345678901234567, -98765432109876543]
 

@@ -13,16 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
-from secdfd.client.main import Client, ClientConfig
 from secdfd.common.errors import DataError, ProtocolError
 from secdfd.common.ml.data import load_image
 from secdfd.common.ml.dfdnet import FusedDFDNet, build_model
 from secdfd.common.ml.export import load_deployable, save_deployable
 from secdfd.common.net.keys import make_keys
 from secdfd.common.service import deployment
-from secdfd.common.service.server import ServerConfig, ServerRuntime
+from secdfd.common.service.client import Client, ClientConfig
+from secdfd.common.service.server import ServerConfig
 from secdfd.common.service.supply import IdLedger
 from secdfd.dealer.main import DealerConfig, DealerService
+from secdfd.server_a.leader import Leader
+from secdfd.server_b.follower import Follower
+
+pytestmark = pytest.mark.sockets
 
 SIZE = 32
 ANY = "tcp://127.0.0.1:*"
@@ -65,7 +69,7 @@ def parties(deployment_dir):
     dealer = DealerService(DealerConfig(d / "keys", d / "state" / "dealer", ANY,
                                         deployment.ModelInfo("dfdnet-s", SIZE)))
     threads = [_start(dealer, stop)]
-    a = ServerRuntime(ServerConfig("a", d / "keys", d / "shares" / "server_a.weights", d / "state" / "a",
+    a = Leader(ServerConfig("a", d / "keys", d / "shares" / "server_a.weights", d / "state" / "a",
                                    ANY, ANY, dealer.endpoint, depth=2, timeout=30.0))
     b_holder = {}
 
@@ -73,7 +77,7 @@ def parties(deployment_dir):
         # server_b needs server_a's bound peer endpoint, known once server_a has bound it
         while not a.peer_endpoint:
             threading.Event().wait(0.01)
-        b = ServerRuntime(ServerConfig("b", d / "keys", d / "shares" / "server_b.weights", d / "state" / "b",
+        b = Follower(ServerConfig("b", d / "keys", d / "shares" / "server_b.weights", d / "state" / "b",
                                        ANY, a.peer_endpoint, dealer.endpoint, depth=2, timeout=30.0))
         b_holder["b"] = b
         b.run(stop)

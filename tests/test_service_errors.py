@@ -21,14 +21,16 @@ from click.testing import CliRunner
 from conftest import write_tiny_model
 from PIL import Image
 
-from secdfd.client.main import Client, ClientConfig
 from secdfd.client.main import main as client_main
 from secdfd.common.errors import PeerLost, PeerTimeout, ProtocolError
 from secdfd.common.net.keys import load_party, make_keys
 from secdfd.common.net.transport import Node, Requester, Responder
 from secdfd.common.net.wire import unpack
 from secdfd.common.service import deployment, local
+from secdfd.common.service.client import Client, ClientConfig
 from secdfd.common.service.supply import IdLedger
+
+pytestmark = pytest.mark.processes
 
 SIZE = 32
 

@@ -11,27 +11,12 @@ import zmq
 
 from secdfd.common.engine.channel import pair, run_pair
 from secdfd.common.errors import PeerLost, PeerTimeout, ProtocolError, RandomnessError
-from secdfd.common.net.keys import PartyKeys, load_party, make_keys
+from secdfd.common.net.keys import PartyKeys, load_party
 from secdfd.common.net.transport import Node, Requester, Responder, ZmqChannel
-from secdfd.common.net.wire import Message, pack
+
+pytestmark = pytest.mark.sockets
 
 ANY = "tcp://127.0.0.1:*"
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    make_keys(d)
-    return d
-
-
-@pytest.fixture
-def servers(keys):
-    """server_a and server_b joined by a ZmqChannel (short deadline)."""
-    with Node(load_party(keys, "server_a")) as na, Node(load_party(keys, "server_b")) as nb:
-        a = ZmqChannel.listen(na, ANY, timeout=2.0)
-        b = ZmqChannel.connect(nb, a.endpoint, timeout=2.0)
-        yield a, b
 
 
 def test_exchange_is_exact_and_counted(servers):
@@ -94,31 +79,13 @@ def test_out_of_step_and_shape_mismatch(servers):
         run_pair(fa2, fb2)
 
 
-def test_session_start_abort_and_stale_messages(servers):
+def test_abort_reaches_the_peer_at_once(servers):
+    """abort: the peer raises the same error class at once, with the peer's name."""
     a, b = servers
-    # an aborted session leaves its start and one opening in b's queue
-    a.begin("old")
-    a.send("session", "session", {"bundle": 1, "client": "c1"})
-    a.sock.send_multipart(pack(Message("open", "old", 1, "open/1", tensors=[torch.tensor([99])])))
-
-    def fa():
-        a.begin("new")
-        a.send("session", "session", {"bundle": 9, "client": "c2"})
-        a.recv("ready", "session")
-        a.sock.send_multipart(pack(Message("open", "old", 2, "open/1", tensors=[torch.tensor([98])])))
-        return a.exchange("open/1", [torch.tensor([5])])
-
-    def fb():
-        first = b.recv_session(timeout=2.0)
-        assert (first.sid, first.meta["bundle"]) == ("old", 1)
-        msg = b.recv_session(timeout=2.0)  # drops the old opening, adopts "new"
-        assert (msg.sid, dict(msg.meta)) == ("new", {"bundle": 9, "client": "c2"})
-        b.send("ready", "session")
-        return b.exchange("open/1", [torch.tensor([6])])  # drops the late opening of "old"
-
-    ra, rb = run_pair(fa, fb)
-    assert int(ra[0]) == 6 and int(rb[0]) == 5
-    # abort: the peer raises the same error class at once, with the peer's name
+    deadline = time.monotonic() + 5
+    while not (a.connected and b.connected):  # an abort is best effort: it goes only over a live link
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     a.begin("s3")
     b.begin("s3")
     b.abort(RandomnessError("bundle 12 is not held by the dealer"), step="session")
@@ -290,7 +257,9 @@ def test_peer_gone_mid_session_is_lost_at_once(keys):
         b2 = ZmqChannel.connect(nb2, a.endpoint, timeout=20.0)
         b2.begin("t")
         b2.send("session", "session", {"bundle": 3, "client": ""})
-        assert a.recv_session(5.0) is not None
+        first = a.next_message(5.0)
+        assert first is not None and first.sid == "t"
+        a.begin(first.sid, received=1)
         threading.Timer(0.3, nb2.close).start()
         t0 = time.monotonic()
         with pytest.raises(PeerLost, match="lost the connection to server_b at step session"):
@@ -303,26 +272,19 @@ def test_peer_gone_mid_session_is_lost_at_once(keys):
             a.send("session", "session", {"bundle": 4, "client": ""})
 
 
-def test_a_session_started_by_the_peer_ends_the_current_one(servers):
-    """The peer starting a session (it gave ours up, or restarted) ends ours with PeerLost; its
-    start message is kept for recv_session. A `stale` predicate drops such messages instead."""
+def test_messages_of_another_conversation_are_dropped_or_claimed(servers):
+    """A message of another conversation is dropped, unless the `interrupt` hook claims it: then the
+    wait ends at once with the hook's error."""
     a, b = servers
-    b.begin("b-1")
-    b.send("session", "session", {"bundle": 7, "client": ""})
-    assert a.recv_session(2.0).meta["bundle"] == 7
-    a.send("ready", "session")
-    b.recv("ready", "session")
-    b.begin("b-2")  # server_b gives b-1 up and starts over
-    b.send("session", "session", {"bundle": -1, "client": ""})
-    with pytest.raises(PeerLost, match="server_b started a new session during step session"):
-        a.recv("ready", "session")
-    assert a.stashed is not None and a.stashed.sid == "b-2"
-    msg = a.recv_session(0)
-    assert msg is not None and (msg.sid, msg.meta["bundle"]) == ("b-2", -1) and a.stashed is None
-    # the same start message, declared stale, is dropped: the session goes on to its deadline
-    a.begin("a-3", stale=lambda m: m.meta.get("bundle") == -1)
-    b.begin("b-3")
-    b.send("session", "session", {"bundle": -1, "client": ""})
+    a.begin("x")
+    b.begin("y")
+    b.send("session", "session", {"bundle": 1, "client": ""})
     with pytest.raises(PeerTimeout):
-        a.recv("ready", "session", timeout=0.5)
-    assert a.stashed is None
+        a.recv("ready", "session", timeout=0.3)
+    a.interrupt = lambda msg, step: PeerLost(f"claimed {msg.sid} at {step}")
+    b.begin("z")
+    b.send("session", "session", {"bundle": 2, "client": ""})
+    t0 = time.monotonic()
+    with pytest.raises(PeerLost, match="claimed z at session"):
+        a.recv("ready", "session", timeout=2.0)
+    assert time.monotonic() - t0 < 1.0

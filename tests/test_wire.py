@@ -10,12 +10,12 @@ import torch
 
 from secdfd.common.errors import ProtocolError
 from secdfd.common.net.wire import (
-    KINDS,
+    MESSAGE_KINDS,
     WIRE_VERSION,
-    Kind,
-    KindRegistry,
     Limits,
     Message,
+    MessageKind,
+    MessageKinds,
     error_message,
     pack,
     unpack,
@@ -154,10 +154,10 @@ def test_pack_refuses_what_cannot_travel():
 
 def test_registry_rejects_duplicates():
     with pytest.raises(ValueError, match="registered twice"):
-        KindRegistry([Kind("a", "x"), Kind("a", "y")])
+        MessageKinds([MessageKind("a", "x"), MessageKind("a", "y")])
     with pytest.raises(ValueError, match="unknown dtypes"):
-        KindRegistry([Kind("a", "x", dtypes=frozenset({"float32"}))])
-    assert "open" in KINDS and len(KINDS) == len(set(KINDS))
+        MessageKinds([MessageKind("a", "x", dtypes=frozenset({"float32"}))])
+    assert "open" in MESSAGE_KINDS and len(MESSAGE_KINDS) == len(set(MESSAGE_KINDS))
 
 
 def test_received_tensors_are_independent_copies_when_unaligned():

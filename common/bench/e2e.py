@@ -18,27 +18,19 @@ inference. Top-level figures are medians over the inferences.
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import click
 import torch
 
-from secdfd.common.bench import lan_e2e as lan_bench
-from secdfd.common.bench.report import write_report
-from secdfd.common.cli.bench import bench
-from secdfd.common.errors import SecDFDError
 from secdfd.common.ml.dfdnet import FusedDFDNet
 from secdfd.common.service import local
-
-if TYPE_CHECKING:
-    from secdfd.client.main import Client
+from secdfd.common.service.client import Client, ClientConfig
 
 FIGURES = ("online_seconds", "client_seconds", "bytes_per_server", "rounds", "dealer_bytes", "offline_seconds",
            "dealer_seconds", "plaintext_seconds", "abs_error")
@@ -90,10 +82,9 @@ class Scratch:
 
 @contextlib.contextmanager
 def scratch_deployment(model: FusedDFDNet, arch: str, work: Path | None = None,
-                       spawn: local.Spawn = local.spawn_local, endpoints: local.Endpoints | None = None,
-                       options: local.Options | None = None, startup: float = 900.0) -> Iterator[Scratch]:
+                       launcher: local.Launcher = local.ON_LOOPBACK, options: local.Options | None = None,
+                       startup: float = 900.0) -> Iterator[Scratch]:
     """Keys, weight shares of `model` and the three processes in a temporary folder, removed after."""
-    from secdfd.client.main import Client, ClientConfig
     from secdfd.common.ml.export import save_deployable
     from secdfd.common.net.keys import make_keys
     from secdfd.common.service.deployment import share_model
@@ -101,14 +92,14 @@ def scratch_deployment(model: FusedDFDNet, arch: str, work: Path | None = None,
     options = options or local.Options()
     with tempfile.TemporaryDirectory(prefix="secdfd-e2e-", dir=work) as tmp:
         layout = local.Layout(Path(tmp))
-        endpoints = endpoints or local.Endpoints.free()
+        endpoints = launcher.endpoints or local.Endpoints.free()
         t0 = time.perf_counter()
         model_file = layout.root / "model.pt"
         save_deployable(model, model_file, arch)
         make_keys(layout.keys)
         share_model(model_file, layout.shares)
         model_file.unlink()  # the servers get shares only
-        started = local.start(layout, local.launches(layout, endpoints, options), spawn)
+        started = local.start(layout, local.launches(layout, endpoints, options), launcher.spawn)
         try:
             local.wait_ready(started, layout.keys, startup, prepared=True)
             client = Client(ClientConfig(layout.keys, endpoints.server_a, endpoints.server_b, options.timeout * 4))
@@ -132,14 +123,14 @@ def bench_images(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def run_e2e(model: str = "dfdnet-s", size: int = 128, images: int = 3, work: Path | None = None,
-            spawn: local.Spawn = local.spawn_local, endpoints: local.Endpoints | None = None,
-            options: local.Options | None = None, startup: float = 900.0,
+            launcher: local.Launcher = local.ON_LOOPBACK, options: local.Options | None = None,
+            startup: float = 900.0,
             echo: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Start the three parties, run `images` detections, return the figures (see the module doc)."""
     plain, weights = bench_model(model, size)
     echo(f"{model} at {size}x{size}: {weights}")
     runs = []
-    with scratch_deployment(plain, model, work, spawn, endpoints, options, startup) as dep:
+    with scratch_deployment(plain, model, work, launcher, options, startup) as dep:
         echo(f"dealer and servers ready after {dep.setup_seconds:.1f} s; {images} inferences")
         for i, x in enumerate(bench_images(images, size)):
             dep.idle()  # time the online phase alone
@@ -178,55 +169,3 @@ def _median(values: list[Any]) -> Any:
     if all(isinstance(v, int) for v in values):
         return statistics.median_low(values)
     return statistics.median(values)
-
-
-@bench.command("e2e")
-@click.option("--model", type=click.Choice(["dfdnet", "dfdnet-s"]), default="dfdnet-s", show_default=True,
-              help="dfdnet-s: the embedded trained model; dfdnet: full width (random weights unless trained).")
-@click.option("--size", type=int, default=128, show_default=True, help="Input size.")
-@click.option("--images", type=int, default=3, show_default=True, help="Detections to run.")
-@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
-@click.option("--depth", type=int, default=1, show_default=True, help="Bundles each server keeps ready.")
-@click.option("--work", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Folder for the scratch deployment [default: the system's temporary folder].")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the per-layer breakdown).")
-@lan_bench.lan_options
-@click.pass_context
-def e2e(ctx: click.Context, model: str, size: int, images: int, threads: int, depth: int, work: Path | None,
-        as_json: bool, lan: str | None, lan_rtt_ms: float | None, report: Path | None) -> None:
-    """Dealer, server_a and server_b as separate processes on loopback; figures per inference.
-
-    JSON keys: online_seconds, bytes_per_server, rounds, dealer_bytes, offline_seconds,
-    plaintext_seconds, abs_error (medians), inferences (each one), steps (per-layer breakdown).
-    With --lan RATE each party runs in its own network namespace (see secdfd.common.bench.lan_e2e)
-    and `lan` adds the rate, the measured RTT and, with --lan-rtt-ms, an estimate.
-    """
-    if images < 1:
-        raise click.BadParameter("run at least one image", param_hint="--images")
-    lan_bench.check_lan_options(lan, lan_rtt_ms)
-    torch.set_num_threads(max(1, threads))
-    try:
-        if lan:  # this command again, as the client inside the LAN
-            res = lan_bench.run_in_lan(lan, lan_bench.driver_argv(lan_bench.inner_command(ctx)), lan_rtt_ms)
-        else:
-            res = run_e2e(model, size, images, work, options=local.Options(threads=threads, depth=depth),
-                          echo=lambda s: click.echo(s, err=True), **lan_bench.placement_kwargs())
-    except SecDFDError as e:
-        raise click.ClickException(str(e)) from None
-    if report is not None:
-        title = f"{model}, both streams, {size}x{size}, " + (f"LAN {lan}" if lan else "loopback")
-        for path in write_report(res, report, "e2e", title=title).values():
-            click.echo(f"report: {path}", err=True)
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-        return
-    click.echo(f"{model} at {size}x{size}, {weights_line(res)}")
-    for k in FIGURES:
-        v = res[k]
-        click.echo(f"  {k:18s} {v if not isinstance(v, float) else f'{v:.4g}'}")
-    for line in lan_bench.lan_lines(res):
-        click.echo(line)
-
-
-def weights_line(res: dict[str, Any]) -> str:
-    return f"{res['weights']}; medians over {res['images']} inferences, {res['threads']} thread(s) per process"

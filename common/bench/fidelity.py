@@ -7,22 +7,18 @@ bundles); the plaintext reference is the same fused, folded module in torch. The
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 
-from secdfd.common.bench.e2e import at_size, plaintext, scratch_deployment
-from secdfd.common.cli.bench import bench
-from secdfd.common.errors import SecDFDError
+from secdfd.common import roster
+from secdfd.common.bench.e2e import plaintext, scratch_deployment
 from secdfd.common.ml.dfdnet import FusedDFDNet
 from secdfd.common.service import local
 
 MAX_ABS_ERROR = 1e-3
-THRESHOLD = 0.5
 
 
 def proxy_images(data: Path, split: str, count: int, size: int) -> list[tuple[str, torch.Tensor]]:
@@ -46,7 +42,7 @@ def check_fidelity(model: FusedDFDNet, arch: str, images: list[tuple[str, torch.
             p_plain, _ = plaintext(model, x)
             rows.append({"file": name, "p_secure": r["p_fake"], "p_plain": p_plain,
                          "abs_error": abs(r["p_fake"] - p_plain),
-                         "agree": (r["p_fake"] >= THRESHOLD) == (p_plain >= THRESHOLD),
+                         "agree": roster.verdict(r["p_fake"]) == roster.verdict(p_plain),
                          "online_seconds": r["online_seconds"]})
     errors = [r["abs_error"] for r in rows]
     return {
@@ -57,40 +53,3 @@ def check_fidelity(model: FusedDFDNet, arch: str, images: list[tuple[str, torch.
         "online_seconds": statistics.median(r["online_seconds"] for r in rows),
         "rows": rows,
     }
-
-
-@bench.command("fidelity")
-@click.option("--data", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Folder with real/ and fake/ (e.g. the proxy set from `secdfd data synth`).")
-@click.option("--split", type=click.Choice(["train", "val", "all"]), default="val", show_default=True)
-@click.option("--images", type=int, default=50, show_default=True, help="Images to compare (classes alternate).")
-@click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Deployable model [default: the embedded model].")
-@click.option("--size", type=int, default=None, help="Input size [default: the model's].")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (with every image's figures).")
-def fidelity_cmd(data: Path, split: str, images: int, model_path: Path | None, size: int | None,
-                 as_json: bool) -> None:
-    """Secure vs plaintext fused fake probability per image, through dealer and servers as processes.
-
-    Exit status 1 unless every |p_secure - p_plain| <= 1e-3 and every verdict agrees.
-    """
-    from secdfd.common.ml.export import load_deployable, read_deployable_meta
-
-    if images < 1:
-        raise click.BadParameter("compare at least one image", param_hint="--images")
-    torch.set_num_threads(1)
-    try:
-        meta = read_deployable_meta(model_path)
-        model = at_size(load_deployable(model_path), meta.arch, size or meta.size)
-        res = check_fidelity(model, meta.arch, proxy_images(data, split, images, size or meta.size))
-    except SecDFDError as e:
-        raise click.ClickException(str(e)) from None
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
-    else:
-        click.echo(f"{res['images']} images ({split} split of {data}), {res['model']} at {res['size']}: "
-                   f"max |p_secure - p_plain| {res['max_abs_error']:.2e}, mean {res['mean_abs_error']:.2e}, "
-                   f"verdicts agree {res['verdicts_agree']}/{res['images']}, median online "
-                   f"{res['online_seconds']:.2f} s: {'PASS' if res['passed'] else 'FAIL'}")
-    if not res["passed"]:
-        raise SystemExit(1)

@@ -43,9 +43,9 @@ from types import FrameType
 from typing import IO, Any
 
 from secdfd.common.errors import SecDFDError
+from secdfd.common.roster import PARTIES
 
 PREFIX = "sdfd-"
-ROLES = ("dealer", "server_a", "server_b", "client")
 SUBNET = "10.213.0"
 SWITCH = "switch"
 _CMD_TIMEOUT = 20.0  # one `ip` or `tc` call
@@ -176,7 +176,7 @@ class Lan:
     background process there (stopped at exit). Everything is removed on leaving the block.
     """
 
-    def __init__(self, rate: str, roles: Sequence[str] = ROLES, prefix: str = PREFIX) -> None:
+    def __init__(self, rate: str, roles: Sequence[str] = PARTIES, prefix: str = PREFIX) -> None:
         self.rate = rate
         self.bits_per_s = parse_rate(rate)
         if len(set(roles)) != len(roles) or SWITCH in roles or not roles or len(roles) > 250:
@@ -363,14 +363,14 @@ def _stop(p: subprocess.Popen[Any], grace: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def lan(rate: str, roles: Sequence[str] = ROLES) -> Iterator[Lan]:
+def lan(rate: str, roles: Sequence[str] = PARTIES) -> Iterator[Lan]:
     """`with lan("1gbit") as net:` — stale namespaces of dead runs are removed first."""
     cleanup_stale()
     with Lan(rate, roles) as net:
         yield net
 
 
-# --- the RTT probe, run as `python -m secdfd.common.lan` inside the namespaces ------------------
+# --- the RTT probe, run as `python -m secdfd.common.bench.lan` inside the namespaces ------------------
 
 
 def _echo(host: str, port: int, timeout: float = 30.0) -> None:
@@ -418,7 +418,7 @@ def _main(argv: Sequence[str]) -> int:
     if len(argv) == 4 and argv[0] == "ping":
         print(json.dumps(_ping(argv[1], int(argv[2]), int(argv[3]))))
         return 0
-    print("usage: python -m secdfd.common.lan echo HOST PORT | ping HOST PORT COUNT", file=sys.stderr)
+    print("usage: python -m secdfd.common.bench.lan echo HOST PORT | ping HOST PORT COUNT", file=sys.stderr)
     return 2
 
 

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
-from secdfd.common.bench.lan import Lan, LanError, cleanup_stale, parse_rate
+from secdfd.common import roster
+from secdfd.common.bench.lan import Lan, LanError, cleanup_stale
+from secdfd.common.service.local import Endpoints, Launcher
 
 ENV = "SECDFD_LAN"
-PORTS = {"dealer": 7300, "server_a": 7301, "server_b": 7302, "peer": 7310}
 
 
 @dataclass(frozen=True)
@@ -70,12 +69,12 @@ class Placement:
 
     def endpoints(self) -> Any:
         """The local deployment's Endpoints on LAN addresses (the peer link on server_a's)."""
-        from secdfd.common.service.local import Endpoints
 
-        return Endpoints(dealer=self.endpoint("dealer", PORTS["dealer"]),
-                         server_a=self.endpoint("server_a", PORTS["server_a"]),
-                         server_b=self.endpoint("server_b", PORTS["server_b"]),
-                         peer=self.endpoint("server_a", PORTS["peer"]))
+
+        return Endpoints(dealer=self.endpoint(roster.DEALER, roster.PORTS[roster.DEALER]),
+                         server_a=self.endpoint(roster.SERVER_A, roster.PORTS[roster.SERVER_A]),
+                         server_b=self.endpoint(roster.SERVER_B, roster.PORTS[roster.SERVER_B]),
+                         peer=self.endpoint(roster.SERVER_A, roster.PORTS["peer"]))
 
     def spawn(self, launch: Any, log: Path) -> subprocess.Popen[bytes]:
         """Start a local deployment's `Launch` inside its party's namespace (a `local.Spawn`)."""
@@ -95,7 +94,7 @@ def rtt_estimate(online_seconds: float, rounds: int, target_rtt_ms: float, measu
 
 def driver_argv(command: Sequence[str]) -> list[str]:
     """`secdfd COMMAND...` run with this interpreter (the console script may not be on PATH)."""
-    return [sys.executable, "-c", "from secdfd.common.cli import main; main()", *command]
+    return [sys.executable, "-c", "from secdfd.common.cli.main import main; main()", *command]
 
 
 def run_in_lan(rate: str, argv: Sequence[str], target_rtt_ms: float | None = None,
@@ -146,60 +145,11 @@ def run_in_lan(rate: str, argv: Sequence[str], target_rtt_ms: float | None = Non
     return result
 
 
-def placement_kwargs() -> dict[str, Any]:
-    """`spawn` and `endpoints` for `bench_e2e.run_e2e` in a driver started by `run_in_lan`;
-    nothing (loopback defaults) elsewhere."""
+def launcher() -> Launcher:
+    """Where `e2e.run_e2e` starts the parties: in the namespaces of the LAN when this process is the
+    driver that `run_in_lan` started, else on loopback."""
     place = Placement.from_env()
-    return {} if place is None else {"spawn": place.spawn, "endpoints": place.endpoints()}
-
-
-_OWN = ("lan", "lan_rtt_ms", "report", "as_json")
-
-
-def lan_options(f: Any) -> Any:
-    """The options this module adds to `secdfd bench e2e`: --lan, --lan-rtt-ms, --report."""
-    f = click.option("--report", type=click.Path(path_type=Path, file_okay=False), default=None,
-                     help="Write DIR/e2e.json, DIR/e2e.md (tables) and DIR/e2e.png (plot; needs matplotlib).")(f)
-    f = click.option("--lan-rtt-ms", type=float, default=None,
-                     help="With --lan: also report an ESTIMATE of the online time at this round-trip time.")(f)
-    return click.option("--lan", default=None, metavar="RATE",
-                        help="Run each party in its own network namespace, links shaped to RATE "
-                             "(e.g. 1gbit, 10gbit); needs root.")(f)
-
-
-def inner_command(ctx: click.Context) -> list[str]:
-    """The command line of `ctx`'s command with its own options but not the LAN ones, plus --json."""
-    argv: list[str] = []
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name in _OWN or param.name is None:
-            continue
-        value = ctx.params.get(param.name)
-        if param.is_flag:
-            if value:
-                argv.append(param.opts[0])
-        elif value is not None:
-            argv += [param.opts[0], str(value)]
-    path: list[str] = []
-    c: click.Context | None = ctx
-    while c is not None and c.parent is not None:  # the subcommand path below `secdfd`
-        path.insert(0, c.info_name or c.command.name or "")
-        c = c.parent
-    return [*path, *argv, "--json"]
-
-
-def check_lan_options(lan: str | None, lan_rtt_ms: float | None) -> None:
-    """Usage errors for the LAN options, before anything starts."""
-    if lan_rtt_ms is not None and not lan:
-        raise click.UsageError("--lan-rtt-ms estimates from the RTT measured on the emulated LAN; add --lan RATE")
-    if lan_rtt_ms is not None and lan_rtt_ms < 0:
-        raise click.BadParameter("a round-trip time is not negative", param_hint="--lan-rtt-ms")
-    if lan and os.environ.get(ENV):
-        raise click.UsageError(f"already running on an emulated LAN ({ENV} is set); drop --lan")
-    if lan:
-        try:
-            parse_rate(lan)
-        except LanError as e:
-            raise click.BadParameter(str(e), param_hint="--lan") from None
+    return Launcher() if place is None else Launcher(place.spawn, place.endpoints())
 
 
 def lan_lines(result: Mapping[str, Any]) -> list[str]:

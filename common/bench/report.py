@@ -5,8 +5,8 @@ Reads any benchmark JSON with totals and a per-step list:
   offline_seconds, plaintext_seconds, abs_error, and `layers` (or `steps`);
 - `secdfd bench model --json`: seconds, bytes_per_party, rounds, dealer_bytes, offline_seconds,
   plaintext_seconds, max_abs_error, and `steps`.
-A step is a dict {name, op, bytes_per_party | bytes_per_server | bytes, rounds, seconds} or a list
-[name, op, bytes, rounds, seconds] (one server's report).
+A step is `secdfd.common.engine.figures.StepFigures.to_dict()`: {index, name, op, bytes_per_party,
+rounds, seconds}.
 
 Grouping: the two streams of the fused detector run in lockstep and share every round, so a step
 of `rgb.X` and its twin `ycbcr.X` are one layer; a step's truncation (`X.trunc`) belongs to X;
@@ -29,6 +29,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from secdfd.common.engine.figures import StepFigures
+from secdfd.common.errors import ProtocolError
 
 STREAMS = ("rgb.", "ycbcr.")
 HEAD = "head"
@@ -87,12 +90,11 @@ def _first(d: Mapping[str, Any], *keys: str) -> Any:
 
 
 def _step(s: Any) -> Layer:
-    if isinstance(s, list | tuple):  # [name, op, bytes, rounds, seconds] from one server
-        name, op, b, rounds, seconds = s[:5]
-        return Layer(str(name), (str(op),), _pair(b), int(rounds), float(seconds))
-    b = _first(s, "bytes_per_server", "bytes_per_party", "bytes")
-    return Layer(str(s["name"]), (str(s.get("op", "?")),), _pair(b if b is not None else 0),
-                 int(s.get("rounds", 0)), float(_first(s, "seconds", "online_seconds") or 0.0))
+    try:
+        f = StepFigures.from_dict(s)
+    except ProtocolError as e:
+        raise ValueError(str(e)) from None
+    return Layer(f.name, (f.op,), f.bytes_per_party, f.rounds, f.seconds)
 
 
 def summarize(data: Mapping[str, Any], title: str | None = None) -> Summary:
@@ -367,8 +369,8 @@ def _main(argv: Sequence[str]) -> int:
         print(compare_table([json.loads(Path(a).read_text()) for a in argv[1:]]))
         return 0
     if len(argv) != 2:
-        print("usage: python -m secdfd.common.report RESULT.json OUT_DIR\n"
-              "       python -m secdfd.common.report --compare RESULT.json...", file=sys.stderr)
+        print("usage: python -m secdfd.common.bench.report RESULT.json OUT_DIR\n"
+              "       python -m secdfd.common.bench.report --compare RESULT.json...", file=sys.stderr)
         return 2
     data = json.loads(Path(argv[0]).read_text())
     for kind, p in write_report(data, Path(argv[1]), Path(argv[0]).stem).items():

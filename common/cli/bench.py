@@ -1,180 +1,77 @@
-"""`secdfd bench`: protocol and model benchmarks that print figures (JSON with --json).
+"""`secdfd bench`: protocol, model, end-to-end and fidelity benchmarks (JSON with --json).
 
-Both parties run in one process (two threads over an in-memory channel); the figures are what one
-party sends, the rounds of the whole computation, and what the dealer sends both parties. Timings
-are wall-clock on this machine; compare ratios measured side by side in one run.
+The measuring code lives in `secdfd.common.bench`; this module parses options and prints.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import time
-from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
-from torch import nn
 
-from secdfd.common.engine.channel import pair, run_pair
-from secdfd.common.engine.protocols import arith, compare, pool, sigmoid
-from secdfd.common.engine.protocols.base import Ctx, Proto
-from secdfd.common.engine.randomness import Source
-from secdfd.common.engine.ring import FixedPoint
-from secdfd.common.engine.sharing import share
+from secdfd.common.bench import lan_e2e
+from secdfd.common.bench.e2e import FIGURES, at_size, run_e2e
+from secdfd.common.bench.fidelity import check_fidelity, proxy_images
+from secdfd.common.bench.lan import LanError, parse_rate
+from secdfd.common.bench.protocols import bench_model, bench_protocols
+from secdfd.common.bench.report import write_report
+from secdfd.common.errors import SecDFDError
+from secdfd.common.ml.export import load_deployable, read_deployable_meta
+from secdfd.common.ml.factory import load_factory
+from secdfd.common.service import local
 
-
-def _drive(ch: Any, gen: Proto[torch.Tensor], label: str) -> torch.Tensor:
-    try:
-        out = next(gen)
-        while True:
-            out = gen.send(ch.exchange(label, out))
-    except StopIteration as stop:
-        return stop.value
+_OWN = ("lan", "lan_rtt_ms", "report", "as_json")
 
 
-def run_protocol(
-    deal: Callable[[Source], Any],
-    proto: Callable[[Ctx, Any, torch.Tensor], Proto[torch.Tensor]],
-    x: torch.Tensor,
-    frac: int = 16,
-    cmp_bits: int = 40,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Deal, share x (ring), run both parties; return the reconstructed ring output and figures."""
-    from secdfd.common.engine.prng import new_seed
-
-    seeds = (new_seed(), new_seed())
-    t0 = time.perf_counter()
-    dsrc = Source.dealer(seeds, "bench")
-    deal(dsrc)
-    dealer_s = time.perf_counter() - t0
-    R0 = deal(Source.party(0, seeds[0], "bench"))
-    R1 = deal(Source.party(1, seeds[1], "bench", dsrc.corrections))
-    x0, x1 = share(x)
-    c0, c1 = pair()
-    t1 = time.perf_counter()
-    y0, y1 = run_pair(
-        lambda: _drive(c0, proto(Ctx(0, frac, cmp_bits), R0, x0), "bench"),
-        lambda: _drive(c1, proto(Ctx(1, frac, cmp_bits), R1, x1), "bench"),
-    )
-    online = time.perf_counter() - t1
-    dealer_bytes = sum(t.numel() * t.element_size() for t in dsrc.corrections) + 64
-    return y0 + y1, {
-        "seconds": online,
-        "bytes_per_party": [c0.stats.bytes, c1.stats.bytes],
-        "rounds": c0.stats.rounds,
-        "dealer_bytes": dealer_bytes,
-        "dealer_seconds": dealer_s,
-    }
+def lan_options(f: Any) -> Any:
+    """The options this module adds to `secdfd bench e2e`: --lan, --lan-rtt-ms, --report."""
+    f = click.option("--report", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Write DIR/e2e.json, DIR/e2e.md (tables) and DIR/e2e.png (plot; needs matplotlib).")(f)
+    f = click.option("--lan-rtt-ms", type=float, default=None,
+                     help="With --lan: also report an ESTIMATE of the online time at this round-trip time.")(f)
+    return click.option("--lan", default=None, metavar="RATE",
+                        help="Run each party in its own network namespace, links shaped to RATE "
+                             "(e.g. 1gbit, 10gbit); needs root.")(f)
 
 
-def bench_protocols(n: int, frac: int = 16, cmp_bits: int = 40) -> dict[str, dict[str, Any]]:
-    """Per protocol: seconds, bytes per party per element, rounds, dealer bytes per element, error."""
-    fp = FixedPoint(frac)
-    gen = torch.Generator().manual_seed(7)  # benchmark data only; never used for secrets
-    xr = torch.randn(n, generator=gen, dtype=torch.float64) * 8
-    x = fp.encode(xr)
-    out: dict[str, dict[str, Any]] = {}
-
-    def record(name: str, y: torch.Tensor, fig: dict[str, Any], ref: torch.Tensor, elements: int) -> None:
-        out[name] = {
-            "elements": elements,
-            "seconds": fig["seconds"],
-            "bytes_per_party_per_element": fig["bytes_per_party"][0] / elements,
-            "rounds": fig["rounds"],
-            "dealer_bytes_per_element": fig["dealer_bytes"] / elements,
-            "max_abs_error": float((fp.decode(y) - ref).abs().max()),
-        }
-
-    y2 = fp.encode(torch.randn(n, generator=gen, dtype=torch.float64) * 8)
-    y, fig = run_protocol(lambda s: _MulTrunc(arith.deal_mul(s, (n,), (n,)), arith.deal_trunc(s.child("t"), n, frac)),
-                          lambda c, R, a: _mul_then_trunc(c, R, a, y2), x, frac, cmp_bits)
-    record("mul", y, fig, fp.decode(x) * fp.decode(y2), n)  # the product with its truncation
-    xx = x * (1 << frac)  # a product at scale 2f
-    y, fig = run_protocol(lambda s: arith.deal_trunc(s, n, frac), lambda c, R, a: arith.trunc(c, a, R, frac), xx,
-                          frac, cmp_bits)
-    record("trunc", y, fig, fp.decode(x), n)
-    y, fig = run_protocol(lambda s: compare.deal_relu(s, n, 0, cmp_bits), lambda c, R, a: compare.relu(c, a, R, 0), x,
-                          frac, cmp_bits)
-    record("relu", y, fig, fp.decode(x).clamp(min=0), n)
-    side = max(2, int((n // 64) ** 0.5))
-    shape = (1, 64, side, side)
-    xm = fp.encode(torch.randn(shape, generator=gen, dtype=torch.float64) * 8)
-    y, fig = run_protocol(lambda s: pool.deal_maxpool(s, shape, 3, 2, 1, cmp_bits),
-                          lambda c, R, a: pool.maxpool2d(c, a, R, 3, 2, 1), xm, frac, cmp_bits)
-    record("maxpool", y, fig, torch.nn.functional.max_pool2d(fp.decode(xm), 3, 2, 1), xm.numel())
-    ns = max(64, n // 8)
-    xs = fp.encode(torch.linspace(-60, 60, ns, dtype=torch.float64))
-    y, fig = run_protocol(lambda s: sigmoid.deal_sigmoid(s, ns, 0, frac, cmp_bits),
-                          lambda c, R, a: sigmoid.sigmoid(c, a, R, 0), xs, frac, cmp_bits)
-    record("sigmoid", y, fig, torch.sigmoid(fp.decode(xs)), ns)
-    return out
+def inner_command(ctx: click.Context) -> list[str]:
+    """The command line of `ctx`'s command with its own options but not the LAN ones, plus --json."""
+    argv: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in _OWN or param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if param.is_flag:
+            if value:
+                argv.append(param.opts[0])
+        elif value is not None:
+            argv += [param.opts[0], str(value)]
+    path: list[str] = []
+    c: click.Context | None = ctx
+    while c is not None and c.parent is not None:  # the subcommand path below `secdfd`
+        path.insert(0, c.info_name or c.command.name or "")
+        c = c.parent
+    return [*path, *argv, "--json"]
 
 
-class _MulTrunc:
-    def __init__(self, mul: Any, trunc: Any) -> None:
-        self.mul, self.trunc = mul, trunc
+def check_lan_options(lan: str | None, lan_rtt_ms: float | None) -> None:
+    """Usage errors for the LAN options, before anything starts."""
+    if lan_rtt_ms is not None and not lan:
+        raise click.UsageError("--lan-rtt-ms estimates from the RTT measured on the emulated LAN; add --lan RATE")
+    if lan_rtt_ms is not None and lan_rtt_ms < 0:
+        raise click.BadParameter("a round-trip time is not negative", param_hint="--lan-rtt-ms")
+    if lan and os.environ.get(lan_e2e.ENV):
+        raise click.UsageError(f"already running on an emulated LAN ({lan_e2e.ENV} is set); drop --lan")
+    if lan:
+        try:
+            parse_rate(lan)
+        except LanError as e:
+            raise click.BadParameter(str(e), param_hint="--lan") from None
 
-
-def _mul_then_trunc(ctx: Ctx, R: Any, x: torch.Tensor, y_ring: torch.Tensor) -> Proto[torch.Tensor]:
-    # The second operand is shared by party 0 alone here (party 1 holds 0): a valid sharing.
-    y = y_ring if ctx.party == 0 else torch.zeros_like(y_ring)
-    z = yield from arith.mul(ctx, x, y, R.mul)
-    return (yield from arith.trunc(ctx, z, R.trunc, ctx.frac))
-
-
-def load_factory(spec: str) -> nn.Module:
-    """Build a module from 'path/to/file.py:factory'."""
-    if ":" not in spec:
-        raise click.UsageError("give the model as FILE.py:FACTORY, e.g. examples/cnn_block.py:build")
-    path, name = spec.rsplit(":", 1)
-    p = Path(path)
-    if not p.is_file():
-        raise click.UsageError(f"no such file: {path}")
-    modspec = importlib.util.spec_from_file_location(f"secdfd_user_{p.stem}", p)
-    assert modspec is not None and modspec.loader is not None
-    mod = importlib.util.module_from_spec(modspec)
-    sys.modules[modspec.name] = mod
-    modspec.loader.exec_module(mod)
-    factory = getattr(mod, name, None)
-    if not callable(factory):
-        raise click.UsageError(f"{path} has no function {name!r}")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise click.UsageError(f"{name}() must return a torch.nn.Module")
-    return model.eval()
-
-
-def bench_model(model: nn.Module, shape: tuple[int, ...], seed: int = 0, frac: int = 16, cmp_bits: int = 40,
-                runs: int = 1) -> dict[str, Any]:
-    from secdfd.common.engine.twoparty import TwoParty
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(shape, generator=g)
-    tp = TwoParty(model, shape, frac, cmp_bits)
-    with torch.no_grad():
-        model(x)
-        t = time.perf_counter()
-        ref = model(x)
-        plain_s = time.perf_counter() - t
-    best = None
-    for _ in range(runs):
-        y, rep = tp(x)
-        if best is None or rep.seconds < best[1].seconds:
-            best = (y, rep)
-    assert best is not None
-    y, rep = best
-    d = rep.as_dict()
-    d.update({
-        "input_shape": list(shape),
-        "max_abs_error": float((y - ref.double()).abs().max()),
-        "plaintext_seconds": plain_s,
-        "plan": tp.plan.describe(),
-    })
-    return d
 
 
 def _print(obj: dict[str, Any], as_json: bool) -> None:
@@ -228,14 +125,98 @@ def model_cmd(factory: str, input_shape: str, seed: int, runs: int, threads: int
     except ValueError:
         raise click.BadParameter("expected integers like 1,3,128,128", param_hint="--input-shape") from None
     torch.set_num_threads(threads)
-    model = load_factory(factory)
-    from secdfd.common.errors import PlanError
-
     try:
-        res = bench_model(model, shape, seed, runs=runs)
-    except PlanError as e:
+        res = bench_model(load_factory(factory), shape, seed, runs=runs)
+    except SecDFDError as e:
         raise click.ClickException(str(e)) from None
     _print(res, as_json)
 
 
-COMMANDS = [bench]
+@bench.command("e2e")
+@click.option("--model", type=click.Choice(["dfdnet", "dfdnet-s"]), default="dfdnet-s", show_default=True,
+              help="dfdnet-s: the embedded trained model; dfdnet: full width (random weights unless trained).")
+@click.option("--size", type=int, default=128, show_default=True, help="Input size.")
+@click.option("--images", type=int, default=3, show_default=True, help="Detections to run.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
+@click.option("--depth", type=int, default=1, show_default=True, help="Bundles each server keeps ready.")
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for the scratch deployment [default: the system's temporary folder].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the per-layer breakdown).")
+@lan_options
+@click.pass_context
+def e2e(ctx: click.Context, model: str, size: int, images: int, threads: int, depth: int, work: Path | None,
+        as_json: bool, lan: str | None, lan_rtt_ms: float | None, report: Path | None) -> None:
+    """Dealer, server_a and server_b as separate processes on loopback; figures per inference.
+
+    JSON keys: online_seconds, bytes_per_server, rounds, dealer_bytes, offline_seconds,
+    plaintext_seconds, abs_error (medians), inferences (each one), steps (per-layer breakdown).
+    With --lan RATE each party runs in its own network namespace (see secdfd.common.bench.lan_e2e)
+    and `lan` adds the rate, the measured RTT and, with --lan-rtt-ms, an estimate.
+    """
+    if images < 1:
+        raise click.BadParameter("run at least one image", param_hint="--images")
+    check_lan_options(lan, lan_rtt_ms)
+    torch.set_num_threads(max(1, threads))
+    try:
+        if lan:  # this command again, as the client inside the LAN
+            res = lan_e2e.run_in_lan(lan, lan_e2e.driver_argv(inner_command(ctx)), lan_rtt_ms)
+        else:
+            res = run_e2e(model, size, images, work, options=local.Options(threads=threads, depth=depth),
+                          echo=lambda s: click.echo(s, err=True), launcher=lan_e2e.launcher())
+    except SecDFDError as e:
+        raise click.ClickException(str(e)) from None
+    if report is not None:
+        title = f"{model}, both streams, {size}x{size}, " + (f"LAN {lan}" if lan else "loopback")
+        for path in write_report(res, report, "e2e", title=title).values():
+            click.echo(f"report: {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"{model} at {size}x{size}, {weights_line(res)}")
+    for k in FIGURES:
+        v = res[k]
+        click.echo(f"  {k:18s} {v if not isinstance(v, float) else f'{v:.4g}'}")
+    for line in lan_e2e.lan_lines(res):
+        click.echo(line)
+
+
+@bench.command("fidelity")
+@click.option("--data", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Folder with real/ and fake/ (e.g. the proxy set from `secdfd data synth`).")
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="val", show_default=True)
+@click.option("--images", type=int, default=50, show_default=True, help="Images to compare (classes alternate).")
+@click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Deployable model [default: the embedded model].")
+@click.option("--size", type=int, default=None, help="Input size [default: the model's].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with every image's figures).")
+def fidelity_cmd(data: Path, split: str, images: int, model_path: Path | None, size: int | None,
+                 as_json: bool) -> None:
+    """Secure vs plaintext fused fake probability per image, through dealer and servers as processes.
+
+    Exit status 1 unless every |p_secure - p_plain| <= 1e-3 and every verdict agrees.
+    """
+
+    if images < 1:
+        raise click.BadParameter("compare at least one image", param_hint="--images")
+    torch.set_num_threads(1)
+    try:
+        meta = read_deployable_meta(model_path)
+        model = at_size(load_deployable(model_path), meta.arch, size or meta.size)
+        res = check_fidelity(model, meta.arch, proxy_images(data, split, images, size or meta.size))
+    except SecDFDError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"{res['images']} images ({split} split of {data}), {res['model']} at {res['size']}: "
+                   f"max |p_secure - p_plain| {res['max_abs_error']:.2e}, mean {res['mean_abs_error']:.2e}, "
+                   f"verdicts agree {res['verdicts_agree']}/{res['images']}, median online "
+                   f"{res['online_seconds']:.2f} s: {'PASS' if res['passed'] else 'FAIL'}")
+    if not res["passed"]:
+        raise SystemExit(1)
+
+
+def weights_line(res: dict[str, Any]) -> str:
+    n = res["images"]
+    return (f"{res['weights']}; medians over {n} inference{'s' if n != 1 else ''}, "
+            f"{res['threads']} thread(s) per process")

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 import torch
 
+from secdfd.common import roster
 from secdfd.common.errors import SecDFDError
 
 PathArg = click.Path(path_type=Path)
@@ -217,11 +218,10 @@ def detect_cmd(image: Path, plain: bool, model_path: Path | None, as_json: bool,
         x = load_image(image, model.rgb.input_size)
         with torch.no_grad():
             p_fake = float(model(x)[0, 0])
-    verdict = "fake" if p_fake >= 0.5 else "real"
+    verdict = roster.verdict(p_fake)
     if as_json:
         click.echo(json.dumps({"verdict": verdict, "p_fake": p_fake, "image": str(image)}))
     else:
         click.echo(f"{image}: {verdict} (p_fake {p_fake:.4f})")
 
 
-COMMANDS: list[click.Command] = [data_group, train_cmd, eval_cmd, detect_cmd, export_cmd]

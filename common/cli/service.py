@@ -11,10 +11,9 @@ from typing import Any
 
 import click
 
-from secdfd.common.bench.e2e import e2e  # noqa: F401 - importing it registers `secdfd bench e2e` on the bench group
-from secdfd.common.bench.fidelity import fidelity_cmd  # noqa: F401 - and `secdfd bench fidelity`
 from secdfd.common.errors import SecDFDError
-from secdfd.common.net.keys import PARTIES, make_keys
+from secdfd.common.net.keys import make_keys
+from secdfd.common.roster import PARTIES, PROCESSES
 from secdfd.common.service import local
 
 _STATE = click.option("--state", "state", type=click.Path(path_type=Path), default=Path(".secdfd"),
@@ -116,7 +115,7 @@ def up_cmd(state: Path, model: Path | None, dealer: str, server_a: str, server_b
         running = [s for s in local.read_processes(layout) if s.alive()]
         if running:
             names = ", ".join(s.launch.name for s in running)
-            if len(running) == len(local.PARTIES):
+            if len(running) == len(PROCESSES):
                 click.echo(f"already up ({names}); `secdfd status` shows them, `secdfd down` stops them")
                 return
             raise click.ClickException(f"{names} of an earlier `secdfd up` still running; run `secdfd down` first")
@@ -215,4 +214,3 @@ def status_cmd(state: Path, as_json: bool) -> None:
         raise SystemExit(1)
 
 
-COMMANDS = [keys_cmd, share_cmd, up_cmd, down_cmd, status_cmd]

@@ -46,11 +46,6 @@ class Stats:
         s.bytes += nbytes
         s.rounds += 1
 
-    def reset(self) -> None:
-        self.bytes = 0
-        self.rounds = 0
-        self.steps.clear()
-
 
 def payload_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -66,10 +61,13 @@ class Channel(Protocol):
         ...
 
 
+_Mailbox = queue.Queue[tuple[str, list[torch.Tensor]]]
+
+
 class MemoryChannel:
     """In-process channel end; two of them, made by `pair()`, connect two threads."""
 
-    def __init__(self, inbox: queue.Queue, outbox: queue.Queue, peer: str, timeout: float) -> None:
+    def __init__(self, inbox: _Mailbox, outbox: _Mailbox, peer: str, timeout: float) -> None:
         self._inbox = inbox
         self._outbox = outbox
         self._peer = peer
@@ -91,8 +89,8 @@ class MemoryChannel:
 
 def pair(timeout: float = 600.0) -> tuple[MemoryChannel, MemoryChannel]:
     """Two connected in-memory channel ends (party 0's, party 1's)."""
-    a: queue.Queue = queue.Queue()
-    b: queue.Queue = queue.Queue()
+    a: _Mailbox = queue.Queue()
+    b: _Mailbox = queue.Queue()
     return MemoryChannel(a, b, "party 1", timeout), MemoryChannel(b, a, "party 0", timeout)
 
 
@@ -114,4 +112,4 @@ def run_pair(fn0: Callable[[], A], fn1: Callable[[], B]) -> tuple[A, B]:
     for e in errors:
         if e is not None:
             raise e
-    return results[0], results[1]  # type: ignore[return-value]
+    return results[0], results[1]

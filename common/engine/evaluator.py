@@ -1,53 +1,33 @@
-"""The party runtime: one server's side of a secure inference, and the scheduler that batches
-rounds.
+"""One server's side of a secure inference (`Party`), and the dealer of its randomness (`Dealer`).
 
-Every step of the plan runs as a protocol generator. The scheduler starts each step as soon as its
-inputs exist, advances every running step until it needs to communicate, and sends all their
-openings of that round in ONE message. Independent steps (the RGB and YCbCr streams, the two
-branches of channel attention) therefore share rounds without any special casing. Both parties run
-the same deterministic schedule, so their messages line up.
+Every step of the plan runs as a protocol generator under the driver (`Lockstep`): the scheduler
+starts each step as soon as its inputs exist, advances every running step until it needs to
+communicate, and sends all their openings of that round in ONE message. Independent steps (the RGB
+and YCbCr streams, the two branches of channel attention) therefore share rounds without any special
+casing. Both parties run the same deterministic schedule, so their messages line up.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from secdfd.common.engine.channel import Channel, payload_bytes
+from secdfd.common.engine.driver import Lockstep
+from secdfd.common.engine.figures import Report, StepFigures
 from secdfd.common.engine.plan import Plan
 from secdfd.common.engine.prng import new_seed
 from secdfd.common.engine.protocols.base import Ctx
 from secdfd.common.engine.randomness import Bundle, Provision, Source
-from secdfd.common.engine.steps import KINDS, Weights, fc_layout
+from secdfd.common.engine.steps import STEP_KINDS, Weights, fc_layout
 from secdfd.common.errors import ProtocolError, RandomnessError
 
 
-@dataclass
-class StepReport:
-    name: str
-    op: str
-    bytes: int = 0
-    rounds: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
-class Report:
-    """What one party measured for one inference."""
-
-    seconds: float = 0.0  # online wall time
-    prepare_seconds: float = 0.0  # expanding this party's randomness ahead of the online phase
-    bytes: int = 0
-    rounds: int = 0
-    steps: list[StepReport] = field(default_factory=list)
-
-
 class Party:
-    """One server's runtime for one plan. `setup` once; `infer` per request."""
+    """One server's runtime for one plan: `setup` once, `prepare` a bundle ahead, `run` per request."""
 
     def __init__(
         self,
@@ -76,7 +56,7 @@ class Party:
 
     def setup(self) -> None:
         """Open F = W - B for every weight once (one round); keep F and this party's mask share."""
-        masked_keys = _masked_keys(self.plan)
+        masked_keys = self.plan.masked_keys()
         B = {k: self._provision.source(k).ring("B", self.plan.weights[k]) for k in masked_keys}
         mine = [self._shares[k] - B[k] for k in masked_keys]
         peer = self.channel.exchange("setup/open-weights", mine)
@@ -97,7 +77,7 @@ class Party:
         bundle.consume()
         rands: list[Any] = []
         for step in self.plan.steps:
-            kind = KINDS[step.op]
+            kind = STEP_KINDS[step.op]
             src = bundle.source(step.index)
             R = kind.deal(src, step, self.plan, self.ctx, self.weights)
             src.finish()
@@ -107,99 +87,93 @@ class Party:
             rands.append(R)
         return rands
 
-    def infer(self, x_share: torch.Tensor, bundle: Bundle) -> tuple[torch.Tensor, Report]:
-        """This party's share of the model output for its share of the input (ring, scale f)."""
+    def run(self, x_share: torch.Tensor, rands: list[Any]) -> tuple[torch.Tensor, Report]:
+        """The online phase (the randomness already prepared): this party's share of the output."""
+        if self.weights is None:
+            raise RuntimeError("setup() must run before inference")
         if tuple(x_share.shape) != self.plan.input_shape:
             raise ValueError(f"input share has shape {tuple(x_share.shape)}, the plan expects {self.plan.input_shape}")
-        t0 = time.perf_counter()
-        rands = self.prepare(bundle)
-        t1 = time.perf_counter()
-        y, report = self.run(x_share, rands)
-        report.prepare_seconds = t1 - t0
-        return y, report
-
-    def run(self, x_share: torch.Tensor, rands: list[Any]) -> tuple[torch.Tensor, Report]:
-        """The online phase (the randomness already prepared)."""
-        assert self.weights is not None
+        weights = self.weights
         t0 = time.perf_counter()
         b0, r0 = self.channel.stats.bytes, self.channel.stats.rounds
         steps = self.plan.steps
-        reports = [StepReport(s.name, s.op) for s in steps]
-        values: dict[int, torch.Tensor] = {}
-        remaining_users = [0] * len(steps)
-        for s in steps:
-            for i in s.inputs:
-                remaining_users[i] += 1
-        waiting = {s.index: len(set(s.inputs)) for s in steps}
-        consumers: dict[int, list[int]] = {}
-        for s in steps:
-            for i in set(s.inputs):
-                consumers.setdefault(i, []).append(s.index)
-        pending: dict[int, tuple[Any, list[torch.Tensor]]] = {}
-        ready = [s.index for s in steps if not s.inputs]
+        role = self.role
+        figures = [StepFigures(s.index, s.name, s.op) for s in steps]
+        flow = _Dataflow(self.plan)
 
-        def finish(idx: int, value: torch.Tensor) -> None:
-            values[idx] = value
-            for c in consumers.get(idx, []):
-                waiting[c] -= 1
-                if waiting[c] == 0:
-                    ready.append(c)
-            for i in steps[idx].inputs:  # free inputs nobody needs any more
-                remaining_users[i] -= 1
-                if remaining_users[i] == 0 and i != self.plan.output:
-                    values.pop(i, None)
+        def timed(idx: int, seconds: float) -> None:
+            figures[idx] = dataclasses.replace(figures[idx], seconds=figures[idx].seconds + seconds)
 
-        def advance(idx: int, gen: Any, peer: list[torch.Tensor] | None) -> None:
-            t = time.perf_counter()
-            try:
-                out = next(gen) if peer is None else gen.send(peer)
-            except StopIteration as stop:
-                reports[idx].seconds += time.perf_counter() - t
-                finish(idx, stop.value)
-                return
-            reports[idx].seconds += time.perf_counter() - t
-            pending[idx] = (gen, out)
+        def sent(idx: int, mine: list[torch.Tensor]) -> None:
+            f = figures[idx]
+            b = list(f.bytes_per_party)
+            b[role] += payload_bytes(mine)
+            figures[idx] = dataclasses.replace(f, bytes_per_party=(b[0], b[1]), rounds=f.rounds + 1)
 
+        running = Lockstep(flow.finish, timed, sent)
         rnd = 0
         while True:
-            while ready:
-                ready.sort()
-                idx = ready.pop(0)
+            while flow.ready:
+                idx = flow.next_ready()
                 step = steps[idx]
                 if step.op == "input":
-                    finish(idx, x_share.to(self.device))
+                    flow.finish(idx, x_share.to(self.device))
                     continue
-                gen = KINDS[step.op].run(self.ctx, step, [values[i] for i in step.inputs], rands[idx], self.weights)
-                advance(idx, gen, None)
-            if not pending:
+                ins = [flow.values[i] for i in step.inputs]
+                running.add(idx, STEP_KINDS[step.op].run(self.ctx, step, ins, rands[idx], weights))
+            if not running:
                 break
-            order = sorted(pending)
-            flat = [t for i in order for t in pending[i][1]]
+            flat = running.openings()
             # One message per round: the openings of every running step.
             if self.device.type != "cpu":
                 flat = [t.cpu() for t in flat]
-            peer = self.channel.exchange(f"round {rnd}: {steps[order[0]].name}", flat)
+            peer = self.channel.exchange(f"round {rnd}: {steps[running.keys()[0]].name}", flat)
             if len(peer) != len(flat) or any(p.shape != m.shape or p.dtype != m.dtype
                                              for p, m in zip(peer, flat, strict=True)):
                 raise ProtocolError(f"the peer server sent a message of another layout in round {rnd}")
             rnd += 1
-            pos = 0
-            current = pending
-            pending = {}
-            for i in order:
-                gen, mine = current[i]
-                k = len(mine)
-                reports[i].bytes += payload_bytes(mine)
-                reports[i].rounds += 1
-                advance(i, gen, [t.to(self.device) for t in peer[pos : pos + k]])
-                pos += k
+            running.deliver([t.to(self.device) for t in peer])
         report = Report(
             seconds=time.perf_counter() - t0,
             bytes=self.channel.stats.bytes - b0,
             rounds=self.channel.stats.rounds - r0,
-            steps=reports,
+            steps=figures,
         )
-        return values[self.plan.output].cpu(), report
+        return flow.values[self.plan.output].cpu(), report
+
+
+class _Dataflow:
+    """Which steps can run: a step is ready once every input exists; a value is freed once its last
+    consumer finished (the output is kept)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.values: dict[int, torch.Tensor] = {}
+        self._users = [0] * len(plan.steps)
+        self._waiting = {s.index: len(set(s.inputs)) for s in plan.steps}
+        self._consumers: dict[int, list[int]] = {}
+        for s in plan.steps:
+            for i in s.inputs:
+                self._users[i] += 1
+            for i in set(s.inputs):
+                self._consumers.setdefault(i, []).append(s.index)
+        self.ready = [s.index for s in plan.steps if not s.inputs]
+
+    def next_ready(self) -> int:
+        """The lowest-numbered ready step (both parties start steps in the same order)."""
+        self.ready.sort()
+        return self.ready.pop(0)
+
+    def finish(self, idx: int, value: torch.Tensor) -> None:
+        self.values[idx] = value
+        for c in self._consumers.get(idx, []):
+            self._waiting[c] -= 1
+            if self._waiting[c] == 0:
+                self.ready.append(c)
+        for i in self.plan.steps[idx].inputs:  # free inputs nobody needs any more
+            self._users[i] -= 1
+            if self._users[i] == 0 and i != self.plan.output:
+                self.values.pop(i, None)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -215,15 +189,6 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return type(obj)(**{f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj)})
     return obj
-
-
-def _masked_keys(plan: Plan) -> list[str]:
-    """Weight keys that get a fixed mask B (weights proper; biases are only added)."""
-    keys = []
-    for s in plan.steps:
-        if s.op == "linear" and s.attrs["weight"] not in keys:
-            keys.append(s.attrs["weight"])
-    return keys
 
 
 class Dealer:
@@ -249,7 +214,7 @@ class Dealer:
         if self._masks is None:
             self._masks = fc_layout(self.plan, {
                 k: Source.dealer(self._prov_seeds, f"prov/{k}").ring("B", self.plan.weights[k])
-                for k in _masked_keys(self.plan)
+                for k in self.plan.masked_keys()
             })
         return Weights(self._masks, {}, {}, {})
 
@@ -263,7 +228,7 @@ class Dealer:
         corrections: dict[int, list[torch.Tensor]] = {}
         for step in self.plan.steps:
             src = Source.dealer(seeds, f"bundle/{step.index}")
-            KINDS[step.op].deal(src, step, self.plan, self.ctx, w)
+            STEP_KINDS[step.op].deal(src, step, self.plan, self.ctx, w)
             if src.corrections:
                 corrections[step.index] = src.corrections
         return Bundle(bundle_id, 0, seeds[0]), Bundle(bundle_id, 1, seeds[1], corrections)

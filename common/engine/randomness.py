@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 import torch
 
-from secdfd.common.engine.prng import Stream, new_seed
+from secdfd.common.engine.prng import Stream
 from secdfd.common.errors import RandomnessError
 
 Shape = tuple[int, ...]
@@ -151,10 +151,6 @@ class Bundle:
         self._consumed = True
         return self
 
-    @property
-    def consumed(self) -> bool:
-        return self._consumed
-
     def source(self, step: int) -> Source:
         return Source.party(self.role, self.seed, f"bundle/{step}", self.corrections.get(step, []))
 
@@ -166,7 +162,7 @@ class Bundle:
         steps = [[k, [[_NAMES[t.dtype], list(t.shape)] for t in ts]] for k, ts in sorted(self.corrections.items())]
         head = msgpack.packb({"v": 2, "id": self.bundle_id, "role": self.role, "seed": self.seed, "steps": steps})
         body = [t.contiguous().numpy().tobytes() for _, ts in sorted(self.corrections.items()) for t in ts]
-        return struct.pack("<I", len(head)) + head + b"".join(body)
+        return bytes(struct.pack("<I", len(head)) + head + b"".join(body))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Bundle:
@@ -218,6 +214,3 @@ class Provision:
             raise RandomnessError("malformed provisioning file")
         return cls(data[0], data[1:])
 
-
-def fresh_seeds() -> tuple[bytes, bytes]:
-    return new_seed(), new_seed()

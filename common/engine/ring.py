@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-RING_BITS = 64
 DTYPE = torch.int64
-_MASK63 = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -55,13 +53,3 @@ def msb(x: torch.Tensor) -> torch.Tensor:
     """Most significant bit (0 or 1) of each ring element, as int64."""
     return lshr(x, 63)
 
-
-def to_signed(v: int) -> int:
-    """Python integer -> the int64 value representing it mod 2^64."""
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >> 63 else v
-
-
-def to_unsigned(v: int) -> int:
-    """int64 value -> its representative in [0, 2^64)."""
-    return v & ((1 << 64) - 1)

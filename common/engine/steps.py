@@ -1,5 +1,6 @@
 """What each plan step does: its correlated randomness (`deal`, run by the dealer and both parties)
-and its online protocol (`run`). An explicit registry maps step ops to kinds; unknown ops fail."""
+and its online protocol (`run`). An explicit registry (`STEP_KINDS`) maps step ops to `StepKind`s and
+rejects duplicates; an unknown op fails."""
 
 from __future__ import annotations
 
@@ -10,7 +11,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from secdfd.common.engine.plan import Plan, Step
+from secdfd.common.engine.plan import (
+    AddAttrs,
+    AddConstAttrs,
+    CatAttrs,
+    LinearAttrs,
+    MeanAttrs,
+    Plan,
+    ReduceAttrs,
+    ScaleAttrs,
+    ShiftAttrs,
+    Step,
+    SumPoolAttrs,
+    WindowAttrs,
+)
 from secdfd.common.engine.protocols import arith, compare, pool, sigmoid
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
@@ -19,7 +33,7 @@ from secdfd.common.engine.ringops import ring_op
 
 def fc_keys(plan: Plan) -> set[str]:
     """Weight keys of fully connected layers, which the runtime stores transposed."""
-    return {s.attrs["weight"] for s in plan.steps if s.op == "linear" and s.attrs["kind"] == "fc"}
+    return {a.weight for a in plan.linear_layers() if a.kind == "fc"}
 
 
 def fc_layout(plan: Plan, ws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,15 +79,15 @@ def depthwise(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilat
 
 def linear_op(step: Step, limbs: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The ring operator of a linear step; `limbs` selects float64 limb products (CUDA)."""
-    a = step.attrs
-    wshape = a["wshape"]
+    a = step.get(LinearAttrs)
+    wshape = a.wshape
     reduction = 1
     for d in wshape[1:]:
         reduction *= d
-    if a["kind"] == "fc":
+    if a.kind == "fc":
         # fc weights are kept transposed, (in, out), contiguous: int64 x @ w is 4x faster that way
         return ring_op(lambda x, w: x @ w, reduction, limbs)
-    stride, padding, dilation, groups = a["stride"], a["padding"], a["dilation"], a["groups"]
+    stride, padding, dilation, groups = a.stride, a.padding, a.dilation, a.groups
 
     def conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if groups > 1 and groups == x.shape[1] and w.shape[0] == groups and w.shape[1] == 1:
@@ -92,7 +106,9 @@ Run = Callable[[Ctx, Step, list[torch.Tensor], Any, Weights], Proto[torch.Tensor
 
 
 @dataclass(frozen=True)
-class Kind:
+class StepKind:
+    """How one op deals its randomness, folds what is input-independent (`prepare`) and runs."""
+
     deal: Deal
     run: Run
     prepare: Callable[[Any, Step, Weights, Ctx], Any] | None = None
@@ -102,12 +118,13 @@ def _none(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> N
     return None
 
 
-def _local(fn: Callable[[Ctx, Step, list[torch.Tensor], Weights], torch.Tensor]) -> Kind:
+def _local(fn: Callable[[Ctx, Step, list[torch.Tensor], Weights], torch.Tensor]) -> StepKind:
     def run(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
+        if False:  # a generator that never communicates
+            yield []
         return fn(ctx, step, ins, w)
-        yield  # a generator that never communicates
 
-    return Kind(_none, run)
+    return StepKind(_none, run)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -125,19 +142,20 @@ def _in_shape(plan: Plan, step: Step, i: int = 0) -> tuple[int, ...]:
 
 
 def _deal_linear(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
-    mask = w.mask[step.attrs["weight"]] if w is not None and src.is_dealer else torch.empty(0)
+    mask = w.mask[step.get(LinearAttrs).weight] if w is not None and src.is_dealer else torch.empty(0)
     return arith.deal_linear(src, _in_shape(plan, step), step.shape, linear_op(step), mask)
 
 
 def _prepare_linear(R: Any, step: Step, w: Weights, ctx: Ctx) -> Any:
-    return arith.prepare_linear(R, linear_op(step, ctx.limbs), w.F[step.attrs["weight"]])
+    return arith.prepare_linear(R, linear_op(step, ctx.limbs), w.F[step.get(LinearAttrs).weight])
 
 
 def _run_linear(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    y = yield from arith.linear(ctx, ins[0], R, linear_op(step, ctx.limbs), w.wb[step.attrs["weight"]])
-    if step.attrs["bias"]:
-        b = w.bias[step.attrs["bias_key"]]
-        y = y + (b.view(1, -1, 1, 1) if step.attrs["kind"] == "conv" else b.view(1, -1))
+    a = step.get(LinearAttrs)
+    y = yield from arith.linear(ctx, ins[0], R, linear_op(step, ctx.limbs), w.wb[a.weight])
+    if a.bias:
+        b = w.bias[a.bias_key]
+        y = y + (b.view(1, -1, 1, 1) if a.kind == "conv" else b.view(1, -1))
     return y
 
 
@@ -145,20 +163,20 @@ def _run_linear(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weight
 
 
 def _run_trunc(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    return (yield from arith.trunc(ctx, ins[0], R, step.attrs["shift"]))
+    return (yield from arith.trunc(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
 def _run_relu(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    return (yield from compare.relu(ctx, ins[0], R, step.attrs["shift"]))
+    return (yield from compare.relu(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
 def _run_sigmoid(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    return (yield from sigmoid.sigmoid(ctx, ins[0], R, step.attrs["shift"]))
+    return (yield from sigmoid.sigmoid(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
 def _run_maxpool(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    a = step.attrs
-    return (yield from pool.maxpool2d(ctx, ins[0], R, a["k"], a["s"], a["p"]))
+    a = step.get(WindowAttrs)
+    return (yield from pool.maxpool2d(ctx, ins[0], R, a.k, a.s, a.p))
 
 
 def _reduce_layout(in_shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[list[int], int, int]:
@@ -169,12 +187,12 @@ def _reduce_layout(in_shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[li
 
 
 def _deal_maxreduce(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
-    _, rows, n = _reduce_layout(_in_shape(plan, step), step.attrs["dims"])
+    _, rows, n = _reduce_layout(_in_shape(plan, step), step.get(ReduceAttrs).dims)
     return pool.deal_reduce_max(src, rows, n, ctx.cmp_bits)
 
 
 def _run_maxreduce(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    perm, rows, n = _reduce_layout(tuple(ins[0].shape), step.attrs["dims"])
+    perm, rows, n = _reduce_layout(tuple(ins[0].shape), step.get(ReduceAttrs).dims)
     x = ins[0].permute(perm).reshape(rows, n)
     y = yield from pool.reduce_max(ctx, x, R)
     return y.reshape(step.shape)
@@ -187,10 +205,6 @@ def _run_mul(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) 
 # local steps ----------------------------------------------------------------------------------
 
 
-def _input(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
-    raise AssertionError("the input step is fed by the evaluator")
-
-
 def _output(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
     return ins[0]
 
@@ -200,9 +214,9 @@ def _reshape(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch
 
 
 def _add(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
-    a = step.attrs
+    a = step.get(AddAttrs)
     out = None
-    for x, lift, sign in zip(ins, a["lift"], a["signs"], strict=True):
+    for x, lift, sign in zip(ins, a.lift, a.signs, strict=True):
         x = (x << lift) if lift else x
         x = x if sign == 1 else -x
         out = x if out is None else out + x
@@ -211,58 +225,70 @@ def _add(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Ten
 
 
 def _add_const(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
-    x = ins[0] if step.attrs["sign"] == 1 else -ins[0]
-    return x + round(step.attrs["value"] * (1 << step.scale)) if ctx.party == 0 else x
+    a = step.get(AddConstAttrs)
+    x = ins[0] if a.sign == 1 else -ins[0]
+    return x + round(a.value * (1 << step.scale)) if ctx.party == 0 else x
 
 
 def _scale(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
-    return ins[0] * step.attrs["mult"]
+    return ins[0] * step.get(ScaleAttrs).mult
 
 
 def _cat(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
-    xs = [(x << lift) if lift else x for x, lift in zip(ins, step.attrs["lift"], strict=True)]
-    return torch.cat(xs, step.attrs["dim"])
+    a = step.get(CatAttrs)
+    xs = [(x << lift) if lift else x for x, lift in zip(ins, a.lift, strict=True)]
+    return torch.cat(xs, a.dim)
 
 
 def _mean(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
-    return (ins[0].sum(dim=step.attrs["dims"]) * step.attrs["mult"]).reshape(step.shape)
+    a = step.get(MeanAttrs)
+    return (ins[0].sum(dim=a.dims) * a.mult).reshape(step.shape)
 
 
 def _sumpool(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
-    a = step.attrs
-    x = F.pad(ins[0], (a["p"],) * 4) if a["p"] else ins[0]
-    s = x.unfold(2, a["k"], a["s"]).unfold(3, a["k"], a["s"]).sum((-1, -2))
-    return s * a["mult"]
+    a = step.get(SumPoolAttrs)
+    x = F.pad(ins[0], (a.p,) * 4) if a.p else ins[0]
+    s = x.unfold(2, a.k, a.s).unfold(3, a.k, a.s).sum((-1, -2))
+    return s * a.mult
 
 
-KINDS: dict[str, Kind] = {}
+def _deal_trunc(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+    return arith.deal_trunc(src, _numel(step.shape), step.get(ShiftAttrs).shift)
 
 
-def register(op: str, kind: Kind) -> None:
-    if op in KINDS:
-        raise ValueError(f"step kind {op!r} registered twice")
-    KINDS[op] = kind
+def _deal_relu(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+    return compare.deal_relu(src, _numel(step.shape), step.get(ShiftAttrs).shift, ctx.cmp_bits)
 
 
-register("input", _local(_input))
-register("output", _local(_output))
-register("reshape", _local(_reshape))
-register("add", _local(_add))
-register("add_const", _local(_add_const))
-register("scale", _local(_scale))
-register("cat", _local(_cat))
-register("mean", _local(_mean))
-register("sumpool", _local(_sumpool))
-register("linear", Kind(_deal_linear, _run_linear, _prepare_linear))
-register("trunc", Kind(lambda src, st, pl, c, w: arith.deal_trunc(src, _numel(st.shape), st.attrs["shift"]),
-                       _run_trunc))
-register("relu", Kind(lambda src, st, pl, c, w: compare.deal_relu(src, _numel(st.shape), st.attrs["shift"], c.cmp_bits),
-                      _run_relu))
-register("sigmoid", Kind(lambda src, st, pl, c, w: sigmoid.deal_sigmoid(src, _numel(st.shape), st.attrs["shift"],
-                                                                         c.frac, c.cmp_bits), _run_sigmoid))
-register("maxpool", Kind(lambda src, st, pl, c, w: pool.deal_maxpool(src, _in_shape(pl, st), st.attrs["k"],
-                                                                      st.attrs["s"], st.attrs["p"], c.cmp_bits),
-                         _run_maxpool))
-register("maxreduce", Kind(_deal_maxreduce, _run_maxreduce))
-register("mul", Kind(lambda src, st, pl, c, w: arith.deal_mul(src, _in_shape(pl, st, 0), _in_shape(pl, st, 1)),
-                     _run_mul))
+def _deal_sigmoid(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+    return sigmoid.deal_sigmoid(src, _numel(step.shape), step.get(ShiftAttrs).shift, ctx.frac, ctx.cmp_bits)
+
+
+def _deal_maxpool(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+    a = step.get(WindowAttrs)
+    return pool.deal_maxpool(src, _in_shape(plan, step), a.k, a.s, a.p, ctx.cmp_bits)
+
+
+def _deal_mul(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+    return arith.deal_mul(src, _in_shape(plan, step, 0), _in_shape(plan, step, 1))
+
+
+# The input step is fed by the evaluator and never run.
+STEP_KINDS: dict[str, StepKind] = {
+    "input": _local(_output),
+    "output": _local(_output),
+    "reshape": _local(_reshape),
+    "add": _local(_add),
+    "add_const": _local(_add_const),
+    "scale": _local(_scale),
+    "cat": _local(_cat),
+    "mean": _local(_mean),
+    "sumpool": _local(_sumpool),
+    "linear": StepKind(_deal_linear, _run_linear, _prepare_linear),
+    "trunc": StepKind(_deal_trunc, _run_trunc),
+    "relu": StepKind(_deal_relu, _run_relu),
+    "sigmoid": StepKind(_deal_sigmoid, _run_sigmoid),
+    "maxpool": StepKind(_deal_maxpool, _run_maxpool),
+    "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce),
+    "mul": StepKind(_deal_mul, _run_mul),
+}

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from secdfd.common.engine.channel import pair, run_pair
-from secdfd.common.engine.evaluator import Dealer, Party, Report
+from secdfd.common.engine.evaluator import Dealer, Party
+from secdfd.common.engine.figures import StepFigures, merge
 from secdfd.common.engine.plan import Plan, build_plan, extract_weights
 from secdfd.common.engine.ring import FixedPoint
 from secdfd.common.engine.sharing import share
@@ -28,7 +29,7 @@ class EvalReport:
     bytes_per_party: list[int]
     rounds: int
     dealer_bytes: int
-    steps: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[StepFigures] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -38,7 +39,7 @@ class EvalReport:
             "bytes_per_party": self.bytes_per_party,
             "rounds": self.rounds,
             "dealer_bytes": self.dealer_bytes,
-            "steps": self.steps,
+            "steps": [s.to_dict() for s in self.steps],
         }
 
 
@@ -47,26 +48,14 @@ def share_weights(module: nn.Module, plan: Plan) -> tuple[dict[str, torch.Tensor
     fp = FixedPoint(plan.frac)
     w0: dict[str, torch.Tensor] = {}
     w1: dict[str, torch.Tensor] = {}
-    bias_keys = {s.attrs["bias_key"] for s in plan.steps if s.op == "linear" and s.attrs["bias"]}
+    bias_keys = plan.bias_keys()
     for k, v in extract_weights(module, plan).items():
         enc = FixedPoint(2 * plan.frac).encode(v) if k in bias_keys else fp.encode(v)
         w0[k], w1[k] = share(enc)
     return w0, w1
 
 
-def layer_breakdown(plan: Plan, reports: list[Report]) -> list[dict[str, Any]]:
-    """Per plan step: op, shape, bytes sent by each party, rounds it took part in, seconds."""
-    out = []
-    for i, s in enumerate(plan.steps):
-        r = [rep.steps[i] for rep in reports]
-        if s.op in ("input", "output", "reshape") and not r[0].bytes:
-            continue
-        out.append({
-            "name": s.name, "op": s.op, "shape": list(s.shape),
-            "bytes_per_party": [x.bytes for x in r], "rounds": r[0].rounds,
-            "seconds": max(x.seconds for x in r),
-        })
-    return out
+_SILENT = ("input", "output", "reshape")
 
 
 class TwoParty:
@@ -107,6 +96,7 @@ class TwoParty:
             bytes_per_party=[rep0.bytes, rep1.bytes],
             rounds=rep0.rounds,
             dealer_bytes=dealer_bytes,
-            steps=layer_breakdown(self.plan, [rep0, rep1]),
+            # every step but the bookkeeping ones (input, output, reshape) that never communicate
+            steps=[f for f in merge(rep0.steps, rep1.steps) if f.rounds or f.op not in _SILENT],
         )
         return y, rep

@@ -102,7 +102,8 @@ class SeparableConvNorm(nn.Module):
         self.pointwise = conv_norm(cin, cout, 1, folded=folded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(self.depthwise(x))
+        out: torch.Tensor = self.pointwise(self.depthwise(x))
+        return out
 
 
 class ChannelAttention(nn.Module):
@@ -119,7 +120,8 @@ class ChannelAttention(nn.Module):
         self.gate = gate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gate(self.mlp(self.avg(x)) + self.mlp(self.max(x)))
+        out: torch.Tensor = self.gate(self.mlp(self.avg(x)) + self.mlp(self.max(x)))
+        return out
 
 
 class SpatialAttention(nn.Module):
@@ -132,7 +134,8 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([torch.mean(x, dim=1, keepdim=True), torch.amax(x, dim=1, keepdim=True)], dim=1)
-        return self.gate(self.conv(pooled))
+        out: torch.Tensor = self.gate(self.conv(pooled))
+        return out
 
 
 class Block(nn.Module):
@@ -163,7 +166,8 @@ class Block(nn.Module):
         x = self.rep(inp)
         x = self.ca(x) * x
         x = self.sa(x) * x
-        return x + (inp if self.skip is None else self.skip(inp))
+        out: torch.Tensor = x + (inp if self.skip is None else self.skip(inp))
+        return out
 
 
 class Aggregation(nn.Module):
@@ -178,7 +182,8 @@ class Aggregation(nn.Module):
         a = torch.cat([self.pool(y1), y2], dim=1)
         a = torch.cat([self.pool(a), y3], dim=1)
         a = torch.cat([self.pool(a), y4], dim=1)
-        return self.gap(a)
+        out: torch.Tensor = self.gap(a)
+        return out
 
 
 def check_size(size: int) -> int:
@@ -222,7 +227,8 @@ class DFDNet(nn.Module):
             x = block(x)
         x = self.relu(self.exit2(self.relu(self.exit1(x))))
         x = torch.cat([self.gap(x), self.aggregate(y1, y2, y3, y4)], dim=1)
-        return self.fc2(self.fc1(torch.flatten(x, 1)))
+        out: torch.Tensor = self.fc2(self.fc1(torch.flatten(x, 1)))
+        return out
 
 
 def init_weights(model: nn.Module) -> None:
@@ -293,7 +299,8 @@ class FusedDFDNet(nn.Module):
         return torch.cat([p_rgb, p_ycc], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mean(self.stream_probs(x))
+        out: torch.Tensor = self.mean(self.stream_probs(x))
+        return out
 
 
 def fixed_linear(weights: list[float]) -> nn.Linear:

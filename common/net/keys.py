@@ -34,8 +34,7 @@ import zmq
 import zmq.auth
 
 from secdfd.common.errors import SecDFDError
-
-PARTIES = ("dealer", "server_a", "server_b", "client")
+from secdfd.common.roster import PARTIES
 
 # party -> {listening domain -> allowed peers}
 LISTENS: Mapping[str, Mapping[str, tuple[str, ...]]] = MappingProxyType(

@@ -11,10 +11,13 @@ Three ways of talking, all with deadlines:
 
 - `ZmqChannel` (server_a <-> server_b): the `Channel` interface over a DEALER-DEALER pair, server_a
   binding, server_b connecting. `exchange` is one round: send this party's tensors, receive the
-  peer's. Messages carry the session id and a per-direction counter, so a late message from an
-  aborted session is recognised and dropped, and a message out of step is a ProtocolError.
-  `send`/`recv` carry the control messages that start a session; `abort` tells the peer why a
-  session failed so that it stops waiting at once.
+  peer's. Messages carry a conversation id (`sid`) and a per-direction counter, so a late message of
+  an earlier conversation is recognised and dropped, and a message out of step is a ProtocolError.
+  `send`/`recv` carry single messages of the current conversation, `next_message` whatever comes
+  next, and `abort` tells the peer why a conversation failed so that it stops waiting at once. What
+  the messages mean (set-up, session start, ready) is the session protocol's business
+  (`secdfd.common.service.session`), which may claim a message of another conversation through the
+  `interrupt` hook.
 - `Requester` (client -> server, server -> dealer): one outstanding request at a time on a DEALER
   socket; the reply must echo the request's session id and counter. A socket monitor turns a
   refused key or a dropped connection into an immediate PeerLost instead of a silent timeout.
@@ -43,9 +46,20 @@ from zmq.utils.monitor import recv_monitor_message
 from secdfd.common.engine.channel import Stats, payload_bytes
 from secdfd.common.errors import ERRORS, PeerLost, PeerTimeout, ProtocolError, RemoteError, SecDFDError
 from secdfd.common.net.keys import KeyFileError, PartyKeys, allowed_keys
-from secdfd.common.net.wire import DEFAULT_LIMITS, KINDS, KindRegistry, Limits, Message, error_message, pack, unpack
+from secdfd.common.net.wire import (
+    DEFAULT_LIMITS,
+    MESSAGE_KINDS,
+    Limits,
+    Message,
+    MessageKinds,
+    error_message,
+    pack,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
+
+Socket = zmq.Socket[bytes]  # every socket here sends and receives bytes frames
 
 _HEARTBEAT_MS = 1000  # ZMTP pings: a dead peer is noticed (and reconnected) within a few seconds
 _HEARTBEAT_TIMEOUT_MS = 5000
@@ -59,13 +73,13 @@ class Node:
     socket it made.
     """
 
-    def __init__(self, keys: PartyKeys, limits: Limits = DEFAULT_LIMITS, kinds: KindRegistry = KINDS) -> None:
+    def __init__(self, keys: PartyKeys, limits: Limits = DEFAULT_LIMITS, kinds: MessageKinds = MESSAGE_KINDS) -> None:
         self.keys = keys
         self.limits = limits
         self.kinds = kinds
         self.context = zmq.Context()
         self._auth: ThreadAuthenticator | None = None
-        self._sockets: list[zmq.Socket] = []
+        self._sockets: list[Socket] = []
 
     def __enter__(self) -> Node:
         return self
@@ -82,7 +96,7 @@ class Node:
             self._auth = None
         self.context.term()
 
-    def _socket(self, socket_type: int) -> zmq.Socket:
+    def _socket(self, socket_type: int) -> Socket:
         s = self.context.socket(socket_type)
         s.linger = 0
         s.maxmsgsize = self.limits.max_bytes + self.limits.max_envelope
@@ -93,7 +107,7 @@ class Node:
         self._sockets.append(s)
         return s
 
-    def listen(self, endpoint: str, domain: str, socket_type: int = zmq.ROUTER) -> tuple[zmq.Socket, str]:
+    def listen(self, endpoint: str, domain: str, socket_type: int = zmq.ROUTER) -> tuple[Socket, str]:
         """A CURVE server socket bound to `endpoint`, admitting only keys in allow/<domain>/.
 
         Returns the socket and the endpoint actually bound (useful with tcp://127.0.0.1:*).
@@ -102,7 +116,7 @@ class Node:
         return s, bound
 
     def listen_monitored(self, endpoint: str, domain: str, socket_type: int = zmq.ROUTER,
-                         monitor: bool = True) -> tuple[zmq.Socket, str, zmq.Socket | None]:
+                         monitor: bool = True) -> tuple[Socket, str, Socket | None]:
         """`listen`, plus (with `monitor`) a socket reporting handshakes and disconnections."""
         folder = self.keys.allow_dir(domain)
         if not allowed_keys(folder):
@@ -128,7 +142,7 @@ class Node:
         return s, str(s.get_string(zmq.LAST_ENDPOINT)), mon
 
     def connect(self, endpoint: str, server: str, socket_type: int = zmq.DEALER,
-                monitor: bool = False) -> tuple[zmq.Socket, zmq.Socket | None]:
+                monitor: bool = False) -> tuple[Socket, Socket | None]:
         """A CURVE client socket to `server` at `endpoint`, pinning the server's public key.
 
         With `monitor`, also a socket that reports handshake failures and disconnections.
@@ -162,7 +176,16 @@ def _ms(deadline: float) -> int:
     return max(0, int((deadline - time.monotonic()) * 1000))
 
 
-def _send(sock: zmq.Socket, frames: list[Any], deadline: float, peer: str, step: str,
+def _recv_now(sock: Socket) -> list[zmq.Frame] | None:
+    """The next message if one is there, else None. A poll may report a socket readable when no
+    message can be read (seen right after a CURVE handshake), so a receive must never block."""
+    try:
+        return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+
+
+def _send(sock: Socket, frames: list[Any], deadline: float, peer: str, step: str,
           track: bool = False) -> zmq.MessageTracker | None:
     if not sock.poll(_ms(deadline), zmq.POLLOUT):
         raise PeerTimeout(f"could not send to {peer} at step {step}: not connected within the deadline; "
@@ -176,8 +199,8 @@ def _send(sock: zmq.Socket, frames: list[Any], deadline: float, peer: str, step:
 class ZmqChannel:
     """One server's end of the server_a <-> server_b channel (the `Channel` interface)."""
 
-    def __init__(self, sock: zmq.Socket, peer: str, timeout: float, limits: Limits = DEFAULT_LIMITS,
-                 kinds: KindRegistry = KINDS, endpoint: str = "", monitor: zmq.Socket | None = None) -> None:
+    def __init__(self, sock: Socket, peer: str, timeout: float, limits: Limits = DEFAULT_LIMITS,
+                 kinds: MessageKinds = MESSAGE_KINDS, endpoint: str = "", monitor: Socket | None = None) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.peer = peer
@@ -193,8 +216,9 @@ class ZmqChannel:
         self._poller.register(sock, zmq.POLLIN)
         if monitor is not None:
             self._poller.register(monitor, zmq.POLLIN)
-        self._stash: Message | None = None  # a session the peer started while ours was running
-        self._stale: Callable[[Message], bool] | None = None
+        # a message of another conversation arrived while waiting in this one: an error to end the
+        # wait with, or None to drop the message (set by the session protocol)
+        self.interrupt: Callable[[Message, str], SecDFDError | None] | None = None
         self._linked = False
 
     @classmethod
@@ -214,22 +238,13 @@ class ZmqChannel:
         """Whether the peer is connected now (authenticated: both ends queue only on such links)."""
         return bool(self.sock.poll(0, zmq.POLLOUT))
 
-    @property
-    def stashed(self) -> Message | None:
-        """The `session` message of a session the peer started while this end was still in another."""
-        return self._stash
-
-    def begin(self, sid: str, stale: Callable[[Message], bool] | None = None) -> None:
-        """Start session `sid`: message counters restart, messages of other sessions are dropped.
-
-        A session the peer starts meanwhile ends this one (PeerLost, the peer's message kept for
-        `recv_session`), unless `stale` says that its start message is one to drop.
-        """
+    def begin(self, sid: str, received: int = 0) -> None:
+        """Start conversation `sid`: message counters restart (`received` messages of it already in
+        hand), messages of other conversations are dropped or claimed by `interrupt`."""
         self.sid = sid
         self._sent = 0
-        self._received = 0
-        self._stale = stale
-        self._linked = False  # set by this session's first message: from then on a lost link is fatal
+        self._received = received
+        self._linked = received > 0  # from this conversation's first message on, a lost link is fatal
 
     def exchange(self, step: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One round: send `tensors` (all openings of the round in one message), get the peer's."""
@@ -265,24 +280,10 @@ class ZmqChannel:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         return self._recv(kind, step, deadline)
 
-    def recv_session(self, timeout: float) -> Message | None:
-        """Wait for the peer to start a new session (a `session` message); None at the deadline.
-
-        Adopts the new session id. Left-over messages of earlier sessions are dropped.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            msg, self._stash = self._stash, None
-            if msg is None:
-                msg = self._next(deadline, "session", idle=True)
-            if msg is None:
-                return None
-            if _starts_session(msg, self.sid):
-                self.begin(msg.sid)
-                self._received = 1
-                self._linked = True
-                return msg
-            log.debug("dropping %s from %s of session %s while idle", msg.kind, self.peer, msg.sid)
+    def next_message(self, timeout: float, step: str = "idle") -> Message | None:
+        """Whatever message comes next, of any conversation, without checking it against this one;
+        None at the deadline. For waiting between conversations: a lost link is not an error here."""
+        return self._next(time.monotonic() + timeout, step, idle=True)
 
     def abort(self, exc: BaseException, step: str = "") -> None:
         """Best effort: tell the peer why this session failed, so it stops waiting now."""
@@ -306,7 +307,9 @@ class ZmqChannel:
                 wait = _ms(deadline) if idle else min(_ms(deadline), _LINK_CHECK_MS)
                 events = dict(self._poller.poll(wait))
             if self.sock in events:
-                return unpack(self.sock.recv_multipart(copy=False), self.peer, step, self.limits, self.kinds)
+                frames = _recv_now(self.sock)
+                if frames is not None:
+                    return unpack(frames, self.peer, step, self.limits, self.kinds)
             if self._monitor is not None and self._monitor in events:
                 while self._monitor.poll(0):  # only a wake-up: the socket's own state is what counts
                     recv_monitor_message(self._monitor)
@@ -327,12 +330,11 @@ class ZmqChannel:
             if msg is None:
                 raise PeerTimeout(f"no message from {self.peer} within {self.timeout:g} s at step {step}; "
                                   f"check that {self.peer} is running")
-            if _starts_session(msg, self.sid) and not (self._stale is not None and self._stale(msg)):
-                self._stash = msg  # the peer gave ours up (or restarted) and begins anew
-                raise PeerLost(f"{self.peer} started a new session during step {step}; it gave this one up "
-                               "or restarted")
             if msg.sid != self.sid:
-                log.debug("dropping %s from %s of old session %s", msg.kind, self.peer, msg.sid)
+                err = self.interrupt(msg, step) if self.interrupt is not None else None
+                if err is not None:
+                    raise err
+                log.debug("dropping %s from %s of conversation %s", msg.kind, self.peer, msg.sid)
                 continue
             if msg.kind == "error":
                 raise remote_error(self.peer, msg)
@@ -342,10 +344,6 @@ class ZmqChannel:
             self._received += 1
             self._linked = True
             return msg
-
-
-def _starts_session(msg: Message, current: str) -> bool:
-    return msg.kind == "session" and msg.seq == 0 and msg.sid != current
 
 
 def _sig(tensors: Sequence[torch.Tensor]) -> str:
@@ -372,7 +370,7 @@ class Requester:
         self.limits = node.limits
         self.kinds = node.kinds
         self.sock, mon = node.connect(endpoint, server, zmq.DEALER, monitor=True)
-        self._monitor: zmq.Socket = mon  # type: ignore[assignment]  # monitor=True always makes one
+        self._monitor: Socket = mon  # type: ignore[assignment]  # monitor=True always makes one
         self._stream = secrets.token_hex(8)
         self._seq = 0
         self._failure: str | None = None
@@ -429,7 +427,7 @@ class Requester:
         return False
 
     @property
-    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
+    def sockets(self) -> tuple[Socket, Socket]:
         """The sockets a reply or a disconnection shows up on (to wait on several servers at once)."""
         return self.sock, self._monitor
 
@@ -450,8 +448,7 @@ class Requester:
                     return None
                 raise PeerTimeout(f"no answer from {self.server} at {self.endpoint} within {waited:g} s at "
                                   f"step {step}; check that {self.server} is running")
-            if self.sock in events:
-                frames = self.sock.recv_multipart(copy=False)
+            if self.sock in events and (frames := _recv_now(self.sock)) is not None:
                 reply = unpack(frames, self.server, step, self.limits, self.kinds)
                 if reply.kind == "error" and (reply.sid == "" or (reply.sid, reply.seq) == (sid, seq)):
                     raise remote_error(self.server, reply)
@@ -504,8 +501,8 @@ class Responder:
         """The next well-formed request, or None when `timeout` passes first."""
         deadline = time.monotonic() + timeout
         while self.sock.poll(_ms(deadline), zmq.POLLIN):
-            frames = self.sock.recv_multipart(copy=False)
-            if len(frames) < 2:
+            frames = _recv_now(self.sock)
+            if frames is None or len(frames) < 2:
                 continue
             route = frames[0].bytes
             key = str(frames[1].get("User-Id") or "").encode()

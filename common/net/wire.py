@@ -8,7 +8,7 @@ A message is one ZeroMQ multipart message::
                    "seq"    int   message counter within the session (>= 0): the n-th round of
                                   an inference, or the request number on a request socket
                    "step"   str   step label (<= 128 chars), e.g. the plan step a round opens
-                   "kind"   str   a name from the registry `KINDS` below
+                   "kind"   str   a name from the registry `MESSAGE_KINDS` below
                    "dtypes" [str] one per tensor frame: "int64" or "uint8"
                    "shapes" [[int]] one per tensor frame: at most 8 dims, each >= 0
                    "meta"   map   the kind's fields, exactly as the kind declares them
@@ -25,7 +25,7 @@ followed by exactly one frame per declared tensor of exactly the declared length
 and total payload are bounded by `Limits`. Any violation raises `ProtocolError` naming the peer and
 the step; error messages describe shapes and fields, never values of tensors.
 
-Message kinds are data: an explicit registry (`KindRegistry`) that rejects duplicate names; the
+Message kinds are data: an explicit registry (`MessageKinds`) that rejects duplicate names; the
 receiver dispatches on the registered name, never with `getattr` on a string from the network.
 """
 
@@ -74,7 +74,7 @@ DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
-class Kind:
+class MessageKind:
     """A message kind: its meta fields (name -> accepted types), tensor count and dtypes."""
 
     name: str
@@ -85,11 +85,11 @@ class Kind:
     dtypes: frozenset[str] = frozenset()
 
 
-class KindRegistry(Mapping[str, Kind]):
+class MessageKinds(Mapping[str, MessageKind]):
     """An explicit, immutable table of message kinds; a duplicate name is a programming error."""
 
-    def __init__(self, kinds: Iterable[Kind]) -> None:
-        table: dict[str, Kind] = {}
+    def __init__(self, kinds: Iterable[MessageKind]) -> None:
+        table: dict[str, MessageKind] = {}
         for k in kinds:
             if k.name in table:
                 raise ValueError(f"message kind {k.name!r} registered twice")
@@ -99,7 +99,7 @@ class KindRegistry(Mapping[str, Kind]):
             table[k.name] = k
         self._table = table
 
-    def __getitem__(self, name: str) -> Kind:
+    def __getitem__(self, name: str) -> MessageKind:
         return self._table[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -115,35 +115,35 @@ _NUM = (int, float)
 _RING = frozenset({"int64"})
 _BYTES = frozenset({"uint8"})
 
-KINDS = KindRegistry(
+MESSAGE_KINDS = MessageKinds(
     [
         # server <-> server
-        Kind("open", "one protocol round: this party's openings, batched into one message",
+        MessageKind("open", "one protocol round: this party's openings, batched into one message",
              max_tensors=1 << 30, dtypes=_RING | _BYTES),  # bounded by Limits.max_tensors
-        Kind("session", "server_a -> server_b: start session `sid` with bundle `bundle` for the "
+        MessageKind("session", "server_a -> server_b: start session `sid` with bundle `bundle` for the "
              "client session `client` (bundle -1: the set-up session)",
              meta={"bundle": _INT, "client": _STR}),
-        Kind("ready", "server_b -> server_a: the client's share and the bundle are in hand"),
+        MessageKind("ready", "server_b -> server_a: the client's share and the bundle are in hand"),
         # client <-> server
-        Kind("info", "ask a server what it serves"),
-        Kind("info_reply", "model name, input size, fixed-point format and party of a server",
+        MessageKind("info", "ask a server what it serves"),
+        MessageKind("info_reply", "model name, input size, fixed-point format and party of a server",
              meta={"party": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT,
                    "bundles_ready": _INT, "prepared": _INT}),
-        Kind("detect", "client -> server: this server's share of one image",
+        MessageKind("detect", "client -> server: this server's share of one image",
              min_tensors=1, max_tensors=1, dtypes=_RING),
-        Kind("result", "server -> client: this server's share of the output and its report",
+        MessageKind("result", "server -> client: this server's share of the output and its report",
              meta={"report": (dict,)}, min_tensors=1, max_tensors=1, dtypes=_RING),
         # server <-> dealer
-        Kind("provision_request", "server -> dealer: provisioning material for the weight masks"),
-        Kind("provision", "dealer -> server: serialised provisioning material and the model it deals for",
+        MessageKind("provision_request", "server -> dealer: provisioning material for the weight masks"),
+        MessageKind("provision", "dealer -> server: serialised provisioning material and the model it deals for",
              meta={"epoch": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT},
              min_tensors=1, max_tensors=1, dtypes=_BYTES),
-        Kind("bundle_request", "server -> dealer: the next correlated-randomness bundle"),
-        Kind("bundle", "dealer -> server: one serialised bundle with its id, in consecutive frames",
+        MessageKind("bundle_request", "server -> dealer: the next correlated-randomness bundle"),
+        MessageKind("bundle", "dealer -> server: one serialised bundle with its id, in consecutive frames",
              meta={"bundle": _INT, "epoch": _STR, "seconds": _NUM},
              min_tensors=1, max_tensors=1 << 14, dtypes=_BYTES),  # frames of <= 1 MiB (see dealer)
         # any direction
-        Kind("error", "the sender failed: exception class name and a one-line message",
+        MessageKind("error", "the sender failed: exception class name and a one-line message",
              meta={"error": _STR, "message": _STR}),
     ]
 )
@@ -161,7 +161,7 @@ class Message:
     tensors: Sequence[torch.Tensor] = ()
 
 
-def pack(msg: Message, kinds: KindRegistry = KINDS) -> list[Any]:
+def pack(msg: Message, kinds: MessageKinds = MESSAGE_KINDS) -> list[Any]:
     """Encode `msg` as frames: the envelope bytes, then one zero-copy buffer per tensor.
 
     The message is validated against its kind on the way out as well, so a bug on this side
@@ -207,7 +207,7 @@ def unpack(
     peer: str,
     step: str = "?",
     limits: Limits = DEFAULT_LIMITS,
-    kinds: KindRegistry = KINDS,
+    kinds: MessageKinds = MESSAGE_KINDS,
 ) -> Message:
     """Decode and validate one received message; `step` is what the receiver expects (for errors).
 
@@ -271,7 +271,7 @@ def unpack(
     )
 
 
-def _check_envelope(env: dict, kind: Kind, nframes: int, peer: str, step: str, limits: Limits) -> None:
+def _check_envelope(env: dict[str, Any], kind: MessageKind, nframes: int, peer: str, step: str, limits: Limits) -> None:
     keys = set(env)
     if keys != _ENVELOPE_KEYS:
         missing, extra = sorted(_ENVELOPE_KEYS - keys), sorted(str(k)[:20] for k in keys - _ENVELOPE_KEYS)
@@ -299,7 +299,11 @@ def _check_envelope(env: dict, kind: Kind, nframes: int, peer: str, step: str, l
         if not (dims_ok and all(_is_int(x) and 0 <= x <= _MAX_DIM for x in s)):
             raise _bad(peer, step, f"tensor {i} shape must be at most {limits.max_dims} "
                                    f"integers in [0, 2^40]")
-    meta = env["meta"]
+    _check_meta(env["meta"], kind, peer, step)
+
+
+def _check_meta(meta: Any, kind: MessageKind, peer: str, step: str) -> None:
+    """The meta map has exactly the kind's fields, each of an accepted type."""
     if not isinstance(meta, dict) or set(meta) != set(kind.meta):
         got = sorted(str(k)[:20] for k in meta) if isinstance(meta, dict) else "not a map"
         raise _bad(peer, step, f"{kind.name} meta fields must be {sorted(kind.meta)}, got {got}")

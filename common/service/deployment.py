@@ -17,13 +17,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from secdfd.common import roster
 from secdfd.common.engine.channel import Channel
-from secdfd.common.engine.evaluator import Dealer, Party, Report
+from secdfd.common.engine.evaluator import Dealer, Party
 from secdfd.common.engine.plan import Plan, build_plan
 from secdfd.common.engine.randomness import Bundle, Provision
 from secdfd.common.engine.ring import FixedPoint
@@ -32,7 +32,6 @@ from secdfd.common.errors import ModelError, RandomnessError
 
 SHARE_FORMAT = "secdfd-weight-share"
 SHARE_VERSION = 1
-SERVERS = ("server_a", "server_b")  # party 0, party 1
 INFO_FILE = "model.json"  # public model info, written next to the weight shares
 
 
@@ -108,7 +107,7 @@ def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: in
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for role, server in enumerate(SERVERS):
+    for role, server in enumerate(roster.SERVERS):
         path = out / f"{server}.weights"
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -203,19 +202,6 @@ def load_bundle(data: bytes, role: int, bundle_id: int) -> Bundle:
         raise RandomnessError(f"the dealer sent bundle {bundle.bundle_id} for party {bundle.role}, "
                               f"expected {bundle_id} for party {role}")
     return bundle
-
-
-def report_dict(report: Report) -> dict[str, Any]:
-    """A server's report as plain msgpack-able values (`seconds`: the online phase only)."""
-    return {
-        "seconds": report.seconds,
-        "prepare_seconds": report.prepare_seconds,
-        "bytes": report.bytes,
-        "rounds": report.rounds,
-        # [plan index, name, op, bytes, rounds, seconds] of each step that communicated
-        "steps": [[i, s.name, s.op, s.bytes, s.rounds, s.seconds] for i, s in enumerate(report.steps)
-                  if s.bytes or s.rounds],
-    }
 
 
 # --- client -----------------------------------------------------------------------------------

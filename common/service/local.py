@@ -15,6 +15,7 @@ e.g. prefix the command line with `ip netns exec NS` and give `Endpoints` on oth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secdfd.common import roster
 from secdfd.common.errors import PeerLost, PeerTimeout, SecDFDError
 
-PARTIES = ("dealer", "server_a", "server_b")
 PROCESSES_FILE = "processes.json"
 
 
@@ -41,10 +42,10 @@ class DeploymentError(SecDFDError):
 class Endpoints:
     """Where each party listens; the same strings are bound and connected to (one machine)."""
 
-    dealer: str = "tcp://127.0.0.1:7300"
-    server_a: str = "tcp://127.0.0.1:7301"
-    server_b: str = "tcp://127.0.0.1:7302"
-    peer: str = "tcp://127.0.0.1:7310"  # server_a <-> server_b
+    dealer: str = roster.endpoint(roster.DEALER)
+    server_a: str = roster.endpoint(roster.SERVER_A)
+    server_b: str = roster.endpoint(roster.SERVER_B)
+    peer: str = roster.endpoint("peer")  # server_a <-> server_b
 
     @classmethod
     def free(cls, host: str = "127.0.0.1") -> Endpoints:
@@ -127,9 +128,10 @@ def launches(layout: Layout, endpoints: Endpoints, options: Options = Options())
                                "--state", str(layout.state("dealer")), "--listen", endpoints.dealer,
                                "--model", str(layout.model_info)), env, endpoints.dealer)
     out = [dealer]
-    for party, listen in (("a", endpoints.server_a), ("b", endpoints.server_b)):
-        name = f"server_{party}"
-        argv = [py, "-m", f"secdfd.{name}", "--keys", str(layout.keys / name),
+    for srv, listen in ((roster.server(roster.SERVER_A), endpoints.server_a),
+                        (roster.server(roster.SERVER_B), endpoints.server_b)):
+        name = srv.name
+        argv = [py, "-m", srv.module, "--keys", str(layout.keys / name),
                 "--weights", str(layout.shares / f"{name}.weights"), "--state", str(layout.state(name)),
                 "--listen", listen, "--peer", endpoints.peer, "--dealer", endpoints.dealer,
                 "--depth", str(options.depth), "--timeout", f"{options.timeout:g}", "--device", options.device]
@@ -163,6 +165,17 @@ class Started:
         if self.process is not None:
             return self.process.poll() is None
         return _pid_runs(self.pid, self.launch.argv)
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """How and where parties are started: the `Spawn` and the endpoints (None: free loopback ports)."""
+
+    spawn: Spawn = spawn_local
+    endpoints: Endpoints | None = None
+
+
+ON_LOOPBACK = Launcher()  # local processes on free loopback ports
 
 
 def start(layout: Layout, plan: Sequence[Launch], spawn: Spawn = spawn_local) -> list[Started]:
@@ -207,7 +220,7 @@ def wait_ready(started: Sequence[Started], client_keys: Path, timeout: float,
     in the background: what a benchmark wants before it times a request). Fails as soon as a
     process exits, quoting the end of its log. Returns each server's `info` answer.
     """
-    servers = [s for s in started if s.launch.name in ("server_a", "server_b")]
+    servers = [s for s in started if s.launch.name in roster.SERVERS]
     deadline = time.monotonic() + timeout
     infos: dict[str, dict[str, Any]] = {}
     from secdfd.common.net.keys import load_party
@@ -252,18 +265,14 @@ def stop(started: Sequence[Started], grace: float = 10.0) -> list[str]:
         if s.alive():
             _signal(s.pid, signal.SIGKILL)
         if s.process is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 s.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
     return stopped
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _pid_runs(pid: int, argv: Sequence[str]) -> bool:

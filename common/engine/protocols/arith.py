@@ -113,7 +113,7 @@ class MulRand:
 def deal_mul(src: Source, xshape: tuple[int, ...], yshape: tuple[int, ...]) -> MulRand:
     a = src.ring("a", xshape)
     b = src.ring("b", yshape)
-    oshape = tuple(torch.broadcast_shapes(xshape, yshape))
+    oshape = tuple(torch.broadcast_shapes(xshape, yshape))  # type: ignore[no-untyped-call]
     c = src.ring_from("c", oshape, lambda: a * b)
     return MulRand(a, b, c)
 

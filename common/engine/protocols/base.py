@@ -1,16 +1,18 @@
-"""Shared pieces of the protocols: the party context, the generator type, and `gather`."""
+"""Shared pieces of the protocols: the party context, the generator type and the plain opening.
+
+Protocols that run side by side use `secdfd.common.engine.driver.gather`."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeAlias, TypeVar
 
 import torch
 
 T = TypeVar("T")
 # A protocol: yields this party's tensors for a round, receives the peer's, returns its result.
-Proto = Generator[list[torch.Tensor], list[torch.Tensor], T]
+Proto: TypeAlias = Generator[list[torch.Tensor], list[torch.Tensor], T]
 
 
 @dataclass(frozen=True)
@@ -33,48 +35,7 @@ class Ctx:
             raise ValueError(f"cmp_bits must be in [8, {62 - self.frac}]")
 
 
-def exchange(mine: list[torch.Tensor]) -> Proto[list[torch.Tensor]]:
-    """One round: send `mine`, receive the peer's."""
-    peer = yield mine
-    return peer
-
-
 def open_sum(x: torch.Tensor) -> Proto[torch.Tensor]:
     """Open an additively shared ring tensor (one round, 8 bytes per element)."""
     (peer,) = yield [x]
     return x + peer
-
-
-def gather(gens: Sequence[Proto[Any]]) -> Proto[list[Any]]:
-    """Run several protocols side by side: the openings of each round travel in one message."""
-    results: list[Any] = [None] * len(gens)
-    pending: dict[int, list[torch.Tensor]] = {}
-    for i, g in enumerate(gens):
-        try:
-            pending[i] = next(g)
-        except StopIteration as stop:
-            results[i] = stop.value
-    while pending:
-        order = sorted(pending)
-        flat = [t for i in order for t in pending[i]]
-        peer = yield flat
-        pos = 0
-        nxt: dict[int, list[torch.Tensor]] = {}
-        for i in order:
-            k = len(pending[i])
-            try:
-                nxt[i] = gens[i].send(peer[pos : pos + k])
-            except StopIteration as stop:
-                results[i] = stop.value
-            pos += k
-        pending = nxt
-    return results
-
-
-def run_local(g: Proto[T]) -> T:
-    """Run a protocol that must not communicate."""
-    try:
-        next(g)
-    except StopIteration as stop:
-        return stop.value
-    raise RuntimeError("protocol tried to communicate where no round was expected")

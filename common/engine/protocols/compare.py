@@ -135,7 +135,7 @@ def deal_compare(src: Source, sbits: torch.Tensor, n: int, nbits: int) -> CmpRan
         spec = _leaf_products(size)
         shape = (len(spec.monomials), count, W)
 
-        def leaf_value(first=first, size=size, count=count, spec=spec) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        def leaf_value(first: int = first, size: int = size, count: int = count, spec: Products = spec) -> torch.Tensor:
             return spec.deal(_group_bits(sbits, first, size, count))
 
         leaf_mono.append(src.bits_from(f"leaf{i}", shape, leaf_value))
@@ -215,12 +215,6 @@ def borrow(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: in
         g = torch.cat([t[1] for t in gs], 0)
         e = torch.cat([t[1] for t in es], 0) if es else e
     return g[0]
-
-
-@dataclass
-class SignRand:
-    mask: MaskRand
-    cmp: CmpRand
 
 
 def deal_sign_of_masked(src: Source, mask: MaskRand, n: int, L: int) -> CmpRand:

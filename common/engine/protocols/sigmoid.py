@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from secdfd.common.engine.bits import words_for
+from secdfd.common.engine.driver import gather
 from secdfd.common.engine.protocols.arith import (
     Masked,
     MaskRand,
@@ -35,7 +36,7 @@ from secdfd.common.engine.protocols.arith import (
     mul,
     trunc,
 )
-from secdfd.common.engine.protocols.base import Ctx, Proto, gather, open_sum
+from secdfd.common.engine.protocols.base import Ctx, Proto, open_sum
 from secdfd.common.engine.protocols.compare import CmpRand, InjectRand, bit_to_arith, deal_compare, deal_inject, sign
 from secdfd.common.engine.randomness import Source
 
@@ -53,7 +54,7 @@ def pieces() -> tuple[tuple[float, ...], np.ndarray]:
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         xs = (a + b) / 2 + (b - a) / 2 * np.cos(np.pi * (np.arange(256) + 0.5) / 256)
         V = np.vander(xs, DEGREE + 1, increasing=True)
-        pos.append(np.linalg.lstsq(V, sig(xs), rcond=None)[0])
+        pos.append(np.linalg.lstsq(V, sig(xs), rcond=None)[0])  # type: ignore[arg-type, no-untyped-call]
     sign = (-1.0) ** np.arange(DEGREE + 1)
     neg = [np.concatenate([[1.0 - c[0]], -(sign * c)[1:]]) for c in pos]  # 1 - p(-x)
     polys = [np.zeros(DEGREE + 1)] + neg[::-1] + pos + [np.eye(DEGREE + 1)[0]]

@@ -1,0 +1,83 @@
+"""`secdfd-server`: the options both servers take, and the command that runs either one.
+
+Each server's entry point (`python -m secdfd.server_a`, `python -m secdfd.server_b`) builds its
+command with `server_command(ROLE)`. `secdfd-server --party a|b` (or SECDFD_SERVER_PARTY, as the
+compose file sets it) runs that entry point as a program: the role's code is never imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import click
+
+from secdfd.common import roster
+from secdfd.common.errors import ModelError
+from secdfd.common.service import deployment
+from secdfd.common.service.server import ServerBase, ServerConfig
+from secdfd.common.service.startup import run_process
+
+CONTEXT = {"auto_envvar_prefix": "SECDFD_SERVER", "help_option_names": ["-h", "--help"]}
+
+
+def server_command(role: type[ServerBase]) -> click.Command:
+    """The click command that runs `role` (server_a's Leader or server_b's Follower)."""
+    me = roster.server(role.party_letter)
+
+    @click.command("secdfd-server", context_settings=CONTEXT)
+    @click.option("--party", type=click.Choice([me.letter]), default=me.letter, show_default=True,
+                  help=f"Which server this is ({me.name} here).")
+    @click.option("--keys", type=click.Path(path_type=Path), default=Path(".secdfd/keys"), show_default=True,
+                  help="Keys folder from `secdfd keys` (or this server's own subfolder).")
+    @click.option("--weights", type=click.Path(path_type=Path), default=Path(f".secdfd/shares/{me.name}.weights"),
+                  show_default=True, help="This server's weight share.")
+    @click.option("--state", type=click.Path(path_type=Path), default=Path(f".secdfd/state/{me.name}"),
+                  show_default=True, help="Folder of the used-bundle ledger.")
+    @click.option("--listen", default=roster.endpoint(me.name), show_default=True, help="Client endpoint to bind.")
+    @click.option("--peer", default=roster.endpoint("peer"), show_default=True,
+                  help="Server-to-server endpoint: server_a binds it, server_b connects to it.")
+    @click.option("--dealer", default=roster.endpoint(roster.DEALER), show_default=True, help="Dealer endpoint.")
+    @click.option("--depth", type=click.IntRange(min=1), default=4, show_default=True, help="Bundles kept ready.")
+    @click.option("--timeout", type=float, default=60.0, show_default=True, help="Deadline of one round (s).")
+    @click.option("--threads", type=int, default=0, envvar=["SECDFD_SERVER_THREADS", "SECDFD_THREADS"],
+                  help="CPU threads for torch (env SECDFD_THREADS) [default: every core; `secdfd up` uses 1].")
+    @click.option("--device", default="cpu", show_default=True, help="Where the ring arithmetic runs: cpu or cuda.")
+    @click.option("--limbs", is_flag=True, default=None,
+                  help="Use float64 limb ring products on CPU too (always on with CUDA).")
+    def command(party: str, keys: Path, weights: Path, state: Path, listen: str, peer: str, dealer: str,
+                depth: int, timeout: float, threads: int, device: str, limbs: bool | None) -> None:
+        try:
+            deployment.check_device(device)
+        except ModelError as e:
+            raise click.UsageError(str(e)) from None
+        cfg = ServerConfig(party=party, keys=keys, weights=weights, state=state, listen=listen, peer=peer,
+                           dealer=dealer, depth=depth, timeout=timeout, device=device, limbs=limbs or None)
+        sys.exit(run_process(me.name, threads, role(cfg).run))
+
+    command.help = f"Run {me.name}: {'the leader' if me.role == 0 else 'the follower'} of the two servers."
+    return command
+
+
+def main() -> None:
+    """`secdfd-server --party a|b [OPTIONS]`: run `python -m secdfd.server_<party>` with the options."""
+    args = sys.argv[1:]
+    party = os.environ.get("SECDFD_SERVER_PARTY")
+    for i, a in enumerate(args):
+        if a == "--party" and i + 1 < len(args):
+            party = args[i + 1]
+        elif a.startswith("--party="):
+            party = a.split("=", 1)[1]
+    if party is None or party not in roster.SERVER_ROLES:
+        if any(a in ("-h", "--help") for a in args) or party is None:
+            click.echo("Usage: secdfd-server --party a|b [OPTIONS]\n\n  Run server_a (--party a) or server_b "
+                       "(--party b); `secdfd-server --party a --help` lists the options.\n  The party may "
+                       "also come from SECDFD_SERVER_PARTY.", err=party is not None)
+            sys.exit(0 if party is None and any(a in ("-h", "--help") for a in args) else 2)
+        click.echo(f"Error: --party must be a or b, not {party!r}", err=True)
+        sys.exit(2)
+    module = roster.SERVER_ROLES[party].module
+    sys.argv = [f"secdfd-server --party {party}", *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
