@@ -80,7 +80,8 @@ class DealerService:
             if kind == "provision_request":
                 info = self.config.info
                 front.reply(req, "provision", {"epoch": epoch, "model": info.arch, "input_size": info.size,
-                                               "frac_bits": info.frac}, [_as_tensor(provisions[role])])
+                                               "frac_bits": info.frac, "split": info.split},
+                            [_as_tensor(provisions[role])])
             elif kind == "bundle_request":
                 t0 = time.perf_counter()
                 bundle_id, half = book.next_for(role)
@@ -122,18 +123,16 @@ def _as_frames(data: bytes) -> list[torch.Tensor]:
 @click.option("--state", type=click.Path(path_type=Path), default=Path(".secdfd/state/dealer"),
               show_default=True, help="Where the bundle-id ledger and provisioning seeds are kept.")
 @click.option("--listen", default=roster.endpoint(roster.DEALER), show_default=True, help="Endpoint to bind.")
-@click.option("--model", "model_info", type=click.Path(path_type=Path), default=None, envvar="SECDFD_DEALER_MODEL",
-              help="Public model info from `secdfd share` (DIR/model.json); overrides --arch/--size/--frac-bits.")
-@click.option("--arch", default="dfdnet-s", show_default=True, help="Model architecture name.")
-@click.option("--size", type=int, default=128, show_default=True, help="Model input size.")
-@click.option("--frac-bits", type=int, default=16, show_default=True, help="Fixed-point fractional bits.")
+@click.option("--model", "model_info", type=click.Path(path_type=Path), default=Path(".secdfd/shares/model.json"),
+              show_default=True, envvar="SECDFD_DEALER_MODEL",
+              help="Public model info from `secdfd share` (OUT/model.json): the architecture, input size and the "
+                   "split whose weight masks this dealer deals for.")
 @click.option("--threads", type=int, default=0, envvar=["SECDFD_DEALER_THREADS", "SECDFD_THREADS"],
               help="CPU threads for torch (env SECDFD_THREADS) [default: every core; `secdfd up` uses 1].")
-def main(keys: Path, state: Path, listen: str, model_info: Path | None, arch: str, size: int, frac_bits: int,
-         threads: int) -> None:
+def main(keys: Path, state: Path, listen: str, model_info: Path, threads: int) -> None:
     """Run the dealer: provisioning for the weight masks and one bundle per inference."""
     try:
-        info = deployment.read_info(model_info) if model_info else deployment.ModelInfo(arch, size, frac_bits)
+        info = deployment.read_info(model_info)
     except SecDFDError as e:
         raise click.ClickException(str(e)) from None
     sys.exit(run_process(roster.DEALER, threads, DealerService(DealerConfig(keys, state, listen, info)).run))

@@ -50,8 +50,7 @@ class Follower(ServerBase):
                 if msg is not None and asks_for_setup(msg):  # server_a restarted
                     log.info("server_a runs set-up (it started again)")
                     try:
-                        self.party.setup()
-                        log.info("server_b: weights set up with server_a")
+                        self.link.follow_setup(self.party)
                     except Exception as e:  # noqa: BLE001 - server_b lives on until server_a is back
                         log_failure("set-up with server_a failed; asking again", e)
                         self._rejoin(stop)

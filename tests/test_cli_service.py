@@ -49,11 +49,13 @@ def test_share_command(tmp_path, model_file):
     files = json.loads(r.output)
     assert sorted(files) == ["info", "server_a", "server_b"]
     info = deployment.read_info(out / "model.json")
-    assert info == deployment.ModelInfo("dfdnet-s", 32, 16, 32)
+    assert info == deployment.ModelInfo("dfdnet-s", 32, 16, 32, info.split) and len(info.split) == 32
     for server in roster.SERVERS:
         assert stat.S_IMODE((out / f"{server}.weights").stat().st_mode) == 0o600
-        got, weights = deployment.load_weight_share(out / f"{server}.weights", server)
-        assert got == info and len(weights) > 10
+        got = deployment.load_weight_share(out / f"{server}.weights", server)
+        assert got.info == info and len(got.weights) > 10
+    again = CliRunner().invoke(main, ["share", str(model_file), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0 and deployment.read_info(tmp_path / "again" / "model.json").split != info.split
     missing = CliRunner().invoke(main, ["share", str(tmp_path / "nope.pt"), "--out", str(out)])
     assert missing.exit_code == 1 and "no such model file" in missing.output and "Traceback" not in missing.output
 

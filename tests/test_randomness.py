@@ -33,7 +33,7 @@ def test_seed_compression_gives_consistent_shares():
 def test_bundle_single_use_and_roundtrip():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
     plan = build_plan(model, (1, 1, 6, 6))
-    dealer = Dealer(plan)
+    dealer = Dealer(plan, "split-1")
     b0, b1 = dealer.bundle("id-1")
     with pytest.raises(RandomnessError):
         dealer.bundle("id-1")

@@ -67,7 +67,7 @@ def parties(deployment_dir):
     d = deployment_dir
     stop = threading.Event()
     dealer = DealerService(DealerConfig(d / "keys", d / "state" / "dealer", ANY,
-                                        deployment.ModelInfo("dfdnet-s", SIZE)))
+                                        deployment.read_info(d / "shares" / "model.json")))
     threads = [_start(dealer, stop)]
     a = Leader(ServerConfig("a", d / "keys", d / "shares" / "server_a.weights", d / "state" / "a",
                                    ANY, ANY, dealer.endpoint, depth=2, timeout=30.0))
@@ -99,7 +99,7 @@ def test_detect_matches_plaintext_and_ids_are_fresh(deployment_dir, parties):
     d = deployment_dir
     client = Client(ClientConfig(d / "keys", a.endpoint, b.endpoint, timeout=60.0))
     try:
-        assert client.info == deployment.ModelInfo("dfdnet-s", SIZE)
+        assert client.info == deployment.ModelInfo("dfdnet-s", SIZE)  # the client is not told the split
         r1 = client.detect(d / "face.png")
         r2 = client.detect(d / "face.png")
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -294,3 +295,23 @@ def test_server_a_killed_during_a_request_then_restarted(deploy, image):
     log_b = _log(deploy, "server_b")
     assert "lost the connection to server_a" in log_b and "server_a runs set-up (it started again)" in log_b
     _serves_twice_with_fresh_ids(deploy, image, used_before)
+
+
+def test_a_server_with_a_share_of_another_split_is_refused(deploy, image, tmp_path):
+    """server_b started again with a share of another `secdfd share` run: it stops at start-up with an
+    error naming both splits (before it reaches server_a), and the deployment serves on."""
+    layout, eps, started = deploy
+    write_tiny_model(tmp_path / "model.pt", SIZE)
+    deployment.share_model(tmp_path / "model.pt", tmp_path / "other")
+    theirs = deployment.read_info(tmp_path / "other" / "model.json").split
+    ours = deployment.read_info(layout.model_info).split
+    server_b = next(s for s in started if s.launch.name == "server_b")
+    argv = list(server_b.launch.argv)
+    argv[argv.index("--weights") + 1] = str(tmp_path / "other" / "server_b.weights")
+    argv[argv.index("--listen") + 1] = f"tcp://127.0.0.1:{local.free_ports(1)[0]}"
+    argv[argv.index("--state") + 1] = str(tmp_path / "state")
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error:") and ours in last and theirs in last and "secdfd share" in last
+    _serves(deploy, image)

@@ -21,7 +21,7 @@ from secdfd.common.engine.figures import Report, StepFigures
 from secdfd.common.engine.plan import Plan
 from secdfd.common.engine.prng import new_seed
 from secdfd.common.engine.protocols.base import Ctx
-from secdfd.common.engine.randomness import Bundle, Provision, Source
+from secdfd.common.engine.randomness import Bundle, Provision, Source, mask_purpose
 from secdfd.common.engine.steps import STEP_KINDS, Weights, fc_layout
 from secdfd.common.errors import ProtocolError, RandomnessError
 
@@ -196,8 +196,10 @@ class Dealer:
 
     It never sees an input, a weight or an output: only the plan and the seeds it draws."""
 
-    def __init__(self, plan: Plan, provision_seeds: tuple[bytes, bytes] | None = None, cmp_bits: int = 40) -> None:
+    def __init__(self, plan: Plan, split: str, provision_seeds: tuple[bytes, bytes] | None = None,
+                 cmp_bits: int = 40) -> None:
         self.plan = plan
+        self.split = split  # the split of the model's weights this dealer's masks belong to
         self.ctx = Ctx(0, plan.frac, cmp_bits)
         self._prov_seeds = provision_seeds or (new_seed(), new_seed())
         self._masks: dict[str, torch.Tensor] | None = None
@@ -208,12 +210,12 @@ class Dealer:
         return self._prov_seeds
 
     def provision(self) -> tuple[Provision, Provision]:
-        return Provision(0, self._prov_seeds[0]), Provision(1, self._prov_seeds[1])
+        return Provision(0, self._prov_seeds[0], self.split), Provision(1, self._prov_seeds[1], self.split)
 
     def _weights(self) -> Weights:
         if self._masks is None:
             self._masks = fc_layout(self.plan, {
-                k: Source.dealer(self._prov_seeds, f"prov/{k}").ring("B", self.plan.weights[k])
+                k: Source.dealer(self._prov_seeds, mask_purpose(self.split, k)).ring("B", self.plan.weights[k])
                 for k in self.plan.masked_keys()
             })
         return Weights(self._masks, {}, {}, {})

@@ -197,20 +197,38 @@ class Bundle:
 
 @dataclass(frozen=True)
 class Provision:
-    """One party's provisioning material: the seed of its share of the fixed weight masks B."""
+    """One party's provisioning material for one split of one model: the seed of its share of the
+    fixed weight masks B. The masks' streams are named by the split (`split`) and the weight key, and
+    every split has its own fresh seeds, so no two splits ever share a mask (see `mask_purpose`)."""
 
     role: int
     seed: bytes
+    split: str
 
     def source(self, key: str) -> Source:
-        return Source.party(self.role, self.seed, f"prov/{key}")
+        return Source.party(self.role, self.seed, mask_purpose(self.split, key))
 
     def to_bytes(self) -> bytes:
-        return bytes([self.role]) + self.seed
+        return bytes([self.role]) + self.seed + self.split.encode("ascii")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Provision:
-        if len(data) != 33 or data[0] not in (0, 1):
-            raise RandomnessError("malformed provisioning file")
-        return cls(data[0], data[1:])
+        if len(data) < 34 or len(data) > 33 + 64 or data[0] not in (0, 1):
+            raise RandomnessError("malformed provisioning material")
+        try:
+            split = data[33:].decode("ascii")
+        except UnicodeDecodeError:
+            raise RandomnessError("malformed provisioning material") from None
+        return cls(data[0], data[1:33], split)
+
+
+def mask_purpose(split: str, key: str) -> str:
+    """The stream of weight key `key`'s mask B in split `split`.
+
+    F = W - B is opened once per split; if two models W and W' ever met the same B, each server alone
+    could compute F' - F = W' - W. The split id in the purpose and fresh seeds per split rule that out.
+    """
+    if not split:
+        raise RandomnessError("a weight mask needs the split it belongs to")
+    return f"prov/{split}/{key}"
 

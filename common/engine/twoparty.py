@@ -6,6 +6,7 @@ benchmarks and the tests, and by anyone who wants the secure result of a module 
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +66,7 @@ class TwoParty:
                  device: str = "cpu", limbs: bool | None = None) -> None:
         self.plan = build_plan(module, input_shape, frac, cmp_bits)
         self.fp = FixedPoint(frac)
-        self.dealer = Dealer(self.plan, cmp_bits=cmp_bits)
+        self.dealer = Dealer(self.plan, secrets.token_hex(16), cmp_bits=cmp_bits)  # a fresh split
         w0, w1 = share_weights(module, self.plan)
         p0, p1 = self.dealer.provision()
         self.ch0, self.ch1 = pair()

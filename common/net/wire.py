@@ -124,6 +124,8 @@ MESSAGE_KINDS = MessageKinds(
              "client session `client` (bundle -1: the set-up session)",
              meta={"bundle": _INT, "client": _STR}),
         MessageKind("ready", "server_b -> server_a: the client's share and the bundle are in hand"),
+        MessageKind("split", "either server, at set-up: the split id and architecture digest of its weight share",
+                    meta={"share": _STR, "model": _STR}),
         # client <-> server
         MessageKind("info", "ask a server what it serves"),
         MessageKind("info_reply", "model name, input size, fixed-point format and party of a server",
@@ -136,7 +138,7 @@ MESSAGE_KINDS = MessageKinds(
         # server <-> dealer
         MessageKind("provision_request", "server -> dealer: provisioning material for the weight masks"),
         MessageKind("provision", "dealer -> server: serialised provisioning material and the model it deals for",
-             meta={"epoch": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT},
+             meta={"epoch": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT, "split": _STR},
              min_tensors=1, max_tensors=1, dtypes=_BYTES),
         MessageKind("bundle_request", "server -> dealer: the next correlated-randomness bundle"),
         MessageKind("bundle", "dealer -> server: one serialised bundle with its id, in consecutive frames",

@@ -4,17 +4,23 @@
   cmp_bits) alone; the module they trace has the architecture only (its weights are never used).
 - Weight shares (`secdfd share`): the model owner encodes the exported model's weights in fixed
   point and splits them with the CSPRNG; one file per server, holding only that server's share and
-  the architecture, plus `model.json`, the public model info (what the dealer is given). Files are
-  read with `torch.load(weights_only=True)`, never unpickled freely.
-- Dealer: the provisioning seeds (which fix the weight masks B) are kept in the dealer's state folder
-  (mode 0600), so a restarted dealer deals bundles that still match the servers' opened F = W - B.
+  the architecture, plus `model.json`, the public model info (what the dealer is given). Every run
+  draws a fresh split id, written into all three. Files are read with
+  `torch.load(weights_only=True)`, never unpickled freely.
+- Dealer: the provisioning seeds (which fix the weight masks B) are drawn fresh for each split id
+  and kept in the dealer's state folder (mode 0600) under that id, so a restarted dealer deals
+  bundles that still match the servers' opened F = W - B, and a second model shared into the same
+  state never meets the first one's masks (F' - F would be W' - W).
 - Client: fixed-point encoding and sharing of the image, reconstruction of the fused probability.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from secdfd.common.engine.sharing import reconstruct, share
 from secdfd.common.errors import ModelError, RandomnessError
 
 SHARE_FORMAT = "secdfd-weight-share"
-SHARE_VERSION = 1
+SHARE_VERSION = 2  # 2: the split id and the architecture digest
 INFO_FILE = "model.json"  # public model info, written next to the weight shares
 
 
@@ -49,29 +55,53 @@ class ModelInfo:
     size: int
     frac: int = 16
     cmp_bits: int = 32
+    split: str = ""  # the id of the `secdfd share` run whose shares are served ("" before sharing)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
         return (1, 3, self.size, self.size)
 
     def describe(self) -> str:
-        return f"{self.arch} at {self.size}x{self.size} ({self.frac} fractional bits)"
+        split = f", split {self.split}" if self.split else ""
+        return f"{self.arch} at {self.size}x{self.size} ({self.frac} fractional bits{split})"
 
 
-def write_info(info: ModelInfo, path: Path) -> None:
-    """Write the public model info (architecture, input size, number format) as JSON."""
-    Path(path).write_text(json.dumps(asdict(info), indent=2) + "\n")
+def new_split_id() -> str:
+    """A fresh split id (128 bits from the CSPRNG), one per `secdfd share` run."""
+    return secrets.token_hex(16)
+
+
+def architecture_digest(info: ModelInfo, plan: Plan) -> str:
+    """A digest of what the parties know of the model (architecture, input size, number format, the
+    shape of every weight): two servers with the same digest run the same plan. It says nothing of
+    the weights' values."""
+    public = {"arch": info.arch, "size": info.size, "frac": info.frac, "cmp_bits": info.cmp_bits,
+              "weights": sorted((k, list(v)) for k, v in plan.weights.items())}
+    return hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def write_info(info: ModelInfo, digest: str, path: Path) -> None:
+    """Write the public model info (architecture, input size, number format, split, digest) as JSON."""
+    Path(path).write_text(json.dumps({**asdict(info), "digest": digest}, indent=2) + "\n")
 
 
 def read_info(path: Path) -> ModelInfo:
     """The model info written by `secdfd share` (OUT/model.json)."""
     try:
         data = json.loads(Path(path).read_text())
-        return ModelInfo(str(data["arch"]), int(data["size"]), int(data["frac"]), int(data["cmp_bits"]))
+        info = ModelInfo(str(data["arch"]), int(data["size"]), int(data["frac"]), int(data["cmp_bits"]),
+                         str(data.get("split", "")))
     except FileNotFoundError:
-        raise ModelError(f"{path}: no model info; `secdfd share MODEL --out DIR` writes DIR/{INFO_FILE}") from None
+        raise ModelError(f"{path}: no model info; `secdfd share [MODEL] --out DIR` writes DIR/{INFO_FILE}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path}: not a model info file from `secdfd share` ({type(e).__name__})") from None
+    if not _SPLIT_ID.fullmatch(info.split):
+        raise ModelError(f"{path} names no split id (made by an older release?); run `secdfd share` again and "
+                         "give the dealer and both servers the new files")
+    return info
+
+
+_SPLIT_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def architecture(info: ModelInfo) -> nn.Module:
@@ -101,9 +131,11 @@ def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: in
     from secdfd.common.ml.export import load_deployable, read_deployable_meta
 
     meta = read_deployable_meta(model_path)
-    info = ModelInfo(meta.arch, meta.size, frac, cmp_bits)
+    info = ModelInfo(meta.arch, meta.size, frac, cmp_bits, new_split_id())
     module = load_deployable(model_path)
-    shares = share_weights(module, plan_for(info, module))
+    plan = plan_for(info, module)
+    digest = architecture_digest(info, plan)
+    shares = share_weights(module, plan)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -113,47 +145,74 @@ def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: in
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": SHARE_FORMAT, "version": SHARE_VERSION, "party": server,
-                        "info": asdict(info), "weights": shares[role]}, f)
+                        "info": asdict(info), "digest": digest, "weights": shares[role]}, f)
         os.replace(tmp, path)
         paths[server] = path
     paths["info"] = out / INFO_FILE
-    write_info(info, paths["info"])
+    write_info(info, digest, paths["info"])
     return paths
 
 
-def load_weight_share(path: Path, server: str) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class WeightShare:
+    """One server's share of one split: the public model info, the digest the split was made with,
+    and this server's additive shares of the fixed-point weights."""
+
+    info: ModelInfo
+    digest: str
+    weights: dict[str, torch.Tensor]
+
+
+def load_weight_share(path: Path, server: str) -> WeightShare:
     """A server's weight share and the model info it was made for."""
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
-        if payload.get("format") != SHARE_FORMAT or payload.get("version") != SHARE_VERSION:
-            raise ValueError("format")
-        info = ModelInfo(**payload["info"])
-        weights = payload["weights"]
-        party = payload["party"]
     except FileNotFoundError:
-        raise ModelError(f"{path}: no weight share file; make them with `secdfd share MODEL --out DIR`") from None
+        raise ModelError(f"{path}: no weight share file; make them with `secdfd share [MODEL] --out DIR`") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ModelError(f"{path}: not a weight share from `secdfd share` ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != SHARE_FORMAT:
+        raise ModelError(f"{path}: not a weight share from `secdfd share`")
+    if payload.get("version") != SHARE_VERSION:
+        raise ModelError(f"{path} is a weight share of format {payload.get('version')!r}, this release reads "
+                         f"{SHARE_VERSION}; run `secdfd share` again")
+    try:
+        info = ModelInfo(**payload["info"])
+        share = WeightShare(info, str(payload["digest"]), dict(payload["weights"]))
+        party = payload["party"]
+    except Exception as e:  # noqa: BLE001 - any malformed field is the same user error
         raise ModelError(f"{path}: not a weight share from `secdfd share` ({type(e).__name__})") from None
     if party != server:
         raise ModelError(f"{path} is {party}'s weight share, not {server}'s; give each server its own file")
-    return info, weights
+    if not _SPLIT_ID.fullmatch(info.split):
+        raise ModelError(f"{path} names no valid split id; run `secdfd share` again")
+    return share
 
 
 # --- dealer -----------------------------------------------------------------------------------
 
 
 def make_dealer(info: ModelInfo, state: Path) -> Dealer:
-    """The dealer for `info`, with provisioning seeds kept in `state` across restarts."""
-    seeds_file = Path(state) / "provision.seeds"
+    """The dealer for `info`'s split, with that split's provisioning seeds kept in `state`.
+
+    Seeds are drawn fresh the first time a split is seen and kept under its id (STATE/splits/ID.seeds),
+    so a restarted dealer deals bundles that still match the servers' opened F = W - B, and no two
+    splits (two models, or two shares of one model) ever derive their masks from the same seeds.
+    """
+    if not _SPLIT_ID.fullmatch(info.split):
+        raise ModelError("the model info names no split id; run `secdfd share` again and start the dealer with "
+                         "its model.json")
+    seeds_file = Path(state) / "splits" / f"{info.split}.seeds"
     if seeds_file.exists():
         data = seeds_file.read_bytes()
         if len(data) != 64:
-            raise RandomnessError(f"{seeds_file} is corrupt; delete it and restart dealer and both servers")
+            raise RandomnessError(f"{seeds_file} is corrupt; run `secdfd share` again (a new split) and restart the "
+                                  "dealer and both servers with the new files")
         seeds = (data[:32], data[32:])
-        dealer = Dealer(plan_for(info), seeds, info.cmp_bits)
+        dealer = Dealer(plan_for(info), info.split, seeds, info.cmp_bits)
     else:
-        dealer = Dealer(plan_for(info), cmp_bits=info.cmp_bits)
-        Path(state).mkdir(parents=True, exist_ok=True)
+        dealer = Dealer(plan_for(info), info.split, cmp_bits=info.cmp_bits)
+        seeds_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = seeds_file.with_name(seeds_file.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -37,7 +37,7 @@ from secdfd.common.net.keys import allowed_keys, load_party
 from secdfd.common.net.transport import Node, Request, Requester, Responder, ZmqChannel
 from secdfd.common.net.wire import Message
 from secdfd.common.service import deployment
-from secdfd.common.service.session import SessionLink
+from secdfd.common.service.session import SessionLink, SplitId
 from secdfd.common.service.supply import BundleQueue, IdLedger, PrepareAhead, Prepared, Ready
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,12 @@ class ServerBase:
         cfg = self.config
         deployment.check_device(cfg.device)
         keys = load_party(cfg.keys, cfg.name)
-        self.info, weights = deployment.load_weight_share(cfg.weights, cfg.name)
+        share = deployment.load_weight_share(cfg.weights, cfg.name)
+        self.info = share.info
+        plan = deployment.plan_for(self.info)
+        if deployment.architecture_digest(self.info, plan) != share.digest:
+            raise ModelError(f"{cfg.weights} was made for another definition of {self.info.arch} than this "
+                             "release's; share the model again with this release")
         self.ledger = IdLedger(Path(cfg.state) / f"{cfg.name}.used")
         with Node(keys) as node:
             dealer = Requester(node, cfg.dealer, roster.DEALER, timeout=cfg.startup)
@@ -118,10 +123,10 @@ class ServerBase:
             self.epoch = str(prov.meta["epoch"])
             provision = bytes(prov.tensors[0].numpy())
             self.channel = self.open_channel(node)
-            self.link = SessionLink(self.channel, cfg.name)
-            self.party: Party = deployment.make_party(cfg.role, self.info, weights, provision, self.channel,
-                                                      cfg.device, cfg.limbs)
-            del weights
+            self.link = SessionLink(self.channel, cfg.name, SplitId(self.info.split, share.digest))
+            self.party: Party = deployment.make_party(cfg.role, self.info, share.weights, provision, self.channel,
+                                                      cfg.device, cfg.limbs, plan)
+            del share
             self.peer_endpoint = self.channel.endpoint  # published once the plan is traced
             if not self.set_up(stop):
                 return
@@ -141,11 +146,11 @@ class ServerBase:
     def _check_dealer(self, prov: Message) -> None:
         """The dealer must deal for this server's model, or every bundle would be for another plan."""
         theirs = deployment.ModelInfo(str(prov.meta["model"]), int(prov.meta["input_size"]),
-                                      int(prov.meta["frac_bits"]), self.info.cmp_bits)
+                                      int(prov.meta["frac_bits"]), self.info.cmp_bits, str(prov.meta["split"]))
         if theirs != self.info:
-            raise ModelError(f"the dealer deals for {theirs.describe()}, {self.config.name}'s weight share is for "
+            raise ModelError(f"the dealer deals for {theirs.describe()}, {self.config.name}'s weight share is "
                              f"{self.info.describe()}; start the dealer with --model DIR/model.json from the "
-                             "same `secdfd share`")
+                             "same `secdfd share` run as the servers' shares")
 
     def _fetcher(self, node: Node) -> Callable[[], Ready]:
         cfg = self.config

@@ -8,6 +8,11 @@ under its own id; this module says what they are. Messages (kinds of `secdfd.com
                                Bundle SETUP (-1): the set-up session. Follower -> leader with
                                bundle SETUP: "run set-up with me" (a set-up request).
     ready                      follower -> leader: the client's share and the bundle are in hand.
+    split {share, model}       at set-up, leader first, then follower: the split id and architecture
+                               digest of the sender's weight share. Both must match before anything
+                               is opened: shares of two splits would reconstruct garbage, and
+                               opening W - B with the other split's share would reveal the
+                               difference of the two shares to the peer.
     open                       one protocol round (the engine's exchanges, then the online phase).
     error                      either side: why this conversation failed; the other stops waiting.
 
@@ -19,7 +24,7 @@ One inference, driven by server_a:
 3. both run the online phase of the plan; each returns its output share to the client.
 
 Set-up (opening F = W - B once) is a conversation started by server_a with `session` for bundle
-SETUP, then one round. server_b asks for it (a set-up request, repeated every ASK_EVERY seconds: a
+SETUP, the `split` check, then one round. server_b asks for it (a set-up request, repeated every ASK_EVERY seconds: a
 request can be lost with a connection, and server_a drops those that reach it while it already runs
 set-up). Either side may restart at any time:
 - server_b restarted while server_a waits in a session: its set-up request is a new conversation,
@@ -39,9 +44,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
-from secdfd.common.errors import PeerLost, PeerTimeout, SecDFDError
+from secdfd.common.errors import ModelError, PeerLost, PeerTimeout, SecDFDError
 from secdfd.common.net.transport import ZmqChannel
 from secdfd.common.net.wire import Message
 
@@ -50,6 +56,17 @@ log = logging.getLogger(__name__)
 SETUP = -1  # the bundle of a set-up session
 ASK_EVERY = 2.0  # how often server_b repeats its request for set-up while it waits
 STEP = "session"  # the step label of the session protocol's own messages
+
+
+@dataclass(frozen=True)
+class SplitId:
+    """Which split of which model a server's weight share belongs to (`secdfd share` writes both)."""
+
+    share: str
+    model: str
+
+    def __str__(self) -> str:
+        return f"split {self.share} (architecture {self.model[:12]})"
 
 
 class SetsUp(Protocol):
@@ -71,9 +88,10 @@ def starts_conversation(msg: Message, current: str) -> bool:
 class SessionLink:
     """One server's end of the session protocol, on top of its server-to-server channel."""
 
-    def __init__(self, channel: ZmqChannel, name: str) -> None:
+    def __init__(self, channel: ZmqChannel, name: str, split: SplitId) -> None:
         self.channel = channel
         self.name = name  # this server
+        self.split = split  # the split of this server's weight share
         self.peer = channel.peer
         # the start of a conversation the peer began while this end was waiting in another
         self.stashed: Message | None = None
@@ -144,9 +162,11 @@ class SessionLink:
     def lead_setup(self, party: SetsUp, patience: float) -> None:
         """server_a: start set-up and run it; server_b's set-up requests that arrive meanwhile are
         what this answers, so they are dropped, not obeyed. `patience` bounds the wait for the peer."""
-        with _patience(self.channel, patience):
+        with round_deadline(self.channel, patience):
             self.begin(f"setup-{secrets.token_hex(8)}", stale=asks_for_setup)
             self.channel.send("session", STEP, {"bundle": SETUP, "client": ""})
+            self._send_split()
+            self._check_split(self.channel.recv("split", STEP))
             party.setup()
         log.info("%s: weights set up with %s", self.name, self.peer)
 
@@ -154,7 +174,7 @@ class SessionLink:
         """server_b: ask for set-up until server_a starts it, then run it. A session server_a
         announces meanwhile is answered with PeerLost: server_a then finds the request and runs
         set-up first. False if `stop` was set before set-up happened."""
-        with _patience(self.channel, patience):
+        with round_deadline(self.channel, patience):
             deadline = time.monotonic() + patience
             ask = 0.0
             while True:
@@ -174,13 +194,33 @@ class SessionLink:
                 if msg is not None:
                     self.abort(PeerLost(f"{self.name} is not set up (it started or lost set-up) and "
                                         "has asked for set-up"))
-            party.setup()
-        log.info("%s: weights set up with %s", self.name, self.peer)
+            self.follow_setup(party)
         return True
+
+    def follow_setup(self, party: SetsUp) -> None:
+        """server_b, once server_a has started set-up (its `session` start adopted): check that both
+        hold shares of the same split, then open F = W - B."""
+        self._check_split(self.channel.recv("split", STEP))
+        self._send_split()
+        party.setup()
+        log.info("%s: weights set up with %s", self.name, self.peer)
+
+    def _send_split(self) -> None:
+        self.channel.send("split", STEP, {"share": self.split.share, "model": self.split.model})
+
+    def _check_split(self, msg: Message) -> None:
+        """ModelError (also sent to the peer) unless the peer's share is of this server's split."""
+        theirs = SplitId(str(msg.meta["share"]), str(msg.meta["model"]))
+        if theirs == self.split:
+            return
+        err = ModelError(f"{self.name} holds a weight share of {self.split}, {self.peer} one of {theirs}: "
+                         "give both servers the shares of one `secdfd share` run (and the dealer its model.json)")
+        self.abort(err)
+        raise err
 
 
 @contextmanager
-def _patience(channel: ZmqChannel, seconds: float) -> Iterator[None]:
+def round_deadline(channel: ZmqChannel, seconds: float) -> Iterator[None]:
     """The channel's round deadline is `seconds` within the block (the peer may still be starting)."""
     saved, channel.timeout = channel.timeout, seconds
     try:
