@@ -20,6 +20,19 @@ def test_limb_conv_and_matmul_are_exact():
     assert torch.equal(limb_product(mm, a, b, 3224), mm(a, b))
 
 
+def test_inexact_float_products_are_rounded_not_truncated():
+    """A float64 product that lands just below (or above) an integer, as GPU conv algorithms return,
+    still gives the exact ring product."""
+    s = Stream(new_seed(), "r")
+    x, w = s.ring((4, 64)), s.ring((3, 64))
+    exact = x @ w.t()
+    for eps in (-1e-7, 1e-7, -0.49, 0.49):
+        def off(p: torch.Tensor, q: torch.Tensor, eps: float = eps) -> torch.Tensor:
+            return p @ q.t() + eps  # every limb product misses its integer by eps
+
+        assert torch.equal(limb_product(off, x, w, 64), exact)
+
+
 def test_limb_reduction_limit():
     with pytest.raises(ValueError):
         limb_product(lambda p, q: p @ q.t(), torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.int64),

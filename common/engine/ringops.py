@@ -34,7 +34,9 @@ def limb_product(op: Op, x: torch.Tensor, w: torch.Tensor, reduction: int) -> to
     out: torch.Tensor | None = None
     for i in range(LIMBS):
         for j in range(LIMBS - i):
-            part = op(xl[i], wl[j]).to(torch.int64) << (LIMB_BITS * (i + j))
+            # rounded, not truncated: a GPU conv (FFT, Winograd) may return 3.9999999 for 4, and a
+            # truncated limb product would be off by one unit of 2^(16 (i + j)) in the ring
+            part = torch.round(op(xl[i], wl[j])).to(torch.int64) << (LIMB_BITS * (i + j))
             out = part if out is None else out + part
     assert out is not None
     return out
