@@ -43,10 +43,14 @@ class DataError(SecDFDError):
     """An image or a data folder cannot be used (not an image, too large, empty class folder)."""
 
 
+class RangeError(SecDFDError):
+    """A secure result lies outside the range the computation is exact in (no verdict from it)."""
+
+
 ERRORS: dict[str, type[SecDFDError]] = {
     cls.__name__: cls
     for cls in (
         SecDFDError, PlanError, RandomnessError, ProtocolError, PeerTimeout, PeerLost, RemoteError,
-        ModelError, DataError,
+        ModelError, DataError, RangeError,
     )
 }

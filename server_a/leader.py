@@ -11,6 +11,7 @@ set-up requests are answered.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 
@@ -69,6 +70,7 @@ class Leader(ServerBase):
 
     def _session(self, req: Request, ahead: PrepareAhead) -> None:
         cfg = self.config
+        request = secrets.token_hex(8)  # what logs and the client call this request; says nothing else
         attempts = cfg.depth + 3  # a restarted server_b lost the bundles it held: skip those ids
         try:
             self.check_share(req)
@@ -78,7 +80,7 @@ class Leader(ServerBase):
                     self._wait_for_peer(min(cfg.timeout, PEER_GRACE))
                 prep = ahead.take_next(cfg.bundle_wait)
                 self.ledger.claim(prep.bundle_id)  # before use: never twice, even after a crash
-                self.link.start(prep.bundle_id, req.message.sid)
+                self.link.start(prep.bundle_id, req.message.sid, request)
                 try:
                     self.link.wait_ready(cfg.client_wait + cfg.bundle_wait)
                     break
@@ -86,16 +88,16 @@ class Leader(ServerBase):
                     if attempt == attempts - 1:
                         raise
                 except PeerLost:  # server_b restarted: set up again, then retry with a fresh bundle
-                    request = self.link.stashed
-                    if attempt == attempts - 1 or request is None or not asks_for_setup(request):
+                    start = self.link.stashed
+                    if attempt == attempts - 1 or start is None or not asks_for_setup(start):
                         raise
                     log.info("server_b asks for set-up")
                     self.link.next_start(0)
                     self.link.lead_setup(self.party, cfg.timeout)
                 self.idle.set()  # let the next bundle be prepared
-            self.online(req, prep)
+            self.online(req, prep, request)
         except Exception as e:  # noqa: BLE001 - one failed session must never stop the server
-            self.fail(e, req)
+            self.fail(e, req, request)
 
     def _wait_for_peer(self, grace: float) -> None:
         """PeerLost unless server_b is connected (or reconnects within `grace` seconds): a session

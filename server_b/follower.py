@@ -99,6 +99,7 @@ class Follower(ServerBase):
         cfg = self.config
         req = None
         client_sid = str(msg.meta["client"])
+        request = str(msg.meta["request"])
         since = 0.0
         try:
             deadline = time.monotonic() + cfg.client_wait
@@ -119,7 +120,7 @@ class Follower(ServerBase):
                 return
             self.ledger.claim(bundle_id)
             self.link.ready()
-            self.online(req, prep)
+            self.online(req, prep, request)
         except PeerLost as e:
             if req is not None and self.link.stashed is not None:
                 # server_a gave this session up and started another (set-up, or this client's request
@@ -127,6 +128,6 @@ class Follower(ServerBase):
                 self._pending[client_sid] = (req, since)
                 log.info("session given up by server_a (%s); keeping the client's share for its retry", e)
                 return
-            self.fail(e, req)
+            self.fail(e, req, request)
         except Exception as e:  # noqa: BLE001 - one failed session must never stop the server
-            self.fail(e, req)
+            self.fail(e, req, request)

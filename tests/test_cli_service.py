@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,11 @@ def test_up_detect_status_down(tmp_path, model_file):
         assert again.exit_code == 0 and "already up" in again.output
         status = CliRunner().invoke(main, ["status", *args, "--json"])
         assert status.exit_code == 0, status.output
-        rows = json.loads(status.output)["processes"]
+        st = json.loads(status.output)
+        rows = st["processes"]
         assert [r["name"] for r in rows] == ["dealer", "server_a", "server_b"] and all(r["running"] for r in rows)
-        assert rows[1]["serving"] == "dfdnet-s at 32"
+        assert st["model"]["arch"] == "dfdnet-s" and st["model"]["size"] == 32 and len(st["model"]["split"]) == 32
+        assert rows[1]["state"] == rows[2]["state"] == "serving" and rows[1]["requests_served"] == 0
         image = tmp_path / "face.png"
         Image.new("RGB", (40, 30), (120, 80, 60)).save(image)
         det = CliRunner().invoke(client_main, ["detect", str(image), "--json", "--keys", str(state / "keys"),
@@ -87,6 +90,9 @@ def test_up_detect_status_down(tmp_path, model_file):
         assert res["verdict"] in ("real", "fake") and res["rounds"] > 100
         assert res["bytes_per_server"][0] == res["bytes_per_server"][1] > 0
         assert 0 < res["online_seconds"] <= res["seconds"] and res["offline_seconds"] > 0 and res["dealer_bytes"] > 0
+        time.sleep(1.2)  # health files are published at most once a second
+        rows = json.loads(CliRunner().invoke(main, ["status", *args, "--json"]).output)["processes"]
+        assert rows[1]["requests_served"] == rows[2]["requests_served"] == 1
     finally:
         down = CliRunner().invoke(main, ["down", *args])
     assert down.exit_code == 0 and "stopped dealer, server_a, server_b" in down.output

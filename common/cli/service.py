@@ -11,10 +11,12 @@ from typing import Any
 
 import click
 
+from secdfd.common import roster
 from secdfd.common.errors import SecDFDError
 from secdfd.common.net.keys import make_keys
 from secdfd.common.roster import PARTIES, PROCESSES
-from secdfd.common.service import local
+from secdfd.common.service import health, local
+from secdfd.common.service.deployment import read_info
 
 _STATE = click.option("--state", "state", type=click.Path(path_type=Path), default=Path(".secdfd"),
                       show_default=True, envvar="SECDFD_STATE",
@@ -174,43 +176,62 @@ def down_cmd(state: Path) -> None:
 
 @click.command("status")
 @_STATE
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the model served and each party's state.")
 def status_cmd(state: Path, as_json: bool) -> None:
-    """Show the processes of `secdfd up` and what each server has ready; exit 1 unless all run."""
+    """Show the processes of `secdfd up`: running or stopped (and why), each party's state, bundles
+    ready, requests served and failed, the last error, and the model served. Exit 1 unless all run."""
     layout = local.Layout(state)
     try:
         procs = local.read_processes(layout)
     except SecDFDError as e:
         raise click.ClickException(str(e)) from None
-    rows = []
-    for s in procs:
-        row: dict[str, Any] = {"name": s.launch.name, "running": s.alive(), "pid": s.pid,
-                               "endpoint": s.launch.endpoint, "log": str(s.log)}
-        if not row["running"]:
-            row["last_log_line"] = local.last_line(s.log)
-        rows.append(row)
+    rows = [_status_row(s) for s in procs]
     up = bool(rows) and all(r["running"] for r in rows)
-    if up:
-        try:
-            infos = local.wait_ready(procs, layout.keys, timeout=5.0)
-        except SecDFDError:
-            infos = {}
-        for r in rows:
-            if r["name"] in infos:
-                i = infos[r["name"]]
-                r["serving"] = f"{i['model']} at {i['input_size']}"
-                r["bundles_ready"] = i["bundles_ready"] + i["prepared"]
+    model = _served_model(layout)
     if as_json:
-        click.echo(json.dumps({"up": up, "processes": rows}))
+        click.echo(json.dumps({"up": up, "model": model, "processes": rows}))
     elif not rows:
         click.echo(f"nothing started from {state}; `secdfd up` starts dealer and servers")
     else:
+        if model:
+            click.echo(f"model: {model['describe']}")
         for r in rows:
-            extra = (f"serving {r['serving']}, {r['bundles_ready']} bundles ready" if "serving" in r
-                     else r.get("last_log_line", ""))
-            click.echo(f"{r['name']:9s} {'running' if r['running'] else 'stopped':8s} pid {r['pid']:<7d} "
-                       f"{r['endpoint']:24s} {extra}")
+            click.echo(_status_line(r))
     if not up:
         raise SystemExit(1)
 
 
+def _status_row(s: local.Started) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": s.launch.name, "running": s.alive(), "pid": s.pid,
+                           "endpoint": s.launch.endpoint, "log": str(s.log)}
+    h = health.read(Path(s.launch.state)) if s.launch.state else None
+    if h is not None:
+        row.update({k: h[k] for k in ("state", "bundles_ready", "requests_served", "requests_failed", "last_error")
+                    if k in h})
+    if not row["running"]:
+        row["state"] = "stopped"
+        row["last_log_line"] = local.last_line(s.log)
+    return row
+
+
+def _status_line(r: dict[str, Any]) -> str:
+    if not r["running"]:
+        extra = f"stopped: {r['last_log_line']}"
+    elif r["name"] == roster.DEALER:
+        extra = r.get("state", "")
+    else:
+        extra = (f"{r.get('state', '?')}, {r.get('bundles_ready', 0)} bundles ready, "
+                 f"{r.get('requests_served', 0)} served, {r.get('requests_failed', 0)} failed")
+        if r.get("last_error"):
+            extra += f"; last error: {r['last_error']}"
+    running = "running" if r["running"] else "stopped"
+    return f"{r['name']:9s} {running:8s} pid {r['pid']:<7d} {r['endpoint']:24s} {extra}"
+
+
+def _served_model(layout: local.Layout) -> dict[str, Any] | None:
+    """The model of the deployment's shares (model.json), if there is one."""
+    try:
+        info = read_info(layout.model_info)
+    except SecDFDError:
+        return None
+    return {"arch": info.arch, "size": info.size, "split": info.split, "describe": info.describe()}

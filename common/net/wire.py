@@ -121,16 +121,15 @@ MESSAGE_KINDS = MessageKinds(
         MessageKind("open", "one protocol round: this party's openings, batched into one message",
              max_tensors=1 << 30, dtypes=_RING | _BYTES),  # bounded by Limits.max_tensors
         MessageKind("session", "server_a -> server_b: start session `sid` with bundle `bundle` for the "
-             "client session `client` (bundle -1: the set-up session)",
-             meta={"bundle": _INT, "client": _STR}),
+             "client session `client` (bundle -1: the set-up session), known in logs and replies as `request`",
+             meta={"bundle": _INT, "client": _STR, "request": _STR}),
         MessageKind("ready", "server_b -> server_a: the client's share and the bundle are in hand"),
         MessageKind("split", "either server, at set-up: the split id and architecture digest of its weight share",
                     meta={"share": _STR, "model": _STR}),
         # client <-> server
         MessageKind("info", "ask a server what it serves"),
         MessageKind("info_reply", "model name, input size, fixed-point format and party of a server",
-             meta={"party": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT,
-                   "bundles_ready": _INT, "prepared": _INT}),
+             meta={"party": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT}),
         MessageKind("detect", "client -> server: this server's share of one image",
              min_tensors=1, max_tensors=1, dtypes=_RING),
         MessageKind("result", "server -> client: this server's share of the output and its report",

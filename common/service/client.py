@@ -29,6 +29,38 @@ from secdfd.common.service import deployment
 
 
 @dataclass(frozen=True)
+class ServerReport:
+    """What one server says of an inference: its figures, the dealer's share of the work, and the
+    opaque id both servers give the request."""
+
+    figures: Report
+    dealer_seconds: float
+    dealer_bytes: int
+    request: str
+
+    @classmethod
+    def read(cls, reply: Message, server: str) -> ServerReport:
+        """The report in a `result` reply; ProtocolError (one line) if it is malformed."""
+        try:
+            d = reply.meta["report"]
+            if not isinstance(d, dict):
+                raise TypeError("report")
+            return cls(Report.from_dict(d), float(d["dealer_seconds"]), int(d["dealer_bytes"]), str(d["request"]))
+        except (KeyError, TypeError, ValueError, ProtocolError) as e:
+            raise ProtocolError(f"{server} sent a malformed report ({type(e).__name__}: {str(e)[:80]}); check that "
+                                "both servers run this SecDFD release") from None
+
+
+def _output_share(reply: Message, server: str) -> torch.Tensor:
+    """A server's share of the fused probability: one ring element."""
+    t = reply.tensors[0]
+    if t.dtype != torch.int64 or t.numel() != 1:
+        raise ProtocolError(f"{server} sent an output share of shape {list(t.shape)}, expected one ring element; "
+                            "check that both servers run this SecDFD release")
+    return t
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     keys: Path
     server_a: str
@@ -76,27 +108,29 @@ class Client:
         t0 = time.perf_counter()
         replies = self._request((x0, x1), sid)
         seconds = time.perf_counter() - t0
-        p_fake = deployment.fake_probability(replies[0].tensors[0], replies[1].tensors[0], self.info)
-        reports = [dict(r.meta["report"]) for r in replies]
-        figures = [Report.from_dict(r) for r in reports]
-        dealer_s = max(float(r["dealer_seconds"]) for r in reports)  # the first to ask waited for both halves
-        prepare_s = [float(r["prepare_seconds"]) for r in reports]
+        shares = [_output_share(r, server) for r, server in zip(replies, roster.SERVERS, strict=True)]
+        p_fake = deployment.fake_probability(shares[0], shares[1], self.info)
+        reports = [ServerReport.read(r, server) for r, server in zip(replies, roster.SERVERS, strict=True)]
+        if reports[0].request != reports[1].request:
+            raise ProtocolError("server_a and server_b answered for different requests; try again")
+        dealer_s = max(r.dealer_seconds for r in reports)  # the first to ask waited for both halves
+        prepare_s = [r.figures.prepare_seconds for r in reports]
         out: dict[str, Any] = {
             "file": name,
             "verdict": roster.verdict(p_fake),
             "p_fake": p_fake,
             "seconds": seconds,
-            "online_seconds": max(float(r["seconds"]) for r in reports),
-            "bytes_per_server": [int(r["bytes"]) for r in reports],
-            "rounds": int(reports[0]["rounds"]),
+            "online_seconds": max(r.figures.seconds for r in reports),
+            "bytes_per_server": [r.figures.bytes for r in reports],
+            "rounds": reports[0].figures.rounds,
             "offline_seconds": dealer_s + max(prepare_s),
             "dealer_seconds": dealer_s,
             "prepare_seconds": prepare_s,
-            "dealer_bytes": sum(int(r["dealer_bytes"]) for r in reports),
-            "bundle": int(reports[0]["bundle"]),
+            "dealer_bytes": sum(r.dealer_bytes for r in reports),
+            "request": reports[0].request,
         }
         if breakdown:
-            out["steps"] = [s.to_dict() for s in merge(*(f.steps for f in figures))]
+            out["steps"] = [s.to_dict() for s in merge(*(r.figures.steps for r in reports))]
         return out
 
 

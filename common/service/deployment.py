@@ -34,7 +34,7 @@ from secdfd.common.engine.plan import Plan, build_plan
 from secdfd.common.engine.randomness import Bundle, Provision
 from secdfd.common.engine.ring import FixedPoint
 from secdfd.common.engine.sharing import reconstruct, share
-from secdfd.common.errors import ModelError, RandomnessError
+from secdfd.common.errors import ModelError, RandomnessError, RangeError
 
 SHARE_FORMAT = "secdfd-weight-share"
 SHARE_VERSION = 2  # 2: the split id and the architecture digest
@@ -271,5 +271,19 @@ def share_image(x: torch.Tensor, info: ModelInfo) -> tuple[torch.Tensor, torch.T
     return share(FixedPoint(info.frac).encode(x))
 
 
+# A probability computed securely lies within the sigmoid's fit error and a few fixed-point units
+# of [0, 1]; anything further out means a compared value left the comparison range somewhere in the
+# network (the comparison wrapped around), and the result is garbage, not a probability.
+P_TOLERANCE = 1e-3
+
+
 def fake_probability(y0: torch.Tensor, y1: torch.Tensor, info: ModelInfo) -> float:
-    return float(FixedPoint(info.frac).decode(reconstruct(y0, y1)).reshape(-1)[0])
+    """The fused fake probability from the servers' two output shares, clamped to [0, 1]; RangeError
+    if it is further than P_TOLERANCE outside (never a verdict from such a value)."""
+    p = float(FixedPoint(info.frac).decode(reconstruct(y0, y1)).reshape(-1)[0])
+    if not -P_TOLERANCE <= p <= 1.0 + P_TOLERANCE:
+        limit = 2 ** (info.cmp_bits - info.frac)
+        raise RangeError(f"the secure result is out of range ({p:.4g} is not a probability): a value inside "
+                         f"the model left the comparison range of +-{limit:g} on this input, so no verdict can "
+                         "be given; check that the image is a face crop like the model's training data")
+    return min(1.0, max(0.0, p))

@@ -30,6 +30,7 @@ from typing import Any
 
 from secdfd.common import roster
 from secdfd.common.errors import PeerLost, PeerTimeout, SecDFDError
+from secdfd.common.service import health
 
 PROCESSES_FILE = "processes.json"
 
@@ -107,6 +108,7 @@ class Launch:
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     endpoint: str = ""
+    state: str = ""  # the party's state folder, where it publishes its health (status.json)
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,8 @@ def launches(layout: Layout, endpoints: Endpoints, options: Options = Options())
     py = sys.executable
     dealer = Launch("dealer", (py, "-m", "secdfd.dealer", "--keys", str(layout.keys / "dealer"),
                                "--state", str(layout.state("dealer")), "--listen", endpoints.dealer,
-                               "--model", str(layout.model_info)), env, endpoints.dealer)
+                               "--model", str(layout.model_info)), env, endpoints.dealer,
+                    str(layout.state("dealer")))
     out = [dealer]
     for srv, listen in ((roster.server(roster.SERVER_A), endpoints.server_a),
                         (roster.server(roster.SERVER_B), endpoints.server_b)):
@@ -137,7 +140,7 @@ def launches(layout: Layout, endpoints: Endpoints, options: Options = Options())
                 "--depth", str(options.depth), "--timeout", f"{options.timeout:g}", "--device", options.device]
         if options.limbs:
             argv.append("--limbs")
-        out.append(Launch(name, tuple(argv), env, listen))
+        out.append(Launch(name, tuple(argv), env, listen, str(layout.state(name))))
     return out
 
 
@@ -196,7 +199,7 @@ def start(layout: Layout, plan: Sequence[Launch], spawn: Spawn = spawn_local) ->
 def write_processes(layout: Layout, started: Sequence[Started]) -> None:
     layout.root.mkdir(parents=True, exist_ok=True)
     data = {s.launch.name: {"pid": s.pid, "argv": list(s.launch.argv), "endpoint": s.launch.endpoint,
-                            "log": str(s.log)} for s in started}
+                            "log": str(s.log), "state": s.launch.state} for s in started}
     layout.processes.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -208,17 +211,18 @@ def read_processes(layout: Layout) -> list[Started]:
         return []
     except ValueError:
         raise DeploymentError(f"{layout.processes} is corrupt; stop the processes by hand and delete it") from None
-    return [Started(Launch(name, tuple(d["argv"]), {}, d.get("endpoint", "")), int(d["pid"]), Path(d["log"]))
-            for name, d in data.items()]
+    return [Started(Launch(name, tuple(d["argv"]), {}, d.get("endpoint", ""), d.get("state", "")), int(d["pid"]),
+                    Path(d["log"])) for name, d in data.items()]
 
 
 def wait_ready(started: Sequence[Started], client_keys: Path, timeout: float,
                prepared: bool = False) -> dict[str, dict[str, Any]]:
     """Wait until both servers answer `info` (they listen for clients only once set up).
 
-    With `prepared`, also until each has a full queue and a prepared bundle (nothing left to do
-    in the background: what a benchmark wants before it times a request). Fails as soon as a
-    process exits, quoting the end of its log. Returns each server's `info` answer.
+    With `prepared`, also until each has published (in its health file) a prepared bundle and a
+    full queue (nothing left to do in the background: what a benchmark wants before it times a
+    request). Fails as soon as a process exits, quoting the end of its log. Returns each server's
+    `info` answer.
     """
     servers = [s for s in started if s.launch.name in roster.SERVERS]
     deadline = time.monotonic() + timeout
@@ -238,7 +242,7 @@ def wait_ready(started: Sequence[Started], client_keys: Path, timeout: float,
                     infos[name] = dict(req.request("info", timeout=1.0).meta)
                 except (PeerTimeout, PeerLost):
                     infos.pop(name, None)
-            if len(infos) == len(reqs) and (not prepared or all(_idle(i) for i in infos.values())):
+            if len(infos) == len(reqs) and (not prepared or all(_idle(s) for s in servers)):
                 return infos
             if time.monotonic() > deadline:
                 waiting = [n for n in reqs if n not in infos] or list(reqs)
@@ -247,8 +251,10 @@ def wait_ready(started: Sequence[Started], client_keys: Path, timeout: float,
             time.sleep(0.2)
 
 
-def _idle(info: Mapping[str, Any]) -> bool:
-    return bool(info.get("prepared")) and int(info.get("bundles_ready", 0)) > 0
+def _idle(server: Started) -> bool:
+    """Whether a server has published a prepared bundle and a fuller queue than that."""
+    h = health.read(Path(server.launch.state)) if server.launch.state else None
+    return h is not None and bool(h.get("prepared")) and int(h.get("bundles_ready", 0)) > 1
 
 
 def stop(started: Sequence[Started], grace: float = 10.0) -> list[str]:

@@ -37,6 +37,7 @@ from secdfd.common.net.keys import allowed_keys, load_party
 from secdfd.common.net.transport import Node, Request, Requester, Responder, ZmqChannel
 from secdfd.common.net.wire import Message
 from secdfd.common.service import deployment
+from secdfd.common.service.health import HealthFile
 from secdfd.common.service.session import SessionLink, SplitId
 from secdfd.common.service.supply import BundleQueue, IdLedger, PrepareAhead, Prepared, Ready
 
@@ -90,6 +91,7 @@ class ServerBase:
         self.peer_endpoint = ""  # the server-to-server endpoint (bound by server_a), once known
         self.idle = threading.Event()  # clear while a session is online: background work waits
         self.idle.set()
+        self.health = HealthFile(config.state, config.name)
 
     # --- what each role does ------------------------------------------------------------------
 
@@ -106,6 +108,16 @@ class ServerBase:
     # --- start-up -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        """Start up and serve until `stop`; the health file follows every state."""
+        self.health.update(force=True, state="starting")
+        try:
+            self._run(stop)
+        except BaseException as e:
+            self.health.update(force=True, state="failed", last_error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        self.health.update(force=True, state="stopped", bundles_ready=0, prepared=False)
+
+    def _run(self, stop: threading.Event) -> None:
         cfg = self.config
         deployment.check_device(cfg.device)
         keys = load_party(cfg.keys, cfg.name)
@@ -128,6 +140,7 @@ class ServerBase:
                                                       cfg.device, cfg.limbs, plan)
             del share
             self.peer_endpoint = self.channel.endpoint  # published once the plan is traced
+            self.health.update(force=True, state="setting up")
             if not self.set_up(stop):
                 return
             queue = BundleQueue(self._fetcher(node), cfg.depth, cfg.name, idle=self.idle).start()
@@ -137,7 +150,9 @@ class ServerBase:
                 self.front = Responder(node, cfg.listen, "clients", names)
                 self.endpoint = self.front.endpoint
                 self.ready.set()
+                self.health.update(force=True, state="serving")
                 log.info("%s ready on %s", cfg.name, self.endpoint)
+                self._queue, self._ahead = queue, ahead
                 self.serve(queue, ahead, stop)
             finally:
                 ahead.stop()
@@ -174,9 +189,9 @@ class ServerBase:
     # --- serving ----------------------------------------------------------------------------
 
     def answer_info(self, req: Request, queue: BundleQueue, ahead: PrepareAhead) -> None:
+        """What a client may know: the model served and the number format (no service-wide counters)."""
         self.front.reply(req, "info_reply", {"party": self.config.name, "model": self.info.arch,
-                                             "input_size": self.info.size, "frac_bits": self.info.frac,
-                                             "bundles_ready": len(queue), "prepared": int(ahead.ready)})
+                                             "input_size": self.info.size, "frac_bits": self.info.frac})
 
     def check_share(self, req: Request) -> None:
         x = req.message.tensors[0]
@@ -196,27 +211,33 @@ class ServerBase:
 
     def waiting(self, poller: zmq.Poller) -> tuple[bool, bool]:
         """Within 200 ms: whether a client request waits, and whether a peer message does."""
+        self.health.update(bundles_ready=len(self._queue) + int(self._ahead.ready), prepared=self._ahead.ready)
         events = dict(poller.poll(0 if self.link.waiting() else 200))
         return self.front.sock in events, self.channel.sock in events or self.link.waiting()
 
-    def online(self, req: Request, prep: Prepared) -> None:
+    def online(self, req: Request, prep: Prepared, request: str) -> None:
         """The online phase of one session, and the client's reply."""
         y, report = self.party.run(req.message.tensors[0], prep.rands)
-        self.front.reply(req, "result", {"report": self.report(report, prep)}, [y])
+        self.front.reply(req, "result", {"report": self.report(report, prep, request)}, [y])
+        self.health.served()
+        log.info("request %s: answered, %.2f s online", request, report.seconds)
 
-    def report(self, report: Report, prep: Prepared) -> dict[str, Any]:
+    def report(self, report: Report, prep: Prepared, request: str) -> dict[str, Any]:
+        """What the client hears of its inference: its own figures and an opaque request id."""
         report.prepare_seconds = prep.seconds
         d = report.to_dict()
-        d.update(bundle=prep.bundle_id, party=self.config.name, dealer_seconds=prep.ready.dealer_seconds,
+        d.update(request=request, party=self.config.name, dealer_seconds=prep.ready.dealer_seconds,
                  dealer_bytes=prep.ready.nbytes)
         return d
 
-    def fail(self, e: Exception, req: Request | None) -> None:
+    def fail(self, e: Exception, req: Request | None, request: str = "") -> None:
         """A failed session: tell the peer and, if there is one, the client."""
         err = session_error(e, self.config.name)
         self.link.abort(err)
         if req is not None:
             self.front.reply_error(req, err)
+            self.health.failed(err)
+            log.info("request %s: failed (%s)", request or "-", type(err).__name__)
 
 
 def log_failure(what: str, e: Exception) -> None:

@@ -140,10 +140,11 @@ class SessionLink:
 
     # --- an inference ---------------------------------------------------------------------------
 
-    def start(self, bundle_id: int, client_sid: str) -> None:
-        """Leader: start the inference of client session `client_sid` with bundle `bundle_id`."""
+    def start(self, bundle_id: int, client_sid: str, request: str) -> None:
+        """Leader: start the inference of client session `client_sid` with bundle `bundle_id`; both
+        servers call it `request` (an opaque id) in their logs and replies."""
         self.begin(f"b{bundle_id}")
-        self.channel.send("session", STEP, {"bundle": bundle_id, "client": client_sid})
+        self.channel.send("session", STEP, {"bundle": bundle_id, "client": client_sid, "request": request})
 
     def wait_ready(self, timeout: float) -> None:
         """Leader: wait for the follower's `ready` (an `error` from it is raised as its exception)."""
@@ -164,7 +165,7 @@ class SessionLink:
         what this answers, so they are dropped, not obeyed. `patience` bounds the wait for the peer."""
         with round_deadline(self.channel, patience):
             self.begin(f"setup-{secrets.token_hex(8)}", stale=asks_for_setup)
-            self.channel.send("session", STEP, {"bundle": SETUP, "client": ""})
+            self.channel.send("session", STEP, {"bundle": SETUP, "client": "", "request": ""})
             self._send_split()
             self._check_split(self.channel.recv("split", STEP))
             party.setup()
@@ -186,7 +187,7 @@ class SessionLink:
                                       "is running")
                 if now >= ask:
                     self.begin(f"setup-request-{secrets.token_hex(8)}")
-                    self.channel.send("session", STEP, {"bundle": SETUP, "client": ""})
+                    self.channel.send("session", STEP, {"bundle": SETUP, "client": "", "request": ""})
                     ask = time.monotonic() + ASK_EVERY
                 msg = self.next_start(min(1.0, ASK_EVERY))
                 if msg is not None and asks_for_setup(msg):
