@@ -35,6 +35,10 @@ class RemoteError(SecDFDError):
     """A peer reported an error."""
 
 
+class NotAdmitted(SecDFDError):
+    """A party's key is not (or no longer) in the allow-list of the socket it talks to."""
+
+
 class ModelError(SecDFDError):
     """A model name, file or input size is unknown, malformed or fails its checksum."""
 
@@ -50,7 +54,7 @@ class RangeError(SecDFDError):
 ERRORS: dict[str, type[SecDFDError]] = {
     cls.__name__: cls
     for cls in (
-        SecDFDError, PlanError, RandomnessError, ProtocolError, PeerTimeout, PeerLost, RemoteError,
+        SecDFDError, PlanError, RandomnessError, ProtocolError, PeerTimeout, PeerLost, RemoteError, NotAdmitted,
         ModelError, DataError, RangeError,
     )
 }

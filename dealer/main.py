@@ -22,7 +22,7 @@ import torch
 
 from secdfd.common import roster
 from secdfd.common.errors import ProtocolError, SecDFDError
-from secdfd.common.net.keys import load_party, read_public
+from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Responder
 from secdfd.common.service import deployment
 from secdfd.common.service.startup import run_process
@@ -57,10 +57,8 @@ class DealerService:
         epoch = hashlib.sha256(b"secdfd-epoch\0" + b"".join(dealer.provision_seeds)).hexdigest()[:16]
         ledger = IdLedger(Path(cfg.state) / "dealer.ids")
         book = BundleBook(lambda i: deployment.bundle_bytes(dealer, i), ledger, cfg.cap)
-        allow = keys.allow_dir("servers")
-        names = {read_public(allow / f"{s}.key"): s for s in roster.SERVERS if (allow / f"{s}.key").is_file()}
         with Node(keys) as node:
-            front = Responder(node, cfg.listen, "servers", names)
+            front = Responder(node, cfg.listen, "servers")
             self.endpoint = front.endpoint
             self.ready.set()
             log.info("dealer ready on %s", self.endpoint)

@@ -56,3 +56,47 @@ def test_missing_keys_are_clear(tmp_path):
         keys.server_key("dealer")
     with pytest.raises(KeyFileError, match="allow/peer"):
         keys.allow_dir("peer")
+
+
+def test_own_keypair_admit_and_revoke(tmp_path):
+    from secdfd.common.net.keys import admit, make_party_keys, revoke
+
+    pub_a = make_party_keys(tmp_path / "a", "server_a")
+    pub_b = make_party_keys(tmp_path / "b", "server_b")
+    pub_d = make_party_keys(tmp_path / "d", "dealer")
+    assert stat.S_IMODE((tmp_path / "a" / "server_a.key_secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    with pytest.raises(KeyFileError, match="exists"):
+        make_party_keys(tmp_path / "a", "server_a")
+    # server_a admits server_b on its peer socket, knows the dealer as a server it connects to
+    assert admit(tmp_path / "a", "server_a", pub_b) == [tmp_path / "a" / "allow" / "peer" / "server_b.key"]
+    assert admit(tmp_path / "a", "server_a", pub_d) == [tmp_path / "a" / "public" / "dealer.key"]
+    # server_b connects to server_a: a known server key, no allow-list entry
+    assert admit(tmp_path / "b", "server_b", pub_a) == [tmp_path / "b" / "public" / "server_a.key"]
+    keys_a = load_party(tmp_path / "a", "server_a")
+    assert keys_a.servers["dealer"] == load_party(tmp_path / "d", "dealer").public
+    assert allowed_keys(tmp_path / "a" / "allow" / "peer") == {load_party(tmp_path / "b", "server_b").public}
+    assert revoke(tmp_path / "a", "server_b") == [tmp_path / "a" / "allow" / "peer" / "server_b.key"]
+    assert allowed_keys(tmp_path / "a" / "allow" / "peer") == set()
+    with pytest.raises(KeyFileError, match="dealer does not talk to a client"):
+        admit(tmp_path / "d", "dealer", pub_a, name="mallory")
+
+
+def test_sealed_file_opens_for_its_recipient_only(tmp_path):
+    from secdfd.common.net.keys import make_party_keys
+    from secdfd.common.net.sealed import open_sealed, seal
+
+    make_party_keys(tmp_path / "a", "server_a")
+    make_party_keys(tmp_path / "b", "server_b")
+    ka, kb = load_party(tmp_path / "a", "server_a"), load_party(tmp_path / "b", "server_b")
+    data = bytes(range(256)) * 100
+    box = seal(data, ka.public)
+    assert data not in box and len(box) == len(data) + 16 + 32 + 16
+    assert seal(data, ka.public) != box  # a fresh ephemeral key every time
+    assert open_sealed(box, ka.public, ka.secret) == data
+    with pytest.raises(KeyFileError, match="another party's key"):
+        open_sealed(box, kb.public, kb.secret)
+    tampered = bytearray(box)
+    tampered[-40] ^= 1
+    with pytest.raises(KeyFileError, match="changed on the way"):
+        open_sealed(bytes(tampered), ka.public, ka.secret)

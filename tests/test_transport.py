@@ -97,8 +97,7 @@ def test_abort_reaches_the_peer_at_once(servers):
 
 def test_request_reply_and_remote_errors(keys):
     with Node(load_party(keys, "server_a")) as ns, Node(load_party(keys, "client")) as nc:
-        client_key = load_party(keys, "client").public
-        srv = Responder(ns, ANY, "clients", names={client_key: "client"})
+        srv = Responder(ns, ANY, "clients")
         done = threading.Event()
 
         def serve():
@@ -109,7 +108,7 @@ def test_request_reply_and_remote_errors(keys):
                 if req.message.kind == "info":
                     assert req.sender == "client"
                     srv.reply(req, "info_reply", {"party": "a", "model": "m", "input_size": 128,
-                                                  "frac_bits": 16, "bundles_ready": 3, "prepared": 1})
+                                                  "frac_bits": 16})
                 else:
                     srv.reply_error(req, RandomnessError("no bundle ready within 1 s"))
 
@@ -256,7 +255,7 @@ def test_peer_gone_mid_session_is_lost_at_once(keys):
         nb2 = Node(load_party(keys, "server_b"))
         b2 = ZmqChannel.connect(nb2, a.endpoint, timeout=20.0)
         b2.begin("t")
-        b2.send("session", "session", {"bundle": 3, "client": ""})
+        b2.send("session", "session", {"bundle": 3, "client": "", "request": ""})
         first = a.next_message(5.0)
         assert first is not None and first.sid == "t"
         a.begin(first.sid, received=1)
@@ -269,7 +268,7 @@ def test_peer_gone_mid_session_is_lost_at_once(keys):
         a.timeout = 0.4
         a.begin("u")
         with pytest.raises(PeerTimeout, match="server_b"):
-            a.send("session", "session", {"bundle": 4, "client": ""})
+            a.send("session", "session", {"bundle": 4, "client": "", "request": ""})
 
 
 def test_messages_of_another_conversation_are_dropped_or_claimed(servers):
@@ -278,12 +277,12 @@ def test_messages_of_another_conversation_are_dropped_or_claimed(servers):
     a, b = servers
     a.begin("x")
     b.begin("y")
-    b.send("session", "session", {"bundle": 1, "client": ""})
+    b.send("session", "session", {"bundle": 1, "client": "", "request": ""})
     with pytest.raises(PeerTimeout):
         a.recv("ready", "session", timeout=0.3)
     a.interrupt = lambda msg, step: PeerLost(f"claimed {msg.sid} at {step}")
     b.begin("z")
-    b.send("session", "session", {"bundle": 2, "client": ""})
+    b.send("session", "session", {"bundle": 2, "client": "", "request": ""})
     t0 = time.monotonic()
     with pytest.raises(PeerLost, match="claimed z at session"):
         a.recv("ready", "session", timeout=2.0)

@@ -13,7 +13,7 @@ import click
 
 from secdfd.common import roster
 from secdfd.common.errors import SecDFDError
-from secdfd.common.net.keys import make_keys
+from secdfd.common.net.keys import admit, make_keys, make_party_keys, revoke
 from secdfd.common.roster import PARTIES, PROCESSES
 from secdfd.common.service import health, local
 from secdfd.common.service.deployment import read_info
@@ -23,18 +23,23 @@ _STATE = click.option("--state", "state", type=click.Path(path_type=Path), defau
                       help="State folder of the local deployment (keys, shares, ledgers, logs).")
 
 
-@click.command("keys")
+@click.group("keys", invoke_without_command=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path(".secdfd/keys"), show_default=True,
               help="Folder for the keys; each party gets its own subfolder.")
 @click.option("--force", is_flag=True, help="Replace existing keys (every party then needs its new folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the folders and public keys as JSON.")
-def keys_cmd(out: Path, force: bool, as_json: bool) -> None:
-    """Make CURVE keypairs for the dealer, both servers and the client.
+@click.pass_context
+def keys_cmd(ctx: click.Context, out: Path, force: bool, as_json: bool) -> None:
+    """Make CURVE keypairs: every party's at once (one machine), or one party's on its own machine.
 
-    Each party's folder (OUT/<party>/) holds its secret key (mode 600), the public keys of the
-    servers it connects to, and the allow-lists of the sockets it listens on. Give each process
-    only its own folder.
+    Without a subcommand: keypairs for the dealer, both servers and the client under OUT, one
+    folder per party (OUT/<party>/: its secret key, mode 600, the public keys of the servers it
+    connects to, the allow-lists of the sockets it listens on). All secrets are then in one place:
+    fine for one machine (`secdfd up`), not for parties run by different operators. There, each
+    operator runs `secdfd keys new PARTY` on its own machine and `secdfd keys admit` for each peer.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         folders = make_keys(out, force=force)
     except (SecDFDError, OSError) as e:
@@ -49,20 +54,77 @@ def keys_cmd(out: Path, force: bool, as_json: bool) -> None:
     click.echo(f"public keys: {out / 'public'}")
 
 
+@keys_cmd.command("new")
+@click.argument("party", type=click.Choice(list(PARTIES)))
+@click.option("--out", "home", type=click.Path(path_type=Path), required=True,
+              help="This party's key folder on its own machine (give the process --keys FOLDER).")
+@click.option("--force", is_flag=True, help="Replace an existing keypair (every peer must admit the new key).")
+def keys_new_cmd(party: str, home: Path, force: bool) -> None:
+    """Make PARTY's own keypair in a folder on its own machine; prints the public key file to hand
+    to the other operators. The secret key never leaves the folder."""
+    try:
+        public = make_party_keys(home, party, force)
+    except (SecDFDError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{party} keys in {home}; hand {public} to the operators of the parties it talks to")
+
+
+@keys_cmd.command("admit")
+@click.argument("public_key", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--keys", "home", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="This party's key folder (from `secdfd keys new`).")
+@click.option("--party", type=click.Choice(list(PARTIES)), required=True, help="Which party this folder is.")
+@click.option("--name", default=None,
+              help="The peer's name: dealer, server_a, server_b, or any name for a client [default: the file's name].")
+def keys_admit_cmd(public_key: Path, home: Path, party: str, name: str | None) -> None:
+    """Admit a peer's PUBLIC_KEY: as a server this party connects to, and into the allow-list of
+    each of this party's sockets the peer connects to. Running servers take it within seconds."""
+    try:
+        written = admit(home, party, public_key, name)
+    except (SecDFDError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    for f in written:
+        click.echo(f"wrote {f}")
+
+
+@keys_cmd.command("revoke")
+@click.argument("name")
+@click.option("--keys", "home", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="This party's key folder.")
+def keys_revoke_cmd(name: str, home: Path) -> None:
+    """Remove peer NAME from every allow-list of this party. Running servers refuse it within
+    seconds, also on connections it already has."""
+    removed = revoke(home, name)
+    if not removed:
+        raise click.ClickException(f"no allow-list in {home} holds {name}.key")
+    for f in removed:
+        click.echo(f"removed {f}")
+
+
 @click.command("share")
 @click.argument("model", type=click.Path(path_type=Path), required=False, envvar="SECDFD_SHARE_MODEL")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path(".secdfd/shares"), show_default=True,
               help="Folder for server_a.weights, server_b.weights and model.json.")
+@click.option("--seal", "seal", multiple=True, metavar="SERVER=PUBLIC_KEY",
+              help="Seal SERVER's share to its public key file (only that server can open it); repeat for both.")
 @click.option("--json", "as_json", is_flag=True, help="Print the files written as JSON.")
-def share_cmd(model: Path | None, out: Path, as_json: bool) -> None:
-    """Split a deployable MODEL (from `secdfd export`; default: the embedded model) into weight shares.
+def share_cmd(model: Path | None, out: Path, seal: tuple[str, ...], as_json: bool) -> None:
+    """Split a deployable MODEL (from `secdfd export`; omit it for the embedded model) into weight shares.
 
     Writes one share file per server (give server_a only server_a.weights, server_b only
     server_b.weights; either alone is uniformly random) and model.json, the public model info
-    (architecture, input size, number format) for the dealer.
+    (architecture, input size, number format, the split id) for the dealer and both servers. Every
+    run is a new split: the dealer and both servers must all get the files of the same run.
     """
+    recipients: dict[str, Path] = {}
+    for item in seal:
+        server, _, key_file = item.partition("=")
+        if server not in roster.SERVERS or not key_file:
+            raise click.BadParameter(f"give SERVER=PUBLIC_KEY with SERVER one of {', '.join(roster.SERVERS)}",
+                                     param_hint="--seal")
+        recipients[server] = Path(key_file)
     try:
-        paths = share_model(model, out)
+        paths = share_model(model, out, recipients)
     except (SecDFDError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
@@ -72,7 +134,7 @@ def share_cmd(model: Path | None, out: Path, as_json: bool) -> None:
         click.echo(f"{name:9s} {path}")
 
 
-def share_model(model: Path | None, out: Path) -> dict[str, Path]:
+def share_model(model: Path | None, out: Path, seal: dict[str, Path] | None = None) -> dict[str, Path]:
     """`deployment.share_model`, with a clear message when the embedded default is missing."""
     from secdfd.common.errors import ModelError
     from secdfd.common.ml.export import DEFAULT_MODEL
@@ -81,7 +143,7 @@ def share_model(model: Path | None, out: Path) -> dict[str, Path]:
     if model is None and not DEFAULT_MODEL.is_file():
         raise ModelError(f"no embedded model in this installation ({DEFAULT_MODEL}); give a deployable "
                          "model file from `secdfd export`")
-    return deployment.share_model(model, out)
+    return deployment.share_model(model, out, seal=seal)
 
 
 def _endpoint_options(f: Any) -> Any:

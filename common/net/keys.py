@@ -15,9 +15,16 @@ Who talks to whom (the listening side's allow-list, the connecting side's known 
     server_b  listens on "clients"  (client); connects to dealer and to server_a's "peer"
     client    connects to server_a and server_b
 
-To admit another client, put its public key file into each server's `allow/clients/`. The files
-are pyzmq/czmq certificates (`zmq.auth.load_certificate` reads them), written here so that a secret
-key file is created with mode 0600 and never exists with wider permissions.
+`make_keys` puts every party's secret in one place: a convenience for one machine (`secdfd up`).
+Where the parties are run by different operators, each makes its own keypair on its own machine
+(`make_party_keys`, `secdfd keys new PARTY`), hands out only the public key file, and admits the
+peers' public keys it is given (`admit`, `secdfd keys admit`); no secret ever leaves its machine.
+
+To admit another client, put its public key file into each server's `allow/clients/` (the file's
+name is the name the servers log it by); to revoke it, remove the file (`revoke`). Running servers
+read their allow-lists again within a second or two. The files are pyzmq/czmq certificates
+(`zmq.auth.load_certificate` reads them), written here so that a secret key file is created with
+mode 0600 and never exists with wider permissions.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import zmq
 import zmq.auth
 
 from secdfd.common.errors import SecDFDError
-from secdfd.common.roster import PARTIES
+from secdfd.common.roster import CLIENT, DEALER, PARTIES, SERVER_A, SERVER_B
 
 # party -> {listening domain -> allowed peers}
 LISTENS: Mapping[str, Mapping[str, tuple[str, ...]]] = MappingProxyType(
@@ -117,6 +124,67 @@ def make_keys(out: Path, force: bool = False) -> dict[str, Path]:
                 _write_cert(d / f"{peer}.key", pairs[peer][0])
         folders[party] = home
     return folders
+
+
+def make_party_keys(home: Path, party: str, force: bool = False) -> Path:
+    """Make `party`'s own keypair in `home` (its folder on its own machine): the secret key
+    (0600, folder 0700), empty public/ and allow/<domain>/ folders, and HOME/<party>.key, the
+    public key to hand to the other operators. Returns that public key file."""
+    if party not in PARTIES:
+        raise KeyFileError(f"unknown party {party!r}; parties are {', '.join(PARTIES)}")
+    home = Path(home)
+    secret_file = home / f"{party}.key_secret"
+    if secret_file.exists() and not force:
+        raise KeyFileError(f"{secret_file} exists; pass --force to replace it (every peer must then admit the "
+                           "new public key)")
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    public, secret = zmq.curve_keypair()
+    _write_cert(secret_file, public, secret)
+    _write_cert(home / f"{party}.key", public)
+    (home / "public").mkdir(exist_ok=True)
+    for domain in LISTENS[party]:
+        (home / "allow" / domain).mkdir(parents=True, exist_ok=True)
+    return home / f"{party}.key"
+
+
+def peer_role(name: str) -> str:
+    """The role of a peer named `name`: dealer, server_a or server_b by name, anyone else a client."""
+    return name if name in (DEALER, SERVER_A, SERVER_B) else CLIENT
+
+
+def admit(home: Path, party: str, public_file: Path, name: str | None = None) -> list[Path]:
+    """Put a peer's public key where `party` (its folder is `home`) needs it, under the peer's name
+    (default: the file's name): public/<name>.key for a server this party connects to, and
+    allow/<domain>/<name>.key for each of this party's sockets the peer connects to. Returns the
+    files written; KeyFileError if this party never talks to such a peer."""
+    name = name or Path(public_file).stem
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise KeyFileError(f"a peer name is letters, digits, - and _; got {name!r}")
+    key = read_public(public_file)
+    role = peer_role(name)
+    targets = []
+    if role in CONNECTS[party]:
+        targets.append(Path(home) / "public" / f"{name}.key")
+    for domain, peers in LISTENS[party].items():
+        if role in peers:
+            targets.append(Path(home) / "allow" / domain / f"{name}.key")
+    if not targets:
+        connects = ", ".join(CONNECTS[party]) or "no one"
+        admits = ", ".join(sorted({p for ps in LISTENS[party].values() for p in ps})) or "no one"
+        raise KeyFileError(f"{party} does not talk to a {role} (it connects to {connects} and admits {admits})")
+    for t in targets:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        _write_cert(t, key)
+    return targets
+
+
+def revoke(home: Path, name: str) -> list[Path]:
+    """Remove `name`'s public key from every allow-list in `home`; returns the files removed."""
+    removed = [f for f in sorted((Path(home) / "allow").glob(f"*/{name}.key"))]
+    for f in removed:
+        f.unlink()
+    return removed
 
 
 def load_party(keys_dir: Path, name: str) -> PartyKeys:

@@ -36,6 +36,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -44,8 +45,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from secdfd.common.engine.channel import Stats, payload_bytes
-from secdfd.common.errors import ERRORS, PeerLost, PeerTimeout, ProtocolError, RemoteError, SecDFDError
-from secdfd.common.net.keys import KeyFileError, PartyKeys, allowed_keys
+from secdfd.common.errors import ERRORS, NotAdmitted, PeerLost, PeerTimeout, ProtocolError, RemoteError, SecDFDError
+from secdfd.common.net.keys import KeyFileError, PartyKeys, allowed_keys, read_public
 from secdfd.common.net.wire import (
     DEFAULT_LIMITS,
     MESSAGE_KINDS,
@@ -63,6 +64,7 @@ Socket = zmq.Socket[bytes]  # every socket here sends and receives bytes frames
 
 _HEARTBEAT_MS = 1000  # ZMTP pings: a dead peer is noticed (and reconnected) within a few seconds
 _HEARTBEAT_TIMEOUT_MS = 5000
+ALLOW_REFRESH = 1.0  # seconds between looks at a listening socket's allow-list folder
 _LINK_CHECK_MS = 500  # in a session, how often a channel looks at its link besides on disconnect events
 
 
@@ -80,6 +82,7 @@ class Node:
         self.context = zmq.Context()
         self._auth: ThreadAuthenticator | None = None
         self._sockets: list[Socket] = []
+        self._domains: dict[str, Path] = {}
 
     def __enter__(self) -> Node:
         return self
@@ -126,6 +129,7 @@ class Node:
             self._auth = ThreadAuthenticator(self.context, log=log.getChild("zap"))
             self._auth.start()
         self._auth.configure_curve(domain=domain, location=str(folder))
+        self._domains[domain] = folder
         s = self._socket(socket_type)
         s.curve_server = True  # before bind: every connection must do the CURVE handshake
         s.zap_domain = domain.encode()
@@ -140,6 +144,11 @@ class Node:
             raise PeerLost(f"{self.keys.name} cannot listen on {endpoint}: {e.strerror}; "
                            "choose another address or stop the process using it") from None
         return s, str(s.get_string(zmq.LAST_ENDPOINT)), mon
+
+    def reload_allow(self, domain: str) -> None:
+        """Read domain's allow-list folder again (new handshakes see the change at once)."""
+        if self._auth is not None and domain in self._domains:
+            self._auth.configure_curve(domain=domain, location=str(self._domains[domain]))
 
     def connect(self, endpoint: str, server: str, socket_type: int = zmq.DEALER,
                 monitor: bool = False) -> tuple[Socket, Socket | None]:
@@ -482,38 +491,97 @@ class Request:
     """A validated request: who sent it (by authenticated key) and what."""
 
     route: bytes
-    sender: str  # the party name for a known key, else the key's z85 text
+    sender: str  # the name of the sender's key file in the allow-list (e.g. "client", "server_a")
     message: Message
+    key: bytes = b""  # the sender's authenticated public key (z85)
+
+
+class AllowList:
+    """An allow-list folder of public keys, read again whenever its files change."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._stamp: tuple[tuple[str, int, int], ...] | None = None
+        self.names: dict[bytes, str] = {}  # key -> the stem of its file
+        self.refresh()
+
+    def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        out = []
+        for f in sorted(self.folder.glob("*.key")):
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((f.name, st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def refresh(self) -> bool:
+        """Read the folder again if a file was added, removed or changed; True if it was."""
+        stamp = self._fingerprint()
+        if stamp == self._stamp:
+            return False
+        names = {}
+        for f in sorted(self.folder.glob("*.key")):
+            try:
+                names[read_public(f)] = f.stem
+            except KeyFileError as e:
+                log.warning("%s", e)
+        self._stamp, self.names = stamp, names
+        return True
 
 
 class Responder:
-    """The server side of requests: a CURVE ROUTER socket in one ZAP domain."""
+    """The server side of requests: a CURVE ROUTER socket in one ZAP domain.
 
-    def __init__(self, node: Node, endpoint: str, domain: str,
-                 names: Mapping[bytes, str] | None = None) -> None:
+    The domain's allow-list is read again within `ALLOW_REFRESH` seconds of a change: a key added
+    can connect, and a key removed is refused at its next handshake and, on a connection made
+    before, at its next request (NotAdmitted). A request names its sender by the key file's name.
+    """
+
+    def __init__(self, node: Node, endpoint: str, domain: str) -> None:
         self.sock, self.endpoint = node.listen(endpoint, domain, zmq.ROUTER)
+        self.node = node
+        self.domain = domain
         self.name = node.keys.name
-        self.names = dict(names or {})
+        self.allow = AllowList(node.keys.allow_dir(domain))
+        self._checked = time.monotonic()
         self.limits = node.limits
         self.kinds = node.kinds
 
+    def refresh_allow(self) -> None:
+        """Read the allow-list again if it changed (at most every ALLOW_REFRESH seconds); a serve loop
+        calls it often, since a refused key never reaches `recv`."""
+        now = time.monotonic()
+        if now - self._checked < ALLOW_REFRESH:
+            return
+        self._checked = now
+        if self.allow.refresh():
+            self.node.reload_allow(self.domain)
+            log.info("%s: allow-list %s read again (%d keys)", self.name, self.allow.folder, len(self.allow.names))
+
     def recv(self, timeout: float) -> Request | None:
-        """The next well-formed request, or None when `timeout` passes first."""
+        """The next well-formed request from an admitted key, or None when `timeout` passes first."""
         deadline = time.monotonic() + timeout
+        self.refresh_allow()
         while self.sock.poll(_ms(deadline), zmq.POLLIN):
             frames = _recv_now(self.sock)
             if frames is None or len(frames) < 2:
                 continue
             route = frames[0].bytes
             key = str(frames[1].get("User-Id") or "").encode()
-            sender = self.names.get(key, key.decode() or "unknown peer")
+            sender = self.allow.names.get(key)
+            if sender is None:  # admitted once, removed from the allow-list since
+                self._send(route, error_message(NotAdmitted(
+                    f"{self.name} no longer admits this party's key; ask its operator to put the public key "
+                    f"back into allow/{self.domain}/")))
+                continue
             try:
                 msg = unpack(frames[1:], sender, "request", self.limits, self.kinds)
             except ProtocolError as e:
                 log.warning("%s", e)
                 self._send(route, error_message(e))
                 continue
-            return Request(route, sender, msg)
+            return Request(route, sender, msg, key)
         return None
 
     def reply(self, req: Request, kind: str, meta: Mapping[str, Any] | None = None,

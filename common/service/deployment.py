@@ -17,10 +17,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from secdfd.common.engine.randomness import Bundle, Provision
 from secdfd.common.engine.ring import FixedPoint
 from secdfd.common.engine.sharing import reconstruct, share
 from secdfd.common.errors import ModelError, RandomnessError, RangeError
+from secdfd.common.net import sealed
+from secdfd.common.net.keys import KeyFileError, PartyKeys, read_public
 
 SHARE_FORMAT = "secdfd-weight-share"
 SHARE_VERSION = 2  # 2: the split id and the architecture digest
@@ -122,11 +126,20 @@ def plan_for(info: ModelInfo, module: nn.Module | None = None) -> Plan:
 # --- the model owner's split ----------------------------------------------------------------
 
 
-def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: int = 32) -> dict[str, Path]:
+def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: int = 32,
+                seal: Mapping[str, Path] | None = None) -> dict[str, Path]:
     """Split an exported model (None: the embedded default) into one weight-share file per server.
 
-    Returns the paths by name: server_a, server_b (the share files) and info (OUT/model.json).
+    Each file holds one server's share only. With `seal` (server name -> that server's public key
+    file), the server's file is sealed to its key: only that server can read it, and it may travel
+    by any channel. Returns the paths by name: server_a, server_b (the share files) and info
+    (OUT/model.json).
     """
+    seal = dict(seal or {})
+    unknown = set(seal) - set(roster.SERVERS)
+    if unknown:
+        raise ModelError(f"shares are sealed to servers only ({', '.join(roster.SERVERS)}), not {sorted(unknown)}")
+    recipients = {server: read_public(path) for server, path in seal.items()}
     from secdfd.common.engine.twoparty import share_weights
     from secdfd.common.ml.export import load_deployable, read_deployable_meta
 
@@ -142,10 +155,13 @@ def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: in
     for role, server in enumerate(roster.SERVERS):
         path = out / f"{server}.weights"
         tmp = path.with_name(path.name + ".tmp")
+        buf = io.BytesIO()
+        torch.save({"format": SHARE_FORMAT, "version": SHARE_VERSION, "party": server,
+                    "info": asdict(info), "digest": digest, "weights": shares[role]}, buf)
+        data = buf.getvalue() if server not in recipients else sealed.seal(buf.getvalue(), recipients[server])
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": SHARE_FORMAT, "version": SHARE_VERSION, "party": server,
-                        "info": asdict(info), "digest": digest, "weights": shares[role]}, f)
+            f.write(data)
         os.replace(tmp, path)
         paths[server] = path
     paths["info"] = out / INFO_FILE
@@ -163,12 +179,24 @@ class WeightShare:
     weights: dict[str, torch.Tensor]
 
 
-def load_weight_share(path: Path, server: str) -> WeightShare:
-    """A server's weight share and the model info it was made for."""
+def load_weight_share(path: Path, server: str, keys: PartyKeys | None = None) -> WeightShare:
+    """A server's weight share and the model info it was made for; a share sealed to the server is
+    opened with its keys."""
     try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ModelError(f"{path}: no weight share file; make them with `secdfd share [MODEL] --out DIR`") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read the weight share ({e.strerror})") from None
+    if sealed.is_sealed(data):
+        if keys is None:
+            raise ModelError(f"{path} is sealed; it can only be opened with {server}'s keys")
+        try:
+            data = sealed.open_sealed(data, keys.public, keys.secret)
+        except KeyFileError as e:
+            raise ModelError(f"{path}: {e} (it must be sealed to {server}'s public key)") from None
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise ModelError(f"{path}: not a weight share from `secdfd share` ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != SHARE_FORMAT:

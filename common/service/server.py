@@ -33,7 +33,7 @@ from secdfd.common import roster
 from secdfd.common.engine.evaluator import Party
 from secdfd.common.engine.figures import Report
 from secdfd.common.errors import ModelError, ProtocolError, RandomnessError, SecDFDError
-from secdfd.common.net.keys import allowed_keys, load_party
+from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Requester, Responder, ZmqChannel
 from secdfd.common.net.wire import Message
 from secdfd.common.service import deployment
@@ -121,7 +121,7 @@ class ServerBase:
         cfg = self.config
         deployment.check_device(cfg.device)
         keys = load_party(cfg.keys, cfg.name)
-        share = deployment.load_weight_share(cfg.weights, cfg.name)
+        share = deployment.load_weight_share(cfg.weights, cfg.name, keys)
         self.info = share.info
         plan = deployment.plan_for(self.info)
         if deployment.architecture_digest(self.info, plan) != share.digest:
@@ -146,8 +146,7 @@ class ServerBase:
             queue = BundleQueue(self._fetcher(node), cfg.depth, cfg.name, idle=self.idle).start()
             ahead = PrepareAhead(queue, self.party.prepare, self.idle, cfg.name).start()
             try:
-                names = {k: roster.CLIENT for k in allowed_keys(keys.allow_dir("clients"))}
-                self.front = Responder(node, cfg.listen, "clients", names)
+                self.front = Responder(node, cfg.listen, "clients")
                 self.endpoint = self.front.endpoint
                 self.ready.set()
                 self.health.update(force=True, state="serving")
@@ -212,6 +211,7 @@ class ServerBase:
     def waiting(self, poller: zmq.Poller) -> tuple[bool, bool]:
         """Within 200 ms: whether a client request waits, and whether a peer message does."""
         self.health.update(bundles_ready=len(self._queue) + int(self._ahead.ready), prepared=self._ahead.ready)
+        self.front.refresh_allow()
         events = dict(poller.poll(0 if self.link.waiting() else 200))
         return self.front.sock in events, self.channel.sock in events or self.link.waiting()
 
