@@ -266,6 +266,7 @@ class Deployment:
     last_bundle: int = -1
     seconds: dict[str, float] = field(default_factory=dict)
     cids: dict[str, str] = field(default_factory=dict)
+    as_owner: list[str] = field(default_factory=list)  # the prefix that runs a host command as the keys' owner
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         files = ["-f", "docker-compose.yml"] + (["-f", DEPTH_FILE] if (self.context / DEPTH_FILE).exists() else [])
@@ -303,9 +304,7 @@ class Deployment:
         argv = [str(BIN / "secdfd-client"), "detect", *args, "--json", "--timeout", f"{timeout:g}",
                 "--keys", str(self.deploy / "keys" / "client"),
                 "--server-a", f"tcp://127.0.0.1:{self.ports[0]}", "--server-b", f"tcp://127.0.0.1:{self.ports[1]}"]
-        if os.geteuid() == 0 and self.uid != 0:
-            argv = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", *argv]
-        return argv
+        return [*self.as_owner, *argv]
 
     def detect_host(self) -> dict[str, Any]:
         r = sh(self.client_argv(FACE), timeout=240, cwd=ROOT, env=clean_env())
@@ -362,6 +361,14 @@ def deployment(engine: Engine, built: Built, scratch: Path) -> Iterator[Deployme
         (built.context / DEPTH_FILE).write_text("services:\n" + "".join(
             f"  {s}:\n    environment:\n      SECDFD_SERVER_DEPTH: \"{DEPTH}\"\n" for s in ("server_a", "server_b")))
     dep = Deployment(engine.compose, project, built.context, deploy, env, uid, gid, ports, plain)
+    if os.geteuid() == 0:
+        setpriv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        probe = sh([*setpriv, BIN / "secdfd-client", "--help"], timeout=120, check=False, cwd=ROOT, env=clean_env())
+        if probe.returncode == 0:
+            dep.as_owner = setpriv
+        else:  # e.g. this environment lies in a folder that uid cannot enter
+            log(f"uid {uid} cannot run {BIN / 'secdfd-client'} ({probe.stderr.strip()[-200:]}): the host client "
+                "runs as root")
     try:
         t0 = time.monotonic()
         dep.run("--profile", "init", "run", "--rm", "-T", "init", timeout=600)
