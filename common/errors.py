@@ -35,6 +35,10 @@ class RemoteError(SecDFDError):
     """A peer reported an error."""
 
 
+class Busy(SecDFDError):
+    """A server holds as many requests as it may (for this client, or in all): retry later."""
+
+
 class NotAdmitted(SecDFDError):
     """A party's key is not (or no longer) in the allow-list of the socket it talks to."""
 
@@ -54,7 +58,7 @@ class RangeError(SecDFDError):
 ERRORS: dict[str, type[SecDFDError]] = {
     cls.__name__: cls
     for cls in (
-        SecDFDError, PlanError, RandomnessError, ProtocolError, PeerTimeout, PeerLost, RemoteError, NotAdmitted,
+        SecDFDError, PlanError, RandomnessError, ProtocolError, PeerTimeout, PeerLost, RemoteError, NotAdmitted, Busy,
         ModelError, DataError, RangeError,
     )
 }

@@ -24,6 +24,7 @@ from secdfd.common import roster
 from secdfd.common.errors import ProtocolError, SecDFDError
 from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Responder
+from secdfd.common.net.wire import Limits
 from secdfd.common.service import deployment
 from secdfd.common.service.startup import run_process
 from secdfd.common.service.supply import BundleBook, IdLedger
@@ -38,6 +39,7 @@ class DealerConfig:
     listen: str
     info: deployment.ModelInfo
     cap: int = 64  # halves kept per server that has not fetched them yet
+    max_bytes: int = 2 << 30  # and the bytes they may take
 
 
 class DealerService:
@@ -56,9 +58,9 @@ class DealerService:
         # names the provisioning (stable across restarts: the seeds are kept); servers check bundles
         epoch = hashlib.sha256(b"secdfd-epoch\0" + b"".join(dealer.provision_seeds)).hexdigest()[:16]
         ledger = IdLedger(Path(cfg.state) / "dealer.ids")
-        book = BundleBook(lambda i: deployment.bundle_bytes(dealer, i), ledger, cfg.cap)
+        book = BundleBook(lambda i: deployment.bundle_bytes(dealer, i), ledger, cfg.cap, cfg.max_bytes)
         with Node(keys) as node:
-            front = Responder(node, cfg.listen, "servers")
+            front = Responder(node, cfg.listen, "servers", REQUEST_LIMITS)
             self.endpoint = front.endpoint
             self.ready.set()
             log.info("dealer ready on %s", self.endpoint)
@@ -100,6 +102,7 @@ def _as_tensor(data: bytes) -> torch.Tensor:
 
 
 FRAME_BYTES = 1 << 20  # a bundle travels in frames of at most 1 MiB
+REQUEST_LIMITS = Limits(max_tensors=0, max_bytes=0, max_envelope=1 << 16)  # servers' requests carry no tensor
 
 
 def _as_frames(data: bytes) -> list[torch.Tensor]:

@@ -1,11 +1,14 @@
-"""server_a, the leader: it opens every session and claims the bundle ids.
+"""server_a, the leader: it decides which request runs next, and opens every session.
 
-Per client request (`detect`): check the share, make sure server_b is connected (within a short
-grace, before any bundle is claimed), take the oldest prepared bundle, record its id as used, start
-the session with server_b and wait for its `ready`, then run the online phase. If server_b cannot
-get that bundle (it restarted and lost it), the next one is used; if server_b restarted and asks for
-set-up, set-up runs first and the request is retried with a fresh bundle. Between sessions, server_b's
-set-up requests are answered.
+A client's `detect` request is checked and held (`RequestQueue`: bounded per client and in total,
+Busy beyond that). When server_b announces that it holds the other share (`have`), the request is
+paired; between sessions the leader runs the next paired request, fairly across clients: it makes
+sure server_b is connected (within a short grace, before any bundle is claimed), takes the oldest
+prepared bundle, records its id as used, starts the session and waits for server_b's `ready`, then
+runs the online phase. If server_b cannot get that bundle, the next one is used. A request whose
+other share never arrives is answered with a timeout, one that waited too long in the queue with
+Busy; if server_b restarts, the requests it had announced are answered at once (it lost its shares)
+and set-up runs again.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import secrets
 import threading
 import time
 
-from secdfd.common.errors import PeerLost, RandomnessError
+from secdfd.common.errors import Busy, PeerLost, PeerTimeout, RandomnessError
 from secdfd.common.net.transport import Node, Request, ZmqChannel
-from secdfd.common.service.server import ServerBase, log_failure
+from secdfd.common.service.queue import RequestQueue
+from secdfd.common.service.server import ServerBase, ServerConfig, log_failure
 from secdfd.common.service.session import asks_for_setup
 from secdfd.common.service.supply import BundleQueue, PrepareAhead
 
@@ -31,6 +35,11 @@ class Leader(ServerBase):
 
     party_letter = "a"
 
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(config)
+        self.held = RequestQueue("server_a", config.max_pending_per_client, config.max_pending)
+        self._b_down_since: float | None = None  # since when server_b has not been connected
+
     def open_channel(self, node: Node) -> ZmqChannel:
         return ZmqChannel.listen(node, self.config.peer, self.config.peer_name, self.config.timeout)
 
@@ -41,26 +50,55 @@ class Leader(ServerBase):
     def serve(self, queue: BundleQueue, ahead: PrepareAhead, stop: threading.Event) -> None:
         poller = self.poller()
         while not stop.is_set():
-            client, peer = self.waiting(poller)
+            client, peer = self.waiting(poller, busy=self.held.has_ready())
             if peer:
                 msg = self.link.next_start_now()  # between sessions, only server_b asking for set-up
                 if msg is not None and asks_for_setup(msg):
                     log.info("server_b asks for set-up")
+                    self._server_b_restarted()
                     self._set_up_safely()
-            if not client:
-                continue
-            req = self.front.recv(timeout=0)
-            if req is None:
-                continue
-            if req.message.kind == "info":
-                self.answer_info(req, queue, ahead)
-            elif req.message.kind == "detect":
+            if client:
+                self.take_requests(self.held, queue, ahead)
+            self._pair()
+            self._expire()
+            entry = self.held.next_ready()
+            if entry is not None:
                 try:
-                    self._session(req, ahead)
+                    self._session(entry.request, ahead)
                 finally:
                     self.idle.set()  # the session is over: background work resumes
+
+    def _pair(self) -> None:
+        """server_b's `have` notices pair the requests they name."""
+        for msg in self.link.take_notices():
+            self.held.announce((str(msg.meta["key"]).encode(), str(msg.meta["client"])))
+
+    def _expire(self) -> None:
+        cfg = self.config
+        if self.channel.connected:
+            self._b_down_since = None
+        elif self._b_down_since is None:
+            self._b_down_since = time.monotonic()
+        elif time.monotonic() - self._b_down_since > PEER_GRACE:
+            # server_b is gone: its shares with it; requests it never announced cannot pair either
+            for e in self.held.expired(PEER_GRACE, PEER_GRACE):
+                self.answer_failure(e.request, PeerLost(
+                    f"server_b is not connected to server_a (waited {PEER_GRACE:g} s); check that it is running: "
+                    "it sets up with server_a again when it starts"))
+        for e in self.held.expired(cfg.client_wait, cfg.queue_wait):
+            err: Exception
+            if e.paired:
+                err = Busy(f"server_a is busy: this request waited {cfg.queue_wait:g} s in the queue; retry later")
             else:
-                self.refuse(req)
+                err = PeerTimeout(f"server_b did not receive this request's share within {cfg.client_wait:g} s; "
+                                  "check that the client reached server_b")
+            self.answer_failure(e.request, err)
+
+    def _server_b_restarted(self) -> None:
+        """server_b lost every share it held: answer the requests it had announced."""
+        for e in self.held.unpair_all():
+            self.answer_failure(e.request, PeerLost("server_b restarted and lost its share of this request; "
+                                                    "send the image again"))
 
     def _set_up_safely(self) -> None:
         try:
@@ -73,27 +111,27 @@ class Leader(ServerBase):
         request = secrets.token_hex(8)  # what logs and the client call this request; says nothing else
         attempts = cfg.depth + 3  # a restarted server_b lost the bundles it held: skip those ids
         try:
-            self.check_share(req)
-            self._wait_for_peer(min(cfg.timeout, PEER_GRACE))  # before a bundle is claimed
             for attempt in range(attempts):
-                if attempt:
-                    self._wait_for_peer(min(cfg.timeout, PEER_GRACE))
+                self._wait_for_peer(min(cfg.timeout, PEER_GRACE))  # before a bundle is claimed
                 prep = ahead.take_next(cfg.bundle_wait)
                 self.ledger.claim(prep.bundle_id)  # before use: never twice, even after a crash
-                self.link.start(prep.bundle_id, req.message.sid, request)
+                self.link.start(prep.bundle_id, req.message.sid, req.key, request)
                 try:
-                    self.link.wait_ready(cfg.client_wait + cfg.bundle_wait)
+                    self.link.wait_ready(cfg.bundle_wait)
                     break
                 except RandomnessError:  # server_b cannot get this bundle: use the next one
                     if attempt == attempts - 1:
                         raise
-                except PeerLost:  # server_b restarted: set up again, then retry with a fresh bundle
+                except PeerLost:  # server_b restarted: its shares are gone; set up again
                     start = self.link.stashed
-                    if attempt == attempts - 1 or start is None or not asks_for_setup(start):
+                    if start is None or not asks_for_setup(start):
                         raise
                     log.info("server_b asks for set-up")
                     self.link.next_start(0)
-                    self.link.lead_setup(self.party, cfg.timeout)
+                    self._server_b_restarted()
+                    self._set_up_safely()
+                    raise PeerLost("server_b restarted during this request and lost its share; send the image "
+                                   "again") from None
                 self.idle.set()  # let the next bundle be prepared
             self.online(req, prep, request)
         except Exception as e:  # noqa: BLE001 - one failed session must never stop the server

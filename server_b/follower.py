@@ -1,22 +1,23 @@
 """server_b, the follower: it holds clients' shares until server_a starts their sessions.
 
-A client's `detect` request is checked and kept (under the client's session id) until server_a
-announces the session for it; then server_b takes the announced bundle, records its id as used,
-answers `ready` and runs the online phase. A share nobody asks for is answered with a timeout
-after `client_wait + bundle_wait` seconds. If server_a gives a session up (it restarted, or server_b
-could not get the bundle), the client's share is kept for server_a's retry. When server_a starts
-again, its set-up is joined; if set-up fails, server_b keeps asking for it.
+A client's `detect` request is checked and held (`RequestQueue`: bounded per client and in total,
+Busy beyond that), and server_a is told (`have`). When server_a starts the session for it, server_b
+takes the held share and the announced bundle at once, records the bundle id as used, answers
+`ready` and runs the online phase; a session for a share it does not hold (expired, cancelled, or
+lost in a restart) is refused at once, never waited for. If server_b cannot get the bundle, the
+share stays held for server_a's next one. When server_a starts again, its set-up is joined; if
+set-up fails, server_b keeps asking for it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 
-from secdfd.common.errors import PeerLost, PeerTimeout, ProtocolError, RandomnessError
+from secdfd.common.errors import Busy, PeerLost, ProtocolError, RandomnessError, SecDFDError
 from secdfd.common.net.transport import Node, Request, ZmqChannel
 from secdfd.common.net.wire import Message
+from secdfd.common.service.queue import Entry, RequestQueue
 from secdfd.common.service.server import ServerBase, ServerConfig, log_failure
 from secdfd.common.service.session import asks_for_setup
 from secdfd.common.service.supply import BundleQueue, PrepareAhead
@@ -31,7 +32,7 @@ class Follower(ServerBase):
 
     def __init__(self, config: ServerConfig) -> None:
         super().__init__(config)
-        self._pending: dict[str, tuple[Request, float]] = {}  # client session id -> request, since
+        self.held = RequestQueue("server_b", config.max_pending_per_client, config.max_pending)
 
     def open_channel(self, node: Node) -> ZmqChannel:
         return ZmqChannel.connect(node, self.config.peer, self.config.peer_name, self.config.timeout)
@@ -44,7 +45,7 @@ class Follower(ServerBase):
         while not stop.is_set():
             client, peer = self.waiting(poller)
             if client:
-                self._client_request(queue, ahead)
+                self.take_requests(self.held, queue, ahead)
             if peer:
                 msg = self.link.next_start_now()
                 if msg is not None and asks_for_setup(msg):  # server_a restarted
@@ -56,10 +57,20 @@ class Follower(ServerBase):
                         self._rejoin(stop)
                 elif msg is not None:
                     try:
-                        self._session(msg, queue, ahead)
+                        self._session(msg, ahead)
                     finally:
                         self.idle.set()
-            self._expire()
+            after = self.config.queue_wait + self.config.client_wait  # server_a answers first
+            for old in self.held.expired(after, after):
+                self.answer_failure(old.request, Busy("server_a did not start this request in time; retry later"))
+
+    def held_request(self, req: Request) -> None:
+        """A share is held: tell server_a, which pairs it with its own."""
+        try:
+            self.link.announce(req.message.sid, req.key)
+        except SecDFDError as e:
+            self.held.pop((req.key, req.message.sid))
+            self.answer_failure(req, PeerLost(f"server_b cannot reach server_a ({e}); check that server_a runs"))
 
     def _rejoin(self, stop: threading.Event) -> None:
         """After a failed set-up: ask server_a for it until it happens (or `stop`)."""
@@ -71,63 +82,25 @@ class Follower(ServerBase):
                 log_failure("set-up with server_a failed; asking again", e)
                 stop.wait(1.0)
 
-    def _client_request(self, queue: BundleQueue, ahead: PrepareAhead) -> None:
-        req = self.front.recv(0)
-        if req is None:
-            return
-        if req.message.kind == "info":
-            self.answer_info(req, queue, ahead)
-        elif req.message.kind == "detect":
-            try:
-                self.check_share(req)
-            except ProtocolError as e:
-                self.front.reply_error(req, e)
-                return
-            self._pending[req.message.sid] = (req, time.monotonic())
-        else:
-            self.refuse(req)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for sid, (req, t) in list(self._pending.items()):
-            if now - t > self.config.client_wait + self.config.bundle_wait:
-                del self._pending[sid]
-                self.front.reply_error(req, PeerTimeout("server_a did not start this session in time; "
-                                                        "check that the client reached server_a"))
-
-    def _session(self, msg: Message, queue: BundleQueue, ahead: PrepareAhead) -> None:
+    def _session(self, msg: Message, ahead: PrepareAhead) -> None:
         cfg = self.config
-        req = None
-        client_sid = str(msg.meta["client"])
         request = str(msg.meta["request"])
-        since = 0.0
+        entry: Entry | None = self.held.pop((str(msg.meta["key"]).encode(), str(msg.meta["client"])))
+        if entry is None:
+            self.link.abort(ProtocolError("server_b holds no share of this request (it expired, was cancelled, or "
+                                          "server_b restarted); send the image again"))
+            return
         try:
-            deadline = time.monotonic() + cfg.client_wait
-            while client_sid not in self._pending:
-                if time.monotonic() > deadline:
-                    raise PeerTimeout(f"no image share from the client for this session within "
-                                      f"{cfg.client_wait:g} s")
-                if self.front.sock.poll(100):
-                    self._client_request(queue, ahead)
-            req, since = self._pending.pop(client_sid)
             bundle_id = int(msg.meta["bundle"])
             try:
                 prep = ahead.take(bundle_id, cfg.bundle_wait)
-            except RandomnessError as e:  # server_a retries this client's request with its next bundle
-                self._pending[client_sid] = (req, since)
+            except RandomnessError as e:  # server_a retries this request with its next bundle
+                self.held.restore(entry)
                 log.info("%s; asking server_a for another", e)
                 self.link.abort(e)
                 return
             self.ledger.claim(bundle_id)
             self.link.ready()
-            self.online(req, prep, request)
-        except PeerLost as e:
-            if req is not None and self.link.stashed is not None:
-                # server_a gave this session up and started another (set-up, or this client's request
-                # again with a fresh bundle): the client's share waits for it, as after a RandomnessError
-                self._pending[client_sid] = (req, since)
-                log.info("session given up by server_a (%s); keeping the client's share for its retry", e)
-                return
-            self.fail(e, req, request)
+            self.online(entry.request, prep, request)
         except Exception as e:  # noqa: BLE001 - one failed session must never stop the server
-            self.fail(e, req, request)
+            self.fail(e, entry.request, request)

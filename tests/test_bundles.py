@@ -171,3 +171,17 @@ def test_prepare_ahead_reports_why_nothing_is_ready():
     finally:
         failing.stop()
         queue.stop()
+
+
+def test_book_bounds_what_waits_for_a_server_in_bytes(tmp_path):
+    """A server that never fetches: the halves waiting for it never take more than max_bytes."""
+    size = 1000
+
+    def make(i):
+        return (bytes(size), bytes(size))
+
+    book = BundleBook(make, IdLedger(tmp_path / "next"), cap=64, max_bytes=3500)
+    for _ in range(20):
+        book.next_for(0)  # only server_a fetches
+    assert book.waiting(1) == 3 and book.waiting_bytes(1) == 3000  # 3 x 1000 <= 3500 < 4 x 1000
+    assert book.next_for(1)[0] == 17 and book.waiting_bytes(1) == 2000  # the oldest were dropped

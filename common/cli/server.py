@@ -42,19 +42,32 @@ def server_command(role: type[ServerBase]) -> click.Command:
     @click.option("--dealer", default=roster.endpoint(roster.DEALER), show_default=True, help="Dealer endpoint.")
     @click.option("--depth", type=click.IntRange(min=1), default=4, show_default=True, help="Bundles kept ready.")
     @click.option("--timeout", type=float, default=60.0, show_default=True, help="Deadline of one round (s).")
+    @click.option("--client-wait", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                  help="How long a request is held for the client's other share (s).")
+    @click.option("--queue-wait", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+                  help="How long a request with both shares may wait for its turn (s); then Busy.")
+    @click.option("--max-pending", type=click.IntRange(min=1), default=32, show_default=True,
+                  help="Requests held at once, all clients together; beyond: Busy.")
+    @click.option("--max-pending-per-client", type=click.IntRange(min=1), default=2, show_default=True,
+                  help="Requests one client key may have held at once; beyond: Busy.")
     @click.option("--threads", type=int, default=0, envvar=["SECDFD_SERVER_THREADS", "SECDFD_THREADS"],
                   help="CPU threads for torch (env SECDFD_THREADS) [default: every core; `secdfd up` uses 1].")
     @click.option("--device", default="cpu", show_default=True, help="Where the ring arithmetic runs: cpu or cuda.")
     @click.option("--limbs", is_flag=True, default=None,
                   help="Use float64 limb ring products on CPU too (always on with CUDA).")
     def command(party: str, keys: Path, weights: Path, state: Path, listen: str, peer: str, dealer: str,
-                depth: int, timeout: float, threads: int, device: str, limbs: bool | None) -> None:
+                depth: int, timeout: float, client_wait: float, queue_wait: float, max_pending: int,
+                max_pending_per_client: int, threads: int, device: str, limbs: bool | None) -> None:
         try:
             deployment.check_device(device)
         except ModelError as e:
             raise click.UsageError(str(e)) from None
+        if max_pending_per_client > max_pending:
+            raise click.BadParameter("is more than --max-pending", param_hint="--max-pending-per-client")
         cfg = ServerConfig(party=party, keys=keys, weights=weights, state=state, listen=listen, peer=peer,
-                           dealer=dealer, depth=depth, timeout=timeout, device=device, limbs=limbs or None)
+                           dealer=dealer, depth=depth, timeout=timeout, client_wait=client_wait,
+                           queue_wait=queue_wait, max_pending_per_client=max_pending_per_client,
+                           max_pending=max_pending, device=device, limbs=limbs or None)
         sys.exit(run_process(me.name, threads, role(cfg).run))
 
     command.help = f"Run {me.name}: {'the leader' if me.role == 0 else 'the follower'} of the two servers."

@@ -99,10 +99,10 @@ class Node:
             self._auth = None
         self.context.term()
 
-    def _socket(self, socket_type: int) -> Socket:
+    def _socket(self, socket_type: int, limits: Limits | None = None) -> Socket:
         s = self.context.socket(socket_type)
         s.linger = 0
-        s.maxmsgsize = self.limits.max_bytes + self.limits.max_envelope
+        s.maxmsgsize = (limits or self.limits).max_frame  # set before bind/connect: it applies per frame
         s.heartbeat_ivl = _HEARTBEAT_MS
         s.heartbeat_timeout = _HEARTBEAT_TIMEOUT_MS
         s.curve_secretkey = self.keys.secret
@@ -110,16 +110,17 @@ class Node:
         self._sockets.append(s)
         return s
 
-    def listen(self, endpoint: str, domain: str, socket_type: int = zmq.ROUTER) -> tuple[Socket, str]:
+    def listen(self, endpoint: str, domain: str, socket_type: int = zmq.ROUTER,
+               limits: Limits | None = None) -> tuple[Socket, str]:
         """A CURVE server socket bound to `endpoint`, admitting only keys in allow/<domain>/.
 
         Returns the socket and the endpoint actually bound (useful with tcp://127.0.0.1:*).
         """
-        s, bound, _ = self.listen_monitored(endpoint, domain, socket_type, monitor=False)
+        s, bound, _ = self.listen_monitored(endpoint, domain, socket_type, monitor=False, limits=limits)
         return s, bound
 
     def listen_monitored(self, endpoint: str, domain: str, socket_type: int = zmq.ROUTER,
-                         monitor: bool = True) -> tuple[Socket, str, Socket | None]:
+                         monitor: bool = True, limits: Limits | None = None) -> tuple[Socket, str, Socket | None]:
         """`listen`, plus (with `monitor`) a socket reporting handshakes and disconnections."""
         folder = self.keys.allow_dir(domain)
         if not allowed_keys(folder):
@@ -130,7 +131,7 @@ class Node:
             self._auth.start()
         self._auth.configure_curve(domain=domain, location=str(folder))
         self._domains[domain] = folder
-        s = self._socket(socket_type)
+        s = self._socket(socket_type, limits)
         s.curve_server = True  # before bind: every connection must do the CURVE handshake
         s.zap_domain = domain.encode()
         s.zap_enforce_domain = True  # no ZAP handler answering means refusal, never admission
@@ -293,6 +294,12 @@ class ZmqChannel:
         """Whatever message comes next, of any conversation, without checking it against this one;
         None at the deadline. For waiting between conversations: a lost link is not an error here."""
         return self._next(time.monotonic() + timeout, step, idle=True)
+
+    def notify(self, kind: str, meta: Mapping[str, Any]) -> None:
+        """A message outside every conversation (session id ""), e.g. server_b's `have`; it leaves the
+        counters of the current conversation alone. PeerTimeout if the link is not up in time."""
+        deadline = time.monotonic() + self.timeout
+        _send(self.sock, pack(Message(kind, "", 0, "notice", dict(meta)), self.kinds), deadline, self.peer, "notice")
 
     def abort(self, exc: BaseException, step: str = "") -> None:
         """Best effort: tell the peer why this session failed, so it stops waiting now."""
@@ -538,14 +545,14 @@ class Responder:
     before, at its next request (NotAdmitted). A request names its sender by the key file's name.
     """
 
-    def __init__(self, node: Node, endpoint: str, domain: str) -> None:
-        self.sock, self.endpoint = node.listen(endpoint, domain, zmq.ROUTER)
+    def __init__(self, node: Node, endpoint: str, domain: str, limits: Limits | None = None) -> None:
+        self.sock, self.endpoint = node.listen(endpoint, domain, zmq.ROUTER, limits)
         self.node = node
         self.domain = domain
         self.name = node.keys.name
         self.allow = AllowList(node.keys.allow_dir(domain))
         self._checked = time.monotonic()
-        self.limits = node.limits
+        self.limits = limits or node.limits
         self.kinds = node.kinds
 
     def refresh_allow(self) -> None:

@@ -69,6 +69,12 @@ class Limits:
     max_bytes: int = 1 << 31  # total tensor payload of one message
     max_envelope: int = 1 << 20  # the msgpack frame (per-step reports travel in meta)
 
+    @property
+    def max_frame(self) -> int:
+        """The largest frame a socket with these limits accepts (ZeroMQ drops the connection of a
+        peer that sends a larger one, before buffering it)."""
+        return max(self.max_envelope, self.max_bytes)
+
 
 DEFAULT_LIMITS = Limits()
 
@@ -121,8 +127,12 @@ MESSAGE_KINDS = MessageKinds(
         MessageKind("open", "one protocol round: this party's openings, batched into one message",
              max_tensors=1 << 30, dtypes=_RING | _BYTES),  # bounded by Limits.max_tensors
         MessageKind("session", "server_a -> server_b: start session `sid` with bundle `bundle` for the "
-             "client session `client` (bundle -1: the set-up session), known in logs and replies as `request`",
-             meta={"bundle": _INT, "client": _STR, "request": _STR}),
+             "client session `client` of the client with public key `key` (bundle -1: the set-up session), "
+             "known in logs and replies as `request`",
+             meta={"bundle": _INT, "client": _STR, "key": _STR, "request": _STR}),
+        MessageKind("have", "server_b -> server_a, outside any session: server_b holds its share of client "
+             "session `client` of the client with public key `key`",
+             meta={"client": _STR, "key": _STR}),
         MessageKind("ready", "server_b -> server_a: the client's share and the bundle are in hand"),
         MessageKind("split", "either server, at set-up: the split id and architecture digest of its weight share",
                     meta={"share": _STR, "model": _STR}),
@@ -132,6 +142,8 @@ MESSAGE_KINDS = MessageKinds(
              meta={"party": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT}),
         MessageKind("detect", "client -> server: this server's share of one image",
              min_tensors=1, max_tensors=1, dtypes=_RING),
+        MessageKind("cancel", "client -> server: drop the request of this client session (best effort)"),
+        MessageKind("cancelled", "server -> client: the request is dropped (or was not held)"),
         MessageKind("result", "server -> client: this server's share of the output and its report",
              meta={"report": (dict,)}, min_tensors=1, max_tensors=1, dtypes=_RING),
         # server <-> dealer

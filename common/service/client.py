@@ -20,7 +20,7 @@ import zmq
 
 from secdfd.common import roster
 from secdfd.common.engine.figures import Report, merge
-from secdfd.common.errors import PeerTimeout, ProtocolError
+from secdfd.common.errors import PeerTimeout, ProtocolError, SecDFDError
 from secdfd.common.ml.data import load_image
 from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Pending, Requester
@@ -142,10 +142,26 @@ class Client:
         that its peer is down is heard even while the other server cannot be reached. At the
         deadline the error names the server(s) not reached or not answering.
         """
-        timeout = self.config.timeout
-        deadline = time.monotonic() + timeout
         pending: list[Pending | None] = [None, None]
         replies: list[Message | None] = [None, None]
+        try:
+            return self._exchange(shares, sid, pending, replies)
+        except SecDFDError:
+            self._cancel(sid, pending, replies)
+            raise
+
+    def _cancel(self, sid: str, pending: list[Pending | None], replies: list[Message | None]) -> None:
+        """After a failure: ask each server still holding this request's share to drop it, so that
+        it does not take one of this client's places until it expires (best effort, no waiting)."""
+        for r, p, m in zip(self.servers, pending, replies, strict=True):
+            if p is not None and m is None:
+                with contextlib.suppress(SecDFDError):
+                    r.start("cancel", sid=sid, timeout=0.2)
+
+    def _exchange(self, shares: tuple[torch.Tensor, torch.Tensor], sid: str, pending: list[Pending | None],
+                  replies: list[Message | None]) -> list[Message]:
+        timeout = self.config.timeout
+        deadline = time.monotonic() + timeout
         while True:
             for i, r in enumerate(self.servers):
                 if pending[i] is None and r.link_up():

@@ -120,6 +120,7 @@ class Options:
     device: str = "cpu"
     limbs: bool = False
     timeout: float = 120.0  # one protocol round
+    extra: tuple[str, ...] = ()  # further server options, e.g. ("--client-wait", "5")
 
 
 def launches(layout: Layout, endpoints: Endpoints, options: Options = Options()) -> list[Launch]:
@@ -140,6 +141,7 @@ def launches(layout: Layout, endpoints: Endpoints, options: Options = Options())
                 "--depth", str(options.depth), "--timeout", f"{options.timeout:g}", "--device", options.device]
         if options.limbs:
             argv.append("--limbs")
+        argv += options.extra
         out.append(Launch(name, tuple(argv), env, listen, str(layout.state(name))))
     return out
 

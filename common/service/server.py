@@ -32,12 +32,13 @@ import zmq
 from secdfd.common import roster
 from secdfd.common.engine.evaluator import Party
 from secdfd.common.engine.figures import Report
-from secdfd.common.errors import ModelError, ProtocolError, RandomnessError, SecDFDError
+from secdfd.common.errors import Busy, ModelError, ProtocolError, RandomnessError, SecDFDError
 from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Requester, Responder, ZmqChannel
-from secdfd.common.net.wire import Message
+from secdfd.common.net.wire import Limits, Message
 from secdfd.common.service import deployment
 from secdfd.common.service.health import HealthFile
+from secdfd.common.service.queue import RequestQueue
 from secdfd.common.service.session import SessionLink, SplitId
 from secdfd.common.service.supply import BundleQueue, IdLedger, PrepareAhead, Prepared, Ready
 
@@ -57,8 +58,11 @@ class ServerConfig:
     dealer: str
     depth: int = 4
     timeout: float = 60.0  # one protocol round, one dealer request
-    client_wait: float = 30.0  # how long a session waits for the client's other share
+    client_wait: float = 30.0  # how long a held request waits for the client's other share
     bundle_wait: float = 60.0  # how long a request waits for a ready bundle
+    queue_wait: float = 120.0  # how long a paired request may wait for its turn
+    max_pending_per_client: int = 2  # requests one client key may have held at once
+    max_pending: int = 32  # requests held at once, all clients together
     startup: float = 300.0  # how long start-up waits for the dealer and the peer
     device: str = "cpu"
     limbs: bool | None = None  # float64 limb ring products: None = on CUDA only
@@ -146,7 +150,7 @@ class ServerBase:
             queue = BundleQueue(self._fetcher(node), cfg.depth, cfg.name, idle=self.idle).start()
             ahead = PrepareAhead(queue, self.party.prepare, self.idle, cfg.name).start()
             try:
-                self.front = Responder(node, cfg.listen, "clients")
+                self.front = Responder(node, cfg.listen, "clients", client_limits(self.info))
                 self.endpoint = self.front.endpoint
                 self.ready.set()
                 self.health.update(force=True, state="serving")
@@ -198,6 +202,36 @@ class ServerBase:
             raise ProtocolError(f"the image share has shape {list(x.shape)}, {self.config.name} serves "
                                 f"{list(self.info.input_shape)}; resize the image to {self.info.size}")
 
+    def take_requests(self, held: RequestQueue, queue: BundleQueue, ahead: PrepareAhead) -> None:
+        """Every client request waiting now: `info` is answered, `detect` held (or refused: a share of
+        the wrong shape, Busy), `cancel` drops the client's own held request."""
+        while (req := self.front.recv(0)) is not None:
+            kind = req.message.kind
+            if kind == "info":
+                self.answer_info(req, queue, ahead)
+            elif kind == "detect":
+                try:
+                    self.check_share(req)
+                    held.add(req)
+                except (ProtocolError, Busy) as e:
+                    self.answer_failure(req, e)
+                    continue
+                self.held_request(req)
+            elif kind == "cancel":
+                held.pop((req.key, req.message.sid))
+                self.front.reply(req, "cancelled")
+            else:
+                self.refuse(req)
+
+    def held_request(self, req: Request) -> None:
+        """A client's share is now held (server_b tells server_a)."""
+
+    def answer_failure(self, req: Request, err: Exception) -> None:
+        """A client request that will not run: its one-line error, counted and logged."""
+        self.front.reply_error(req, err)
+        self.health.failed(err)
+        log.info("a request of %s failed before it ran (%s: %s)", req.sender, type(err).__name__, err)
+
     def refuse(self, req: Request) -> None:
         self.front.reply_error(req, ProtocolError(f"{self.config.name} does not serve "
                                                   f"{req.message.kind!r} requests"))
@@ -208,11 +242,12 @@ class ServerBase:
         poller.register(self.channel.sock, zmq.POLLIN)
         return poller
 
-    def waiting(self, poller: zmq.Poller) -> tuple[bool, bool]:
-        """Within 200 ms: whether a client request waits, and whether a peer message does."""
+    def waiting(self, poller: zmq.Poller, busy: bool = False) -> tuple[bool, bool]:
+        """Within 200 ms (at once when `busy`): whether a client request waits, and whether a peer
+        message does."""
         self.health.update(bundles_ready=len(self._queue) + int(self._ahead.ready), prepared=self._ahead.ready)
         self.front.refresh_allow()
-        events = dict(poller.poll(0 if self.link.waiting() else 200))
+        events = dict(poller.poll(0 if busy or self.link.waiting() else 200))
         return self.front.sock in events, self.channel.sock in events or self.link.waiting()
 
     def online(self, req: Request, prep: Prepared, request: str) -> None:
@@ -238,6 +273,16 @@ class ServerBase:
             self.front.reply_error(req, err)
             self.health.failed(err)
             log.info("request %s: failed (%s)", request or "-", type(err).__name__)
+
+
+def client_limits(info: deployment.ModelInfo) -> Limits:
+    """What a client may send a server: one tensor, an image share of the served size (int64), and a
+    small envelope. A larger frame drops the client's connection before it is buffered; more
+    frames or bytes in one message are refused when it is read."""
+    share = 8
+    for d in info.input_shape:
+        share *= d
+    return Limits(max_tensors=1, max_bytes=share, max_envelope=1 << 16)
 
 
 def log_failure(what: str, e: Exception) -> None:

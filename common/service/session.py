@@ -3,8 +3,12 @@
 The server-to-server channel (`secdfd.common.net.transport.ZmqChannel`) carries conversations, each
 under its own id; this module says what they are. Messages (kinds of `secdfd.common.net.wire`):
 
-    session {bundle, client}   seq 0 of a conversation. Leader -> follower: start the inference of
-                               the client session `client` with bundle `bundle` (one message).
+    have {client, key}         follower -> leader, outside every conversation (session id ""):
+                               the follower holds its share of client session `client` of the
+                               client with public key `key`. Only such requests are started.
+    session {bundle, client,   seq 0 of a conversation. Leader -> follower: start the inference of
+             key, request}     the client session `client` of client `key` with bundle `bundle`
+                               (one message); both servers call it `request` in logs and replies.
                                Bundle SETUP (-1): the set-up session. Follower -> leader with
                                bundle SETUP: "run set-up with me" (a set-up request).
     ready                      follower -> leader: the client's share and the bundle are in hand.
@@ -17,16 +21,18 @@ under its own id; this module says what they are. Messages (kinds of `secdfd.com
     error                      either side: why this conversation failed; the other stops waiting.
 
 One inference, driven by server_a:
-1. the client sends share i of its image to server i under one client session id;
-2. server_a takes the oldest ready bundle k, records k as used and starts conversation "b<k>" with a
-   `session` message; server_b waits for the client's share, takes bundle k (recording it as used)
-   and answers `ready`. Two messages, counted as rounds of step "session";
+1. the client sends share i of its image to server i under one client session id; each server holds
+   it (`secdfd.common.service.queue`), and server_b tells server_a it has it (`have`);
+2. once server_a holds its share and has heard `have`, and it is this client's turn, server_a takes
+   the oldest ready bundle k, records k as used, and starts conversation "b<k>" with a `session`
+   message; server_b takes its held share and bundle k (recording it as used) and answers `ready`
+   at once: neither server ever waits for a share. Two messages, counted as rounds of "session";
 3. both run the online phase of the plan; each returns its output share to the client.
 
 Set-up (opening F = W - B once) is a conversation started by server_a with `session` for bundle
-SETUP, the `split` check, then one round. server_b asks for it (a set-up request, repeated every ASK_EVERY seconds: a
-request can be lost with a connection, and server_a drops those that reach it while it already runs
-set-up). Either side may restart at any time:
+SETUP, the `split` check, then one round. server_b asks for it (a set-up request, repeated every
+ASK_EVERY seconds: a request can be lost with a connection, and server_a drops those that reach it
+while it already runs set-up). Either side may restart at any time:
 - server_b restarted while server_a waits in a session: its set-up request is a new conversation,
   which ends server_a's wait at once (PeerLost, the request kept in `stashed`); server_a runs set-up
   and retries its client's request with a fresh bundle;
@@ -56,6 +62,8 @@ log = logging.getLogger(__name__)
 SETUP = -1  # the bundle of a set-up session
 ASK_EVERY = 2.0  # how often server_b repeats its request for set-up while it waits
 STEP = "session"  # the step label of the session protocol's own messages
+MAX_NOTICES = 4096  # `have` notices kept until the leader takes them
+_SETUP_META = {"bundle": SETUP, "client": "", "key": "", "request": ""}
 
 
 @dataclass(frozen=True)
@@ -95,11 +103,16 @@ class SessionLink:
         self.peer = channel.peer
         # the start of a conversation the peer began while this end was waiting in another
         self.stashed: Message | None = None
+        self.notices: list[Message] = []  # `have` messages, in arrival order, until taken
         self._stale: Callable[[Message], bool] | None = None
         channel.interrupt = self._interrupt
 
     def _interrupt(self, msg: Message, step: str) -> SecDFDError | None:
-        """A message of another conversation: a new one ends ours (kept for `next_start`)."""
+        """A message of another conversation: a notice is kept, a new conversation ends ours (its
+        start kept for `next_start`), anything else is dropped."""
+        if msg.kind == "have":
+            self._keep_notice(msg)
+            return None
         if not starts_conversation(msg, self.channel.sid) or (self._stale is not None and self._stale(msg)):
             return None
         self.stashed = msg
@@ -114,6 +127,19 @@ class SessionLink:
         """Whether a start from the peer is already in hand (so there is no need to poll)."""
         return self.stashed is not None
 
+    def _keep_notice(self, msg: Message) -> None:
+        self.notices.append(msg)
+        if len(self.notices) > MAX_NOTICES:  # a peer cannot make this list grow without bound
+            del self.notices[0]
+
+    def take_notices(self) -> list[Message]:
+        out, self.notices = self.notices, []
+        return out
+
+    def announce(self, client_sid: str, key: bytes) -> None:
+        """Follower: tell the leader that this server holds its share of the client's request."""
+        self.channel.notify("have", {"client": client_sid, "key": key.decode()})
+
     def next_start(self, timeout: float) -> Message | None:
         """Wait for the peer to start a conversation; None at the deadline. Adopts its id; left-over
         messages of earlier conversations are dropped."""
@@ -124,6 +150,9 @@ class SessionLink:
                 msg = self.channel.next_message(max(0.0, deadline - time.monotonic()), STEP)
             if msg is None:
                 return None
+            if msg.kind == "have":
+                self._keep_notice(msg)
+                continue
             if starts_conversation(msg, self.channel.sid):
                 self.channel.begin(msg.sid, received=1)
                 self._stale = None
@@ -140,11 +169,12 @@ class SessionLink:
 
     # --- an inference ---------------------------------------------------------------------------
 
-    def start(self, bundle_id: int, client_sid: str, request: str) -> None:
-        """Leader: start the inference of client session `client_sid` with bundle `bundle_id`; both
-        servers call it `request` (an opaque id) in their logs and replies."""
+    def start(self, bundle_id: int, client_sid: str, key: bytes, request: str) -> None:
+        """Leader: start the inference of client `key`'s session `client_sid` with bundle
+        `bundle_id`; both servers call it `request` (an opaque id) in their logs and replies."""
         self.begin(f"b{bundle_id}")
-        self.channel.send("session", STEP, {"bundle": bundle_id, "client": client_sid, "request": request})
+        self.channel.send("session", STEP, {"bundle": bundle_id, "client": client_sid, "key": key.decode(),
+                                            "request": request})
 
     def wait_ready(self, timeout: float) -> None:
         """Leader: wait for the follower's `ready` (an `error` from it is raised as its exception)."""
@@ -165,7 +195,7 @@ class SessionLink:
         what this answers, so they are dropped, not obeyed. `patience` bounds the wait for the peer."""
         with round_deadline(self.channel, patience):
             self.begin(f"setup-{secrets.token_hex(8)}", stale=asks_for_setup)
-            self.channel.send("session", STEP, {"bundle": SETUP, "client": "", "request": ""})
+            self.channel.send("session", STEP, _SETUP_META)
             self._send_split()
             self._check_split(self.channel.recv("split", STEP))
             party.setup()
@@ -187,7 +217,7 @@ class SessionLink:
                                       "is running")
                 if now >= ask:
                     self.begin(f"setup-request-{secrets.token_hex(8)}")
-                    self.channel.send("session", STEP, {"bundle": SETUP, "client": "", "request": ""})
+                    self.channel.send("session", STEP, _SETUP_META)
                     ask = time.monotonic() + ASK_EVERY
                 msg = self.next_start(min(1.0, ASK_EVERY))
                 if msg is not None and asks_for_setup(msg):

@@ -85,33 +85,46 @@ class IdLedger:
 class BundleBook:
     """Dealer side: each bundle id's two halves, each handed out once to its own server, in order.
 
-    `make(bundle_id)` returns (half for server_a, half for server_b). A half waits here until its
-    server asks; at most `cap` halves wait per server (the oldest is dropped beyond that, and that
-    server will report the id as unavailable if it is ever announced).
+    `make(bundle_id)` returns (half for server_a, half for server_b), each a bytes-like object. A half
+    waits here until its server asks. The halves waiting for one server take at most `max_bytes`
+    (and at most `cap` halves): beyond that the oldest is dropped (logged), and that server reports
+    the id as unavailable if it is ever announced, so the dealer's memory is bounded in bytes however
+    long one server does not fetch.
     """
 
-    def __init__(self, make: Callable[[int], tuple[Any, Any]], ledger: IdLedger, cap: int = 64) -> None:
+    def __init__(self, make: Callable[[int], tuple[Any, Any]], ledger: IdLedger, cap: int = 64,
+                 max_bytes: int = 2 << 30) -> None:
         self._make = make
         self._ledger = ledger
         self._cap = cap
+        self._max_bytes = max_bytes
         self._waiting: tuple[deque[tuple[int, Any]], deque[tuple[int, Any]]] = (deque(), deque())
+        self._bytes = [0, 0]
 
     def next_for(self, party: int) -> tuple[int, Any]:
         """The next (id, half) for server `party` (0 = server_a, 1 = server_b)."""
         mine = self._waiting[party]
         if mine:
-            return mine.popleft()
+            bundle_id, half = mine.popleft()
+            self._bytes[party] -= len(half)
+            return bundle_id, half
         bundle_id = self._ledger.next()
         halves = self._make(bundle_id)
-        other = self._waiting[1 - party]
-        other.append((bundle_id, halves[1 - party]))
-        if len(other) > self._cap:
-            dropped, _ = other.popleft()
-            log.warning("dropping bundle %d for server %d: it has not fetched its bundles", dropped, 1 - party)
+        o = 1 - party
+        other = self._waiting[o]
+        other.append((bundle_id, halves[o]))
+        self._bytes[o] += len(halves[o])
+        while len(other) > 1 and (len(other) > self._cap or self._bytes[o] > self._max_bytes):
+            dropped, half = other.popleft()
+            self._bytes[o] -= len(half)
+            log.warning("dropping bundle %d for server %d: it has not fetched its bundles", dropped, o)
         return bundle_id, halves[party]
 
     def waiting(self, party: int) -> int:
         return len(self._waiting[party])
+
+    def waiting_bytes(self, party: int) -> int:
+        return self._bytes[party]
 
 
 @dataclass(frozen=True)
