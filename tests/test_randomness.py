@@ -51,5 +51,5 @@ def test_malformed_bundle_and_provision_rejected():
         Bundle.from_bytes(b"\x05\x00\x00\x00hello")
     with pytest.raises(RandomnessError):
         Provision.from_bytes(b"\x02" + bytes(32))
-    p = Provision(1, new_seed())
+    p = Provision(1, new_seed(), "s" * 32)
     assert Provision.from_bytes(p.to_bytes()) == p

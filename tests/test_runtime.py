@@ -126,9 +126,13 @@ def test_user_errors_leave_servers_serving(deployment_dir, parties):
         with pytest.raises(DataError):
             client.detect(d / "not-an-image.png")
         # a share of the wrong size is refused by both servers with a clear error
-        bad = torch.zeros(1, 3, SIZE + 1, SIZE + 1, dtype=torch.int64)
+        bad = torch.zeros(1, 3, SIZE - 1, SIZE - 1, dtype=torch.int64)
         with pytest.raises(ProtocolError, match="resize the image to 32"):
             client.servers[0].request("detect", tensors=[bad])
+        # and one larger than a share of the served size is refused before its shape is even read
+        big = torch.zeros(1, 3, SIZE + 1, SIZE + 1, dtype=torch.int64)
+        with pytest.raises(ProtocolError, match="tensor payload exceeds 24576 bytes"):
+            client.servers[1].request("detect", tensors=[big])
         assert client.detect(d / "face.png")["verdict"] in ("real", "fake")
     finally:
         client.close()

@@ -64,6 +64,7 @@ Socket = zmq.Socket[bytes]  # every socket here sends and receives bytes frames
 
 _HEARTBEAT_MS = 1000  # ZMTP pings: a dead peer is noticed (and reconnected) within a few seconds
 _HEARTBEAT_TIMEOUT_MS = 5000
+_FRAME_OVERHEAD = 256
 ALLOW_REFRESH = 1.0  # seconds between looks at a listening socket's allow-list folder
 _LINK_CHECK_MS = 500  # in a session, how often a channel looks at its link besides on disconnect events
 
@@ -102,7 +103,9 @@ class Node:
     def _socket(self, socket_type: int, limits: Limits | None = None) -> Socket:
         s = self.context.socket(socket_type)
         s.linger = 0
-        s.maxmsgsize = (limits or self.limits).max_frame  # set before bind/connect: it applies per frame
+        # set before bind/connect; it applies per frame, to the frame as it travels (CURVE adds a few
+        # dozen bytes of nonce, tag and flags to each)
+        s.maxmsgsize = (limits or self.limits).max_frame + _FRAME_OVERHEAD
         s.heartbeat_ivl = _HEARTBEAT_MS
         s.heartbeat_timeout = _HEARTBEAT_TIMEOUT_MS
         s.curve_secretkey = self.keys.secret
