@@ -287,3 +287,27 @@ def test_messages_of_another_conversation_are_dropped_or_claimed(servers):
     with pytest.raises(PeerLost, match="claimed z at session"):
         a.recv("ready", "session", timeout=2.0)
     assert time.monotonic() - t0 < 1.0
+
+
+def test_no_receive_outlives_its_deadline_right_after_a_handshake(keys):
+    """A poll may report a socket readable when no message can be read (seen when the first
+    heartbeats of a new CURVE connection arrive); the receive that follows must not block (it once
+    blocked for good, outside every deadline)."""
+    outcome: list[str] = []
+
+    def attempts() -> None:
+        for _ in range(3):
+            with Node(load_party(keys, "server_a")) as na, Node(load_party(keys, "server_b")) as nb:
+                a = ZmqChannel.listen(na, ANY, timeout=2.5)  # longer than the 1 s heartbeat interval
+                ZmqChannel.connect(nb, a.endpoint, timeout=2.5)
+                a.begin("s")
+                try:
+                    a.recv("open", "x")  # nothing is sent: only the deadline can end this
+                except PeerTimeout:
+                    outcome.append("timeout")
+
+    t = threading.Thread(target=attempts, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), f"a receive blocked past its deadline after {len(outcome)} handshakes"
+    assert outcome == ["timeout"] * 3

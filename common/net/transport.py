@@ -191,7 +191,8 @@ def _ms(deadline: float) -> int:
 
 def _recv_now(sock: Socket) -> list[zmq.Frame] | None:
     """The next message if one is there, else None. A poll may report a socket readable when no
-    message can be read (seen right after a CURVE handshake), so a receive must never block."""
+    message can be read (a ZMTP heartbeat wakes it), so a receive must never block: a blocking one
+    waited for good when the peer had died meanwhile."""
     try:
         return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
     except zmq.Again:
