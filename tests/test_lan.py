@@ -6,6 +6,7 @@ reason. Each test is bounded in time and leaves no namespace behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -224,3 +225,105 @@ def test_e2e_over_a_slow_link(loopback):
     lan, pid = _e2e([*SMALL, "--lan", "16mbit"], timeout=240)
     _check_same_inference(loopback, lan, pid)
     assert loopback["dealer_bytes"] / (16e6 / 8) > 5  # both halves share the dealer's link: over 5 s
+
+
+def _tx_bytes(net: Lan, role: str) -> int:
+    """Bytes `role` has sent on its LAN link."""
+    out = subprocess.run(["ip", "-n", net.namespaces[role], "-s", "link", "show", "eth0"], capture_output=True,
+                         text=True, timeout=10, check=True).stdout.splitlines()
+    tx = next(i for i, line in enumerate(out) if line.strip().startswith("TX:"))
+    return int(out[tx + 1].split()[0])
+
+
+def _serving(layout, names: tuple[str, ...], timeout: float) -> None:
+    from secdfd.common.service import health
+
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {n: (health.read(layout.state(n)) or {}) for n in names}
+        if all(h.get("state") == "serving" and h.get("prepared") for h in states.values()):
+            return
+        assert time.monotonic() < deadline, f"not serving within {timeout:g} s: {states}"
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _lan_deployment(tmp_path):
+    """Dealer and servers, each in its namespace on a 1 Gbit/s LAN, serving; yields (net, layout,
+    the client's command line to run in the client's namespace)."""
+    from conftest import write_tiny_model
+    from PIL import Image
+
+    from secdfd.common.bench.lan_e2e import Placement
+    from secdfd.common.net.keys import make_keys
+    from secdfd.common.service import deployment, local
+
+    layout = local.Layout(tmp_path / "dep")
+    write_tiny_model(tmp_path / "model.pt", 32)
+    make_keys(layout.keys)
+    deployment.share_model(tmp_path / "model.pt", layout.shares)
+    image = tmp_path / "face.png"
+    Image.new("RGB", (40, 40), (140, 100, 90)).save(image)
+    with lanmod.lan("1gbit") as net:
+        place = Placement.from_lan(net)
+        eps = place.endpoints()
+        started = local.start(layout, local.launches(layout, eps, local.Options(depth=1, timeout=15.0)), place.spawn)
+        try:
+            _serving(layout, ("server_a", "server_b"), 180)
+            yield net, layout, [sys.executable, "-m", "secdfd.client", "detect", str(image), "--json", "--keys",
+                                str(layout.keys), "--server-a", eps.server_a, "--server-b", eps.server_b,
+                                "--timeout", "60"]
+        finally:
+            local.stop(started)
+
+
+def _used(layout) -> list[int]:
+    from secdfd.common.service.supply import IdLedger
+
+    return [IdLedger(layout.state(n) / f"{n}.used").last for n in ("server_a", "server_b")]
+
+
+def _cut_mid_session(net, client: list[str], seconds: float) -> tuple[int, str, str, float]:
+    """Run a detection in the client's namespace and take server_b's link down for `seconds` once
+    its online phase is under way; returns (exit status, stdout, stderr, seconds from the cut)."""
+    sent = _tx_bytes(net, "server_b")
+    p = net.spawn("client", client, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while _tx_bytes(net, "server_b") - sent < 300_000:
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.01)
+    link = ["ip", "-n", net.namespaces["server_b"], "link", "set", "eth0"]
+    subprocess.run([*link, "down"], check=True, timeout=10)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    subprocess.run([*link, "up"], check=True, timeout=10)
+    out, err = (x.decode() for x in p.communicate(timeout=120))
+    return p.returncode, out, err, time.monotonic() - t0
+
+
+@needs_lan
+def test_link_between_the_servers_cut_and_restored_mid_session(tmp_path):
+    """server_b's link goes down in the middle of a session. For 2 s, TCP rides it out and the
+    detection succeeds; for 8 s (longer than the 5 s heartbeat timeout) the servers drop the session
+    and the client hears one clear line within the deadlines. Nobody hangs, and once the link is back
+    the next detection succeeds with a fresh bundle."""
+    with _lan_deployment(tmp_path) as (net, layout, client):
+        assert json.loads(net.run("client", client, timeout=120).stdout)["verdict"] in ("real", "fake")
+        _serving(layout, ("server_a", "server_b"), 60)
+        rc, out, err, _ = _cut_mid_session(net, client, 2.0)
+        assert rc == 0 and json.loads(out)["verdict"] in ("real", "fake"), err
+        used = _used(layout)[0]
+        _serving(layout, ("server_a", "server_b"), 60)
+        rc, out, err, waited = _cut_mid_session(net, client, 8.0)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 1 and not out.strip() and len(lines) == 1, (out, err)
+        assert lines[0].startswith("Error:") and "server_" in lines[0], err
+        assert waited < 40  # the round deadline is 15 s, the client's 60 s
+        deadline = time.monotonic() + 120
+        while (r := net.run("client", client, timeout=120, check=False)).returncode != 0:
+            assert time.monotonic() < deadline, f"no service 120 s after the link came back: {r.stderr}"
+            time.sleep(2)
+        assert json.loads(r.stdout)["verdict"] in ("real", "fake")
+        after = _used(layout)
+        assert after[0] == after[1] > used
+    assert not [n for n in list_namespaces() if n.startswith(f"sdfd-{os.getpid()}-")]

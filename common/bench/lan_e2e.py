@@ -69,8 +69,6 @@ class Placement:
 
     def endpoints(self) -> Any:
         """The local deployment's Endpoints on LAN addresses (the peer link on server_a's)."""
-
-
         return Endpoints(dealer=self.endpoint(roster.DEALER, roster.PORTS[roster.DEALER]),
                          server_a=self.endpoint(roster.SERVER_A, roster.PORTS[roster.SERVER_A]),
                          server_b=self.endpoint(roster.SERVER_B, roster.PORTS[roster.SERVER_B]),

@@ -398,14 +398,17 @@ class Requester:
 
     def request(self, kind: str, meta: Mapping[str, Any] | None = None,
                 tensors: Sequence[torch.Tensor] = (), *, step: str | None = None, sid: str | None = None,
-                timeout: float | None = None) -> Message:
+                timeout: float | None = None, link_wait: float | None = None) -> Message:
         """Send one request and return the reply; an `error` reply is raised as its exception."""
-        return self.finish(self.start(kind, meta, tensors, step=step, sid=sid, timeout=timeout))
+        return self.finish(self.start(kind, meta, tensors, step=step, sid=sid, timeout=timeout, link_wait=link_wait))
 
     def start(self, kind: str, meta: Mapping[str, Any] | None = None,
               tensors: Sequence[torch.Tensor] = (), *, step: str | None = None, sid: str | None = None,
-              timeout: float | None = None) -> Pending:
-        """Send a request without waiting for the reply (so that two servers can work at once)."""
+              timeout: float | None = None, link_wait: float | None = None) -> Pending:
+        """Send a request without waiting for the reply (so that two servers can work at once).
+
+        `timeout` bounds the whole request; `link_wait`, if shorter, how long to wait for the
+        connection to be up (a peer that is down is then reported sooner than its reply would be)."""
         step = step or kind
         sid = sid or self._stream
         seq = self._seq
@@ -418,9 +421,11 @@ class Requester:
         poller.register(self.sock, zmq.POLLOUT)
         # 1. wait until the connection is authenticated (immediate=True: no queueing before that);
         #    a refused key shows up on the monitor at once instead of as a silent timeout
+        link_deadline = deadline if link_wait is None else min(deadline, time.monotonic() + link_wait)
         while not self.link_up(step):
-            if not poller.poll(_ms(deadline)):
-                raise PeerTimeout(f"could not reach {self.server} at {self.endpoint} within {waited:g} s at "
+            if not poller.poll(_ms(link_deadline)):
+                waited_link = waited if link_wait is None else min(waited, link_wait)
+                raise PeerTimeout(f"could not reach {self.server} at {self.endpoint} within {waited_link:g} s at "
                                   f"step {step}; check that {self.server} is running and that it has this "
                                   "party's public key")
         try:

@@ -44,6 +44,8 @@ from secdfd.common.service.supply import BundleQueue, IdLedger, PrepareAhead, Pr
 
 log = logging.getLogger(__name__)
 
+DEALER_LINK_WAIT = 3.0  # a bundle request gives up this soon when the dealer cannot be reached
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -178,7 +180,7 @@ class ServerBase:
             # runs in the queue's thread, which owns this socket
             if "r" not in holder:
                 holder["r"] = Requester(node, cfg.dealer, roster.DEALER, timeout=cfg.timeout)
-            reply = holder["r"].request("bundle_request")
+            reply = holder["r"].request("bundle_request", link_wait=DEALER_LINK_WAIT)
             bundle_id = int(reply.meta["bundle"])
             if reply.meta["epoch"] != self.epoch:
                 raise RandomnessError("the dealer was re-provisioned since this server started; "

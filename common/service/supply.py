@@ -56,16 +56,24 @@ class IdLedger:
             if bundle_id <= self.last:
                 raise RandomnessError(f"bundle {bundle_id} was already used (ledger {self.path} is at "
                                       f"{self.last}); a bundle is never used twice")
-            self._write(bundle_id)
+            self._record(bundle_id, f"record bundle {bundle_id} as used")
             self.last = bundle_id
 
     def next(self) -> int:
         """A fresh id, above every id handed out before (dealer)."""
         with self._lock:
             bundle_id = self.last + 1
-            self._write(bundle_id)
+            self._record(bundle_id, f"record bundle id {bundle_id} as handed out")
             self.last = bundle_id
             return bundle_id
+
+    def _record(self, value: int, what: str) -> None:
+        """Write the ledger; RandomnessError (the id is then not used) if the disk refuses."""
+        try:
+            self._write(value)
+        except OSError as e:
+            raise RandomnessError(f"cannot {what} in {self.path} ({e.strerror}); the bundle is not used. Free "
+                                  "space (or fix the folder's permissions) and try again") from None
 
     def _write(self, value: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +202,11 @@ class BundleQueue(_Worker):
         """Why the last fetch failed (None after a success)."""
         return self._last_error
 
+    def starved(self) -> bool:
+        """Nothing queued and the last fetch failed: no bundle is on its way."""
+        with self._cond:
+            return not self._items and self._last_error is not None
+
     def take_next(self, timeout: float) -> Ready:
         """The oldest ready bundle (server_a); waits up to `timeout`, never proceeds without one."""
         deadline = time.monotonic() + timeout
@@ -291,6 +304,7 @@ class PrepareAhead(_Worker):
         self._idle = idle
         self.owner = owner
         self._slot: Prepared | None = None
+        self._preparing = False  # a bundle taken from the queue is being expanded
         super().__init__(f"{owner}-prepare", stop_timeout=30.0)
 
     def _work(self) -> None:
@@ -337,12 +351,15 @@ class PrepareAhead(_Worker):
 
     def _wait(self, deadline: float, timeout: float, what: str) -> None:
         left = deadline - time.monotonic()
+        if not self._preparing and self._queue.starved():  # nothing coming: fail now, not at the deadline
+            raise RandomnessError(f"{self.owner} has no bundle ready and the dealer cannot be reached (last "
+                                  f"failure: {self._queue.last_error}); requests are served again once it is back")
         if left <= 0 or self._stop.is_set():
             last = self._last_error or self._queue.last_error
             why = f" (last failure: {last})" if last else ""
             raise RandomnessError(f"{self.owner} had no {what} within {timeout:g} s{why}; "
                                   "check that the dealer is running")
-        self._cond.wait(min(left, 1.0))
+        self._cond.wait(min(left, 0.5))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -355,16 +372,20 @@ class PrepareAhead(_Worker):
                 ready = self._queue.take_next(1.0)
             except RandomnessError:
                 continue  # nothing fetched yet; the queue keeps the reason
+            with self._cond:
+                self._preparing = True
             t0 = time.perf_counter()
             try:
                 rands = self._prepare(ready.bundle)
             except Exception as e:  # noqa: BLE001 - a bad bundle must not stop the server
                 with self._cond:
+                    self._preparing = False
                     self._last_error = f"bundle {ready.bundle_id} could not be prepared: {e}"
                     self._cond.notify_all()
                 log.warning("%s: %s", self.owner, self._last_error)
                 continue
             with self._cond:
+                self._preparing = False
                 self._last_error = None
                 self._slot = Prepared(ready, rands, time.perf_counter() - t0)
                 self._cond.notify_all()
