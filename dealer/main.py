@@ -26,6 +26,7 @@ from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Responder
 from secdfd.common.net.wire import Limits
 from secdfd.common.service import deployment
+from secdfd.common.service.health import HealthFile
 from secdfd.common.service.startup import run_process
 from secdfd.common.service.supply import BundleBook, IdLedger
 
@@ -49,8 +50,19 @@ class DealerService:
         self.config = config
         self.ready = threading.Event()
         self.endpoint = ""
+        self.health = HealthFile(config.state, roster.DEALER)
 
     def run(self, stop: threading.Event) -> None:
+        """Serve until `stop`; the health file (STATE/status.json) follows every state."""
+        self.health.update(force=True, state="starting")
+        try:
+            self._run(stop)
+        except BaseException as e:
+            self.health.update(force=True, state="failed", last_error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        self.health.update(force=True, state="stopped")
+
+    def _run(self, stop: threading.Event) -> None:
         cfg = self.config
         keys = load_party(cfg.keys, "dealer")
         dealer = deployment.make_dealer(cfg.info, cfg.state)
@@ -63,11 +75,15 @@ class DealerService:
             front = Responder(node, cfg.listen, "servers", REQUEST_LIMITS)
             self.endpoint = front.endpoint
             self.ready.set()
+            self.health.update(force=True, state="serving")
             log.info("dealer ready on %s", self.endpoint)
             while not stop.is_set():
                 req = front.recv(timeout=0.2)
                 if req is not None:
                     self._handle(front, req, provisions, book, epoch)
+                self.health.update(extra={"bundles_made": ledger.last + 1,
+                                          "halves_waiting": [book.waiting(0), book.waiting(1)],
+                                          "bytes_waiting": [book.waiting_bytes(0), book.waiting_bytes(1)]})
 
     def _handle(self, front: Responder, req: Request, provisions: tuple[bytes, bytes], book: BundleBook,
                 epoch: str) -> None:
@@ -87,11 +103,13 @@ class DealerService:
                 bundle_id, half = book.next_for(role)
                 front.reply(req, "bundle", {"bundle": bundle_id, "epoch": epoch,
                                             "seconds": time.perf_counter() - t0}, _as_frames(half))
+                self.health.served()
             else:
                 raise ProtocolError(f"the dealer does not serve {kind!r} requests")
         except SecDFDError as e:
             log.warning("%s", e)
             front.reply_error(req, e)
+            self.health.failed(e)
         except Exception as e:  # noqa: BLE001 - one failed request must never stop the dealer
             log.exception("request failed")
             front.reply_error(req, SecDFDError(f"internal error in the dealer ({type(e).__name__}); see its log"))

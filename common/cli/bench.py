@@ -220,3 +220,64 @@ def weights_line(res: dict[str, Any]) -> str:
     n = res["images"]
     return (f"{res['weights']}; medians over {n} inference{'s' if n != 1 else ''}, "
             f"{res['threads']} thread(s) per process")
+
+
+@bench.command("load")
+@click.option("--clients", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Client processes, each with its own key, sending at once.")
+@click.option("--requests", type=click.IntRange(min=1), default=None,
+              help="Requests in total, shared among the clients.")
+@click.option("--duration", default=None, metavar="TIME",
+              help="Instead of --requests: keep sending for TIME (90s, 10m, 1h): a soak run.")
+@click.option("--model", type=click.Choice(["dfdnet", "dfdnet-s"]), default="dfdnet-s", show_default=True)
+@click.option("--size", type=int, default=128, show_default=True, help="Input size.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
+@click.option("--depth", type=int, default=2, show_default=True, help="Bundles each server keeps ready.")
+@click.option("--max-pending", type=click.IntRange(min=1), default=None,
+              help="The servers' bound on held requests (their default if not given).")
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for the scratch deployment [default: the system's temporary folder].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@lan_options
+@click.pass_context
+def load_cmd(ctx: click.Context, clients: int, requests: int | None, duration: str | None, model: str, size: int,
+             threads: int, depth: int, max_pending: int | None, work: Path | None, as_json: bool, lan: str | None,
+             lan_rtt_ms: float | None, report: Path | None) -> None:
+    """Many clients at once against dealer and servers as processes: throughput, latency
+    percentiles, errors by kind, every verdict checked against plaintext, peak memory; with
+    --duration, memory and descriptor slopes of every party after warm-up (a soak run).
+
+    JSON keys: throughput_per_minute, latency_seconds (p50, p95, max), answered, verdicts_wrong,
+    errors, busy_retries, peak_rss_mb, slopes, ledgers. With --lan RATE the parties run in their own
+    network namespaces and the clients on the LAN (see `bench e2e`).
+    """
+    from secdfd.common.bench.load import LoadError, LoadPlan, parse_duration, run_load
+
+    check_lan_options(lan, lan_rtt_ms)
+    if report is not None:
+        raise click.UsageError("--report is for `bench e2e`")
+    torch.set_num_threads(max(1, threads))
+    extra = () if max_pending is None else ("--max-pending", str(max_pending),
+                                            "--max-pending-per-client", str(min(2, max_pending)))
+    try:
+        plan = LoadPlan(clients, requests, None if duration is None else parse_duration(duration), model, size)
+        if lan:
+            res = lan_e2e.run_in_lan(lan, lan_e2e.driver_argv(inner_command(ctx)))
+        else:
+            res = run_load(plan, work, lan_e2e.launcher(),
+                           local.Options(threads=threads, depth=depth, extra=extra),
+                           echo=lambda s: click.echo(s, err=True))
+    except (SecDFDError, LoadError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    lat = res["latency_seconds"]
+    click.echo(f"{res['answered']} of {res['requests']} requests answered in {res['duration_seconds']:.1f} s by "
+               f"{res['clients']} clients: {res['throughput_per_minute']:.1f} inferences per minute; latency p50 "
+               f"{lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, max {lat['max']:.2f} s; {res['verdicts_wrong']} wrong "
+               f"verdicts; errors {res['errors'] or 'none'}; busy retries {res['busy_retries']}")
+    click.echo("peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in res["peak_rss_mb"].items()))
+    for name, s in res["slopes"].items():
+        click.echo(f"  {name:9s} RSS {s['rss_mb_per_hour']:+.1f} MB/h, descriptors {s['fds_per_hour']:+.1f}/h")
+    click.echo(f"ledgers {'consistent' if res['ledgers']['consistent'] else 'NOT consistent'}: {res['ledgers']}")
