@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import stat
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import write_tiny_model
 from PIL import Image
@@ -98,3 +102,59 @@ def test_up_detect_status_down(tmp_path, model_file):
     assert down.exit_code == 0 and "stopped dealer, server_a, server_b" in down.output
     after = CliRunner().invoke(main, ["status", *args])
     assert after.exit_code == 1 and "nothing started" in after.output
+
+
+def test_up_again_starts_what_stopped_and_a_new_model_is_shared_anew(tmp_path, model_file):
+    """Like compose: `up` again starts only the stopped party (status said which and why); `up --model`
+    with another model makes a new split and restarts all; `up --embedded` goes back."""
+    state = tmp_path / "state"
+    eps = [f"tcp://127.0.0.1:{p}" for p in free_ports(4)]
+    args = ["--state", str(state), "--dealer", eps[0], "--server-a", eps[1], "--server-b", eps[2], "--peer", eps[3]]
+    up = CliRunner().invoke(main, ["up", *args, "--model", str(model_file), "--wait", "120"])
+    try:
+        assert up.exit_code == 0, up.output
+        assert f"model    {model_file.resolve()}" in up.output and "secdfd up --embedded" in up.output
+        split = deployment.read_info(state / "shares" / "model.json").split
+        procs = json.loads((state / "processes.json").read_text())
+        os.kill(procs["server_b"]["pid"], signal.SIGKILL)
+        time.sleep(1)
+        st = CliRunner().invoke(main, ["status", "--state", str(state)])
+        assert st.exit_code == 1 and "server_b  stopped" in st.output
+        again = CliRunner().invoke(main, ["up", *args, "--wait", "120"])
+        assert again.exit_code == 0, again.output
+        assert "starting server_b again" in again.output and "stopping" not in again.output
+        assert json.loads((state / "processes.json").read_text())["dealer"]["pid"] == procs["dealer"]["pid"]
+        assert deployment.read_info(state / "shares" / "model.json").split == split  # nothing re-shared
+        st = json.loads(CliRunner().invoke(main, ["status", "--state", str(state), "--json"]).output)
+        assert st["up"] and st["model"]["file"] == str(model_file.resolve())
+        same = CliRunner().invoke(main, ["up", *args, "--model", str(model_file)])
+        assert same.exit_code == 0 and "already up" in same.output  # the model served: nothing to do
+        back = CliRunner().invoke(main, ["up", *args, "--embedded", "--wait", "300"])
+        assert back.exit_code == 0, back.output
+        assert "stopping dealer, server_a, server_b: a new model is to be served" in back.output
+        info = deployment.read_info(state / "shares" / "model.json")
+        assert info.split != split and info.size == 128
+        st = json.loads(CliRunner().invoke(main, ["status", "--state", str(state), "--json"]).output)
+        assert st["model"]["file"] == "embedded" and st["up"]
+    finally:
+        CliRunner().invoke(main, ["down", "--state", str(state)])
+
+
+def test_up_refuses_before_making_anything(tmp_path):
+    """A port already taken, or CUDA asked for where there is none: a clear error, nothing made."""
+    state = tmp_path / "state"
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        r = CliRunner().invoke(main, ["up", "--state", str(state), "--dealer", f"tcp://127.0.0.1:{port}"])
+        assert r.exit_code == 1 and f"port in use: dealer (tcp://127.0.0.1:{port})" in r.output
+        assert not (state / "processes.json").exists()
+    finally:
+        holder.close()
+    if not torch.cuda.is_available():
+        fresh = tmp_path / "fresh"
+        r = CliRunner().invoke(main, ["up", "--state", str(fresh), "--device", "cuda"])
+        assert r.exit_code == 1 and "CUDA is not available" in r.output
+        assert not fresh.exists()  # no keys, no shares were made first

@@ -40,7 +40,8 @@ def server_command(role: type[ServerBase]) -> click.Command:
     @click.option("--peer", default=roster.endpoint("peer"), show_default=True,
                   help="Server-to-server endpoint: server_a binds it, server_b connects to it.")
     @click.option("--dealer", default=roster.endpoint(roster.DEALER), show_default=True, help="Dealer endpoint.")
-    @click.option("--depth", type=click.IntRange(min=1), default=4, show_default=True, help="Bundles kept ready.")
+    @click.option("--depth", type=click.IntRange(min=1), default=4, show_default=True,
+                  help="Bundles kept ready, the one already prepared included (2 at least in effect).")
     @click.option("--timeout", type=float, default=60.0, show_default=True, help="Deadline of one round (s).")
     @click.option("--client-wait", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
                   help="How long a request is held for the client's other share (s).")

@@ -5,6 +5,7 @@ User mistakes end as one-line click errors with a non-zero exit, never as traceb
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from secdfd.common.errors import SecDFDError
 from secdfd.common.net.keys import admit, make_keys, make_party_keys, revoke
 from secdfd.common.roster import PARTIES, PROCESSES
 from secdfd.common.service import health, local
-from secdfd.common.service.deployment import read_info
+from secdfd.common.service.deployment import check_device, read_info
+from secdfd.common.service.local import DeploymentError
 
 _STATE = click.option("--state", "state", type=click.Path(path_type=Path), default=Path(".secdfd"),
                       show_default=True, envvar="SECDFD_STATE",
@@ -158,56 +160,117 @@ def _endpoint_options(f: Any) -> Any:
 
 @click.command("up")
 @_STATE
-@click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="Deployable model to (re)share [default: the embedded model, on first use only].")
+@click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Deployable model to serve (from `secdfd export`); if another one is served, its shares are "
+                   "made anew and the parties restarted [default: what is served, the embedded model at first].")
+@click.option("--embedded", is_flag=True, help="Serve the embedded model again (after --model FILE).")
 @_endpoint_options
 @click.option("--threads", type=int, default=1, show_default=True, envvar="SECDFD_THREADS",
               help="torch threads per process (the three share this machine).")
-@click.option("--depth", type=int, default=2, show_default=True, help="Bundles each server keeps ready.")
+@click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Bundles each server keeps ready (the prepared one included).")
 @click.option("--device", default="cpu", show_default=True, help="Servers' device: cpu or cuda.")
 @click.option("--limbs", is_flag=True, help="Float64 limb ring products on CPU too.")
 @click.option("--wait", type=float, default=600.0, show_default=True, help="Seconds to wait for readiness.")
-def up_cmd(state: Path, model: Path | None, dealer: str, server_a: str, server_b: str, peer: str, threads: int,
-           depth: int, device: str, limbs: bool, wait: float) -> None:
+def up_cmd(state: Path, model: Path | None, embedded: bool, dealer: str, server_a: str, server_b: str, peer: str,
+           threads: int, depth: int, device: str, limbs: bool, wait: float) -> None:
     """Start dealer, server_a and server_b in the background on this machine, ready for clients.
 
-    On first use, makes the keys and the weight shares of the embedded model in the state folder.
+    Like `docker compose up`: run again, it starts only the parties that are stopped. On first use
+    it makes the keys and the weight shares of the embedded model in the state folder (all parties'
+    secrets in one folder: a convenience for one machine). With --model FILE (or --embedded) that
+    is not what is served, it makes new shares (a new split) and restarts all three.
     """
     layout = local.Layout(state)
     endpoints = local.Endpoints(dealer, server_a, server_b, peer)
+    if model is not None and embedded:
+        raise click.UsageError("give --model FILE or --embedded, not both")
     try:
-        running = [s for s in local.read_processes(layout) if s.alive()]
-        if running:
-            names = ", ".join(s.launch.name for s in running)
-            if len(running) == len(PROCESSES):
-                click.echo(f"already up ({names}); `secdfd status` shows them, `secdfd down` stops them")
-                return
-            raise click.ClickException(f"{names} of an earlier `secdfd up` still running; run `secdfd down` first")
-        if not (layout.keys / "client" / "client.key_secret").is_file():
-            make_keys(layout.keys)
-            click.echo(f"keys made in {layout.keys}")
-        if model is not None or not layout.model_info.is_file():
-            share_model(model, layout.shares)
-            click.echo(f"weight shares of {model or 'the embedded model'} made in {layout.shares}")
-        from secdfd.common.service.deployment import check_device, read_info
-
-        check_device(device)
+        check_device(device)  # before anything is made
+        started = _up(layout, endpoints, local.Options(threads, depth, device, limbs), model, embedded, wait)
         info = read_info(layout.model_info)
-        plan = local.launches(layout, endpoints, local.Options(threads, depth, device, limbs))
-        started = local.start(layout, plan)
-        try:
-            local.wait_ready(started, layout.keys, wait)
-        except (SecDFDError, KeyboardInterrupt):
-            local.stop(started)
-            layout.processes.unlink(missing_ok=True)
-            raise
     except (SecDFDError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"SecDFD is up: {info.describe()}, state in {state}")
+    source = _source(layout)
+    if source:
+        click.echo(f"  model    {source['file']} (sha256 {source['sha256'][:16]}...)"
+                   + ("" if source["file"] == "embedded" else "; back to the embedded one: secdfd up --embedded"))
     for s in started:
         click.echo(f"  {s.launch.name:9s} {s.launch.endpoint:24s} pid {s.pid:<7d} log {s.log}")
     click.echo("Detect an image:  " + client_command(layout, endpoints) + " IMAGE... [--json]")
     click.echo("Stop:             secdfd down" + ("" if state == Path(".secdfd") else f" --state {state}"))
+
+
+def _up(layout: local.Layout, endpoints: local.Endpoints, options: local.Options, model: Path | None,
+        embedded: bool, wait: float) -> list[local.Started]:
+    recorded = local.read_processes(layout)
+    running = [s for s in recorded if s.alive()]
+    wanted = _wanted_source(model, embedded)
+    served = _source(layout)
+    reshare = not layout.model_info.is_file() or (wanted is not None and wanted != served)
+    if reshare and running:
+        click.echo(f"stopping {', '.join(local.stop(running))}: a new model is to be served")
+        running = []
+    if not (layout.keys / "client" / "client.key_secret").is_file():
+        make_keys(layout.keys)
+        click.echo(f"keys made in {layout.keys}")
+    if reshare:
+        source = wanted or {"file": "embedded", "sha256": _file_digest(None)}
+        share_model(None if source["file"] == "embedded" else Path(source["file"]), layout.shares)
+        layout.source.write_text(json.dumps(source) + "\n")
+        click.echo(f"weight shares of {source['file']} made in {layout.shares} (a new split)")
+    if running and len(running) == len(recorded) == len(PROCESSES):
+        click.echo(f"already up ({', '.join(s.launch.name for s in running)}); `secdfd status` shows them")
+        return running
+    if running:  # some stopped: start those again as they were
+        stopped = [s for s in recorded if not s.alive()]
+        for s in stopped:
+            click.echo(f"starting {s.launch.name} again (it had stopped: {local.last_line(s.log)})")
+        again = local.start(layout, [s.launch for s in stopped])
+        started = [*running, *again]
+        started.sort(key=lambda s: PROCESSES.index(s.launch.name))
+        local.write_processes(layout, started)
+        local.wait_ready(started, layout.keys, wait)
+        return started
+    taken = local.ports_in_use(endpoints)
+    if taken:
+        raise DeploymentError(f"port in use: {', '.join(taken)}; stop what holds it (an earlier `secdfd up` "
+                              "with another --state?) or choose other --dealer/--server-a/--server-b/--peer")
+    started = local.start(layout, local.launches(layout, endpoints, options))
+    try:
+        local.wait_ready(started, layout.keys, wait)
+    except (SecDFDError, KeyboardInterrupt):
+        local.stop(started)
+        layout.processes.unlink(missing_ok=True)
+        raise
+    return started
+
+
+def _file_digest(path: Path | None) -> str:
+    from secdfd.common.ml.export import DEFAULT_MODEL
+
+    f = DEFAULT_MODEL if path is None else path
+    try:
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+    except OSError as e:
+        raise DeploymentError(f"cannot read the model file {f}: {e.strerror}") from None
+
+
+def _wanted_source(model: Path | None, embedded: bool) -> dict[str, str] | None:
+    if embedded:
+        return {"file": "embedded", "sha256": _file_digest(None)}
+    if model is not None:
+        return {"file": str(model.resolve()), "sha256": _file_digest(model)}
+    return None
+
+
+def _source(layout: local.Layout) -> dict[str, str] | None:
+    try:
+        data = json.loads(layout.source.read_text())
+        return {"file": str(data["file"]), "sha256": str(data["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def client_command(layout: local.Layout, endpoints: local.Endpoints) -> str:
@@ -291,9 +354,12 @@ def _status_line(r: dict[str, Any]) -> str:
 
 
 def _served_model(layout: local.Layout) -> dict[str, Any] | None:
-    """The model of the deployment's shares (model.json), if there is one."""
+    """The model of the deployment's shares (model.json, and the file they came from), if any."""
     try:
         info = read_info(layout.model_info)
     except SecDFDError:
         return None
-    return {"arch": info.arch, "size": info.size, "split": info.split, "describe": info.describe()}
+    source = _source(layout) or {}
+    return {"arch": info.arch, "size": info.size, "split": info.split, "file": source.get("file"),
+            "sha256": source.get("sha256"),
+            "describe": info.describe() + (f", from {source['file']}" if source else "")}

@@ -55,6 +55,27 @@ class Endpoints:
         return cls(*(f"tcp://{host}:{p}" for p in ports))
 
 
+def ports_in_use(endpoints: Endpoints) -> list[str]:
+    """The listening endpoints (dealer, server_a, server_b, peer) whose TCP port something else holds."""
+    taken = []
+    for name in ("dealer", "server_a", "server_b", "peer"):
+        ep = getattr(endpoints, name)
+        if not ep.startswith("tcp://"):
+            continue
+        host, _, port = ep[len("tcp://"):].rpartition(":")
+        if not port.isdigit():
+            continue
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds: TIME_WAIT is no obstacle
+        try:
+            s.bind((host or "0.0.0.0", int(port)))
+        except OSError:
+            taken.append(f"{name} ({ep})")
+        finally:
+            s.close()
+    return taken
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """`n` distinct TCP ports that are free at the moment of asking."""
     socks = []
@@ -98,6 +119,11 @@ class Layout:
     @property
     def processes(self) -> Path:
         return self.root / PROCESSES_FILE
+
+    @property
+    def source(self) -> Path:
+        """Which model file the shares were made from, and its digest (written by `secdfd up`)."""
+        return self.shares / "source.json"
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,8 @@ class ServerBase:
             self.health.update(force=True, state="setting up")
             if not self.set_up(stop):
                 return
-            queue = BundleQueue(self._fetcher(node), cfg.depth, cfg.name, idle=self.idle).start()
+            # `depth` bundles ready in all: the one prepared ahead and depth - 1 in the queue (1 at least)
+            queue = BundleQueue(self._fetcher(node), max(1, cfg.depth - 1), cfg.name, idle=self.idle).start()
             ahead = PrepareAhead(queue, self.party.prepare, self.idle, cfg.name).start()
             try:
                 self.front = Responder(node, cfg.listen, "clients", client_limits(self.info))
