@@ -132,5 +132,5 @@ def test_pillow_bomb_gets_the_size_message(tmp_path: Path) -> None:
     ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
     path = tmp_path / "huge.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-    with pytest.raises(DataError, match="exceeds the limit of 67108864 pixels"):
+    with pytest.raises(DataError, match="exceeds the limit of 67,108,864 pixels"):
         load_image(path, 32)

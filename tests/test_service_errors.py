@@ -90,7 +90,7 @@ def test_not_an_image_and_bomb(deploy, image, tmp_path):
     line = _one_line_error(_cli(deploy, str(bomb)))
     assert "bomb.png: 9000x9000 pixels exceeds the limit" in line
     _png_claiming(bomb, 100_000, 100_000)  # beyond Pillow's own bomb limit
-    assert "bomb.png: image exceeds the limit of 67108864 pixels" in _one_line_error(_cli(deploy, str(bomb)))
+    assert "bomb.png: image exceeds the limit of 67,108,864 pixels" in _one_line_error(_cli(deploy, str(bomb)))
     missing = _one_line_error(_cli(deploy, str(tmp_path / "nope.jpg")))
     assert "no such file" in missing
     # one bad file among good ones: the good ones are still detected

@@ -364,13 +364,23 @@ def compare_table(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
+USAGE = """usage: python -m secdfd.common.bench.report RESULT.json OUT_DIR
+       python -m secdfd.common.bench.report --compare RESULT.json...
+
+Write OUT_DIR/NAME.json, NAME.md (totals, per block and per operation) and NAME.png (where the time
+and the bytes go per block; needs matplotlib) for a result of `secdfd bench e2e|model --json`, or
+print one table row per result with --compare."""
+
+
 def _main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     if len(argv) >= 2 and argv[0] == "--compare":
         print(compare_table([json.loads(Path(a).read_text()) for a in argv[1:]]))
         return 0
     if len(argv) != 2:
-        print("usage: python -m secdfd.common.bench.report RESULT.json OUT_DIR\n"
-              "       python -m secdfd.common.bench.report --compare RESULT.json...", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     data = json.loads(Path(argv[0]).read_text())
     for kind, p in write_report(data, Path(argv[1]), Path(argv[0]).stem).items():

@@ -44,7 +44,8 @@ def open_rgb(path: str | Path) -> Image.Image:
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
-                    raise DataError(f"{path}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS}; "
+                    raise DataError(f"{path}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS:,} pixels "
+                                    f"(8192 x 8192); "
                                     "downscale the image first")
                 img.load()
                 return _to_rgb(ImageOps.exif_transpose(img))
@@ -53,7 +54,8 @@ def open_rgb(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except Image.DecompressionBombError:  # so large that Pillow refuses to open it at all
-        raise DataError(f"{path}: image exceeds the limit of {MAX_PIXELS} pixels; downscale the image first") from None
+        raise DataError(f"{path}: image exceeds the limit of {MAX_PIXELS:,} pixels (8192 x 8192); downscale the "
+                        "image first") from None
     except UnidentifiedImageError as e:
         raise DataError(f"{path}: not a readable image ({e.__class__.__name__})") from None
     except (OSError, ValueError, SyntaxError) as e:

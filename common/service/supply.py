@@ -228,8 +228,9 @@ class BundleQueue(_Worker):
                 if self._items:
                     head = self._items[0]
                     if head.bundle_id > bundle_id:
-                        raise RandomnessError(f"{self.owner} cannot get bundle {bundle_id}: the dealer dropped "
-                                              "it (restarted?); the next request uses a fresh bundle")
+                        raise RandomnessError(f"{self.owner} no longer holds bundle {bundle_id} (lost when it "
+                                              "restarted, or dropped by the dealer while it was not fetching); "
+                                              "server_a uses its next one")
                     self._cond.notify_all()
                     return self._items.popleft()
                 self._wait(deadline, timeout, f"no bundle {bundle_id}")
@@ -335,8 +336,9 @@ class PrepareAhead(_Worker):
                     continue
                 if self._slot is not None:
                     if self._slot.bundle_id > bundle_id:
-                        raise RandomnessError(f"{self.owner} cannot get bundle {bundle_id}: the dealer dropped "
-                                              "it (restarted?); the next request uses a fresh bundle")
+                        raise RandomnessError(f"{self.owner} no longer holds bundle {bundle_id} (lost when it "
+                                              "restarted, or dropped by the dealer while it was not fetching); "
+                                              "server_a uses its next one")
                     return self._pop()
                 self._wait(deadline, timeout, f"bundle {bundle_id} prepared")
 
