@@ -198,7 +198,7 @@ def test_malformed_reply_from_a_server(deploy, image):
 
 
 def _kill_during_a_request(deploy, image, name: str, client: Client) -> dict[str, object]:
-    """SIGKILL server `name` 0.3 s into a detection by `client`; returns the client's outcome."""
+    """SIGKILL server `name` in the online phase of a detection by `client`; returns the client's outcome."""
     layout, eps, started = deploy
     # both servers idle with a prepared bundle: the session goes online at once and runs ~1000 rounds
     local.wait_ready(started, layout.keys, 60, prepared=True)
@@ -212,9 +212,17 @@ def _kill_during_a_request(deploy, image, name: str, client: Client) -> dict[str
             outcome["error"] = e
         outcome["seconds"] = time.monotonic() - t0
 
+    ledger_b = layout.state("server_b") / "server_b.used"
+    before = IdLedger(ledger_b).last
     t = threading.Thread(target=detect)
     t.start()
-    time.sleep(0.3)  # inside the online phase (about a thousand rounds)
+    # inside the online phase (about a thousand rounds): server_b records the bundle as used just
+    # before it answers `ready` and goes online. A fixed delay is not enough on a busy machine,
+    # where the request may still be on its way when it ends.
+    deadline = time.monotonic() + 60
+    while IdLedger(ledger_b).last == before:
+        assert time.monotonic() < deadline, "the session did not start within 60 s"
+        time.sleep(0.005)
     victim = next(s for s in started if s.launch.name == name)
     victim.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     victim.process.wait(10)  # type: ignore[union-attr]
