@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from secdfd.common.ml.data import resize, to_tensor
+from secdfd.common.ml.data import image_input
 
 WEIGHTS = Path(__file__).resolve().parent / "models" / "mtcnn"
 MIN_FACE = 20  # pixels: the smallest face searched for, and the smallest image side accepted
@@ -213,8 +213,7 @@ def crop_face(img: Image.Image, box: Box, size: int, margin: float = MARGIN) -> 
 
     The same resize as for whole images (`data.load_image`), applied to the face's crop.
     """
-    square = crop_box(box, img.width, img.height, margin)
-    return to_tensor(resize(img.crop(square), size)).unsqueeze(0).float() / 255.0
+    return image_input(img.crop(crop_box(box, img.width, img.height, margin)), size)
 
 
 # --- the detector -----------------------------------------------------------------------------
@@ -323,24 +322,30 @@ def _crops(x: torch.Tensor, boxes: torch.Tensor, side: int) -> torch.Tensor:
 # --- the main face of a video -----------------------------------------------------------------
 
 
-def track(frames: Sequence[Sequence[Face]]) -> list[Face | None]:
-    """The main face in each frame: the largest face of the first frame that has one, then in each
-    next frame the face that overlaps the previous choice most (the nearest one when none
-    overlaps). Frames without a face get None and the previous choice is kept."""
-    chosen: list[Face | None] = []
-    prev: Face | None = None
-    for faces in frames:
+class Tracker:
+    """Follows the main face of a video: the largest face of the first frame that has one, then in
+    each next frame the face that overlaps the previous choice most (the nearest one when none
+    overlaps). A frame without a face gives None and the previous choice is kept."""
+
+    def __init__(self) -> None:
+        self.last: Face | None = None
+
+    def update(self, faces: Sequence[Face]) -> Face | None:
         if not faces:
-            chosen.append(None)
-            continue
-        if prev is None:
+            return None
+        ref = self.last
+        if ref is None:
             pick = max(faces, key=lambda f: f.area)
         else:
-            ref = prev
             pick = max(faces, key=lambda f: (iou(f.box, ref.box), -_centre_distance(f.box, ref.box)))
-        chosen.append(pick)
-        prev = pick
-    return chosen
+        self.last = pick
+        return pick
+
+
+def track(frames: Sequence[Sequence[Face]]) -> list[Face | None]:
+    """The main face in each of a sequence of frames' detections (see `Tracker`)."""
+    tracker = Tracker()
+    return [tracker.update(faces) for faces in frames]
 
 
 def _centre_distance(a: Box, b: Box) -> float:
