@@ -1,6 +1,8 @@
-"""The client (`secdfd-client detect IMAGE...`): share each image, ask both servers, print the verdict.
+"""The client (`secdfd-client detect FILE|FOLDER...`): find the faces, share each crop, ask both
+servers, print the verdicts.
 
-The client session itself is `secdfd.common.service.client.Client`; this is its command line.
+The client session itself is `secdfd.common.service.client.Client`; what happens to each file
+(faces, crops, video frames) is `secdfd.client.analyse`; the output is `secdfd.client.report`.
 """
 
 from __future__ import annotations
@@ -8,11 +10,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from secdfd.client.analyse import Analyser, Settings, collect
+from secdfd.client.progress import Progress
+from secdfd.client.report import Sink, annotate, human
 from secdfd.common import roster
 from secdfd.common.errors import SecDFDError
+from secdfd.common.ml import faces, video
+from secdfd.common.ml.data import open_rgb
 from secdfd.common.service.client import Client, ClientConfig
 
 
@@ -22,8 +30,13 @@ def main() -> None:
     """SecDFD client: detect DeepFake faces without showing the image to anybody."""
 
 
+def _error_line(path: Path | None, e: Exception) -> str:
+    where = "" if path is None or str(e).startswith(str(path)) else f"{path}: "
+    return f"Error: {where}{e}"
+
+
 @main.command("detect")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", metavar="FILE|FOLDER...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--keys", type=click.Path(path_type=Path), default=Path(".secdfd/keys"), show_default=True,
               envvar="SECDFD_CLIENT_KEYS", help="Keys folder from `secdfd keys` (or the client's own subfolder).")
 @click.option("--server-a", default=roster.endpoint(roster.SERVER_A), show_default=True,
@@ -32,32 +45,74 @@ def main() -> None:
               envvar="SECDFD_CLIENT_SERVER_B", help="server_b endpoint.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, envvar="SECDFD_CLIENT_TIMEOUT",
               help="Deadline per request (s).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
-def detect(images: tuple[Path, ...], keys: Path, server_a: str, server_b: str, timeout: float,
-           as_json: bool) -> None:
-    """Print real/fake, the fused fake probability, the online time and the bytes for each IMAGE."""
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file (JSON Lines), nothing else on stdout.")
+@click.option("--no-crop", is_flag=True,
+              help="Each image is a face crop already: detect the whole image once (no face search).")
+@click.option("--margin", type=click.FloatRange(min=1.0), default=faces.MARGIN, show_default=True,
+              help="Face crop: a square of MARGIN x the face box's larger side around its centre.")
+@click.option("--min-face", type=click.IntRange(min=12), default=faces.MIN_FACE, show_default=True,
+              help="Smallest face searched for (pixels); smaller images are refused.")
+@click.option("--face-score", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=faces.SCORE,
+              show_default=True, help="Face detector probability needed to report a face.")
+@click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Frames per video, evenly spaced.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results to FILE.csv (a row per file) or FILE.jsonl (an object per file).")
+@click.option("--annotate", "annotate_to", type=click.Path(dir_okay=False, path_type=Path),
+              help="For one image: save a copy with each face's box, verdict and probability (e.g. OUT.png).")
+def detect(paths: tuple[Path, ...], keys: Path, server_a: str, server_b: str, timeout: float, as_json: bool,
+           no_crop: bool, margin: float, min_face: int, face_score: float, frames: int, output: Path | None,
+           annotate_to: Path | None) -> None:
+    """Detect each image (every face in it), each video (its main face in --frames frames) and every
+    image in each FOLDER (recursively). A file that fails is reported and the others go on; the
+    exit status is 1 if any failed."""
+    files, missing = collect(paths)
+    if annotate_to is not None and (len(files) != 1 or video.is_video(files[0]) or missing):
+        raise click.UsageError("--annotate takes exactly one image")
+    settings = Settings(not no_crop, margin, min_face, face_score, frames)
+    sink: Sink | None = None
     try:
+        sink = Sink(output) if output is not None else None
         client = Client(ClientConfig(keys, server_a, server_b, timeout))
     except SecDFDError as e:
+        if sink is not None:
+            sink.close()
         raise click.ClickException(str(e)) from None
-    failed = 0
+    bar = Progress(len(files), enabled=None if not as_json else False)
+    for line in missing:
+        bar.echo(f"Error: {line}", err=True)
     try:
-        for path in images:
-            try:
-                r = client.detect(path)
-            except SecDFDError as e:
-                failed += 1
-                where = "" if str(e).startswith(str(path)) else f"{path}: "
-                click.echo(f"Error: {where}{e}", err=True)
-                continue
-            if as_json:
-                click.echo(json.dumps(r))
-            else:
-                mb = [b / 1e6 for b in r["bytes_per_server"]]
-                click.echo(f"{path}: {r['verdict']} (p_fake {r['p_fake']:.4f}), {r['online_seconds']:.2f} s online "
-                           f"({r['seconds']:.2f} s waited), {mb[0]:.1f} / {mb[1]:.1f} MB sent by server_a / "
-                           f"server_b, {r['rounds']} rounds")
+        failed = len(missing) + _run(files, Analyser(client.detect_tensor, client.info.size, settings), bar, sink,
+                                     as_json, annotate_to)
     finally:
+        bar.close()
         client.close()
+        if sink is not None:
+            sink.close()
     if failed:
         sys.exit(1)
+
+
+def _run(files: list[Path], analyser: Analyser, bar: Progress, sink: Sink | None, as_json: bool,
+         annotate_to: Path | None) -> int:
+    """Detect each file in turn, printing and writing its result; the number of files that failed."""
+    failed = 0
+    bar.show(str(files[0]) if files else "")
+    for i, path in enumerate(files):
+        try:
+            r: dict[str, Any] = analyser.file(path)
+            if annotate_to is not None:
+                annotate(open_rgb(path), r, annotate_to)
+        except SecDFDError as e:
+            failed += 1
+            bar.echo(_error_line(path, e), err=True)
+            r = {"file": str(path), "error": str(e)}
+            if as_json:
+                bar.echo(json.dumps(r))
+        else:
+            for line in [json.dumps(r)] if as_json else human(r):
+                bar.echo(line)
+        if sink is not None:
+            sink.write(r)
+        bar.advance(str(files[i + 1]) if i + 1 < len(files) else "")
+    return failed

@@ -88,7 +88,7 @@ def test_up_detect_status_down(tmp_path, model_file):
         image = tmp_path / "face.png"
         Image.new("RGB", (40, 30), (120, 80, 60)).save(image)
         det = CliRunner().invoke(client_main, ["detect", str(image), "--json", "--keys", str(state / "keys"),
-                                               "--server-a", eps[1], "--server-b", eps[2]])
+                                               "--server-a", eps[1], "--server-b", eps[2], "--no-crop"])
         assert det.exit_code == 0, det.output
         res = json.loads(det.output)
         assert res["verdict"] in ("real", "fake") and res["rounds"] > 100

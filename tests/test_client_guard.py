@@ -91,7 +91,7 @@ def image(tmp_path_factory) -> Path:
 
 
 def _detect(keys: Path, eps: tuple[str, str], image: Path) -> str:
-    r = CliRunner().invoke(client_main, ["detect", str(image), "--keys", str(keys), "--server-a", eps[0],
+    r = CliRunner().invoke(client_main, ["detect", "--no-crop", str(image), "--keys", str(keys), "--server-a", eps[0],
                                          "--server-b", eps[1], "--timeout", "10"])
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output and ": real (" not in r.output and ": fake (" not in r.output

@@ -301,7 +301,7 @@ class Deployment:
 
     def client_argv(self, *args: str, timeout: float = 120) -> list[str]:
         """secdfd-client on this host, as the user that owns the keys (setpriv when this is root)."""
-        argv = [str(BIN / "secdfd-client"), "detect", *args, "--json", "--timeout", f"{timeout:g}",
+        argv = [str(BIN / "secdfd-client"), "detect", "--no-crop", *args, "--json", "--timeout", f"{timeout:g}",
                 "--keys", str(self.deploy / "keys" / "client"),
                 "--server-a", f"tcp://127.0.0.1:{self.ports[0]}", "--server-b", f"tcp://127.0.0.1:{self.ports[1]}"]
         return [*self.as_owner, *argv]
@@ -489,7 +489,8 @@ def test_detect_from_host_and_from_client_container(deployment: Deployment) -> N
     assert host["verdict"] == plain["verdict"] and abs(host["p_fake"] - plain["p_fake"]) < 1e-3, (host, plain)
 
     t0 = time.monotonic()
-    r = dep.run("--profile", "client", "run", "--rm", "-T", "client", timeout=300)
+    r = dep.run("--profile", "client", "run", "--rm", "-T", "client", "secdfd-client", "detect", "--no-crop",
+                "/images/face.png", timeout=300)
     t_client = time.monotonic() - t0
     m = re.search(r"^/images/face\.png: (real|fake) \(p_fake ([0-9.]+)\)", r.stdout, re.M)
     assert m, r.stdout + r.stderr

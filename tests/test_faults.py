@@ -124,8 +124,8 @@ def test_a_client_that_disconnects_mid_request(tmp_path, image):
     try:
         local.wait_ready(dep.started, dep.layout.keys, 120, prepared=True)
         before = dep.used()
-        argv = [sys.executable, "-m", "secdfd.client", "detect", str(image), "--keys", str(dep.layout.keys),
-                "--server-a", dep.eps.server_a, "--server-b", dep.eps.server_b]
+        argv = [sys.executable, "-m", "secdfd.client", "detect", str(image), "--no-crop", "--keys",
+                str(dep.layout.keys), "--server-a", dep.eps.server_a, "--server-b", dep.eps.server_b]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while dep.used()[0] == before[0]:  # server_a has claimed the bundle: the session is on

@@ -270,8 +270,8 @@ def _lan_deployment(tmp_path):
         started = local.start(layout, local.launches(layout, eps, local.Options(depth=1, timeout=15.0)), place.spawn)
         try:
             _serving(layout, ("server_a", "server_b"), 180)
-            yield net, layout, [sys.executable, "-m", "secdfd.client", "detect", str(image), "--json", "--keys",
-                                str(layout.keys), "--server-a", eps.server_a, "--server-b", eps.server_b,
+            yield net, layout, [sys.executable, "-m", "secdfd.client", "detect", str(image), "--no-crop", "--json",
+                                "--keys", str(layout.keys), "--server-a", eps.server_a, "--server-b", eps.server_b,
                                 "--timeout", "60"]
         finally:
             local.stop(started)

@@ -83,7 +83,7 @@ def test_installed_wheel_imports_everything_and_serves(wheel: Path, tmp_path: Pa
     up = run(["secdfd", "up", "--state", str(state), *eps], timeout=900, cwd=work, env=env)
     try:
         assert "SecDFD is up" in up.stdout
-        res = run(["secdfd-client", "detect", str(ROOT / "examples" / "face.png"), "--json",
+        res = run(["secdfd-client", "detect", "--no-crop", str(ROOT / "examples" / "face.png"), "--json",
                    "--keys", str(state / "keys"), "--server-a", f"tcp://127.0.0.1:{a}",
                    "--server-b", f"tcp://127.0.0.1:{b}"], timeout=300, cwd=work, env=env)
         r = json.loads(res.stdout)

@@ -96,7 +96,7 @@ def running(machines):
 
 def _detect(keys: Path, a: str, b: str, image: Path):
     return CliRunner().invoke(client_main, ["detect", str(image), "--json", "--keys", str(keys), "--server-a", a,
-                                            "--server-b", b, "--timeout", "30"])
+                                            "--server-b", b, "--timeout", "30", "--no-crop"])
 
 
 def test_a_sealed_share_opens_only_for_its_server(machines):

@@ -62,7 +62,7 @@ def image(tmp_path_factory) -> Path:
 
 def _cli(deploy, *args: str, keys: Path | None = None, timeout: float = 20.0):
     layout, eps, _ = deploy
-    return CliRunner().invoke(client_main, ["detect", *args, "--keys", str(keys or layout.keys),
+    return CliRunner().invoke(client_main, ["detect", "--no-crop", *args, "--keys", str(keys or layout.keys),
                                             "--server-a", eps.server_a, "--server-b", eps.server_b,
                                             "--timeout", f"{timeout:g}"])
 
@@ -113,7 +113,7 @@ def test_server_not_reachable_names_it(deploy, image):
     dead = f"tcp://127.0.0.1:{local.free_ports(1)[0]}"
     t0 = time.monotonic()
     r = CliRunner().invoke(client_main, ["detect", str(image), "--keys", str(layout.keys), "--server-a", eps.server_a,
-                                         "--server-b", dead, "--timeout", "2"])
+                                         "--server-b", dead, "--timeout", "2", "--no-crop"])
     line = _one_line_error(r)
     assert f"could not reach server_b at {dead} within 2 s" in line and time.monotonic() - t0 < 10
 
@@ -125,7 +125,7 @@ def test_server_not_answering_hits_the_deadline(deploy, image):
         mute = Responder(node, "tcp://127.0.0.1:*", "clients")
         t0 = time.monotonic()
         r = CliRunner().invoke(client_main, ["detect", str(image), "--keys", str(layout.keys), "--server-a",
-                                             eps.server_a, "--server-b", mute.endpoint, "--timeout", "3"])
+                                             eps.server_a, "--server-b", mute.endpoint, "--timeout", "3", "--no-crop"])
         line = _one_line_error(r)
         assert f"no answer from server_b at {mute.endpoint} within 3 s" in line
         assert time.monotonic() - t0 < 15
@@ -189,7 +189,7 @@ def test_malformed_reply_from_a_server(deploy, image):
         t.start()
         try:
             r = CliRunner().invoke(client_main, ["detect", str(image), "--keys", str(layout.keys), "--server-a",
-                                                 eps.server_a, "--server-b", endpoint, "--timeout", "5"])
+                                                 eps.server_a, "--server-b", endpoint, "--timeout", "5", "--no-crop"])
             line = _one_line_error(r)
             assert "malformed message from server_b" in line
         finally:

@@ -97,7 +97,12 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     The same decode and resize as training, so the client's plaintext and secure inputs match
     what the model saw. Raises DataError on non-images, unreadable files and decompression bombs.
     """
-    return to_tensor(resize(open_rgb(path), size)).unsqueeze(0).float() / 255.0
+    return image_input(open_rgb(path), size)
+
+
+def image_input(img: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image (a whole image, a face crop, a video frame) as the detector's input."""
+    return to_tensor(resize(img, size)).unsqueeze(0).float() / 255.0
 
 
 # --- folder layout and split ----------------------------------------------------------------

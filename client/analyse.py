@@ -1,0 +1,163 @@
+"""What the client does with each file before and after the secure detections.
+
+The client owns the image, so it finds the faces in plaintext and shares only the crops:
+
+- an image: EXIF orientation applied, faces found (MTCNN, `ml.faces`), each face cropped (a square
+  of `margin` x the box's larger side) and detected on its own, one secure inference per face. The
+  image is fake if any face is; its `p_fake` is the highest of its faces'. No face is a result.
+- with `crop=False` the whole image is the model's input (it is a face crop already), as before:
+  the result is exactly `Client.detect_tensor`'s.
+- a video: `frames` evenly spaced frames; the main face is followed from frame to frame
+  (`ml.faces.Tracker`) and detected in each; the video's `p_fake` is the mean over the frames where
+  the face was found, `fake_share` the share of those frames called fake.
+
+The secure step is any function (tensor, name) -> `Client.detect_tensor`'s dict, so this module
+runs against the servers or, in tests, against the plaintext model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from secdfd.common import roster
+from secdfd.common.errors import DataError
+from secdfd.common.ml import faces, video
+from secdfd.common.ml.data import image_input, load_image, open_rgb
+
+SecureDetect = Callable[[torch.Tensor, str], dict[str, Any]]
+
+# Suffixes of the files taken from a folder (files named on the command line are tried whatever
+# their suffix; videos by theirs, see `ml.video.SUFFIXES`).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                            ".ppm", ".pgm", ".pbm", ".pnm"})
+NO_FACE = "no face"
+
+
+@dataclass(frozen=True)
+class Settings:
+    crop: bool = True  # find faces; False: the whole image is one face crop
+    margin: float = faces.MARGIN
+    min_face: int = faces.MIN_FACE
+    face_score: float = faces.SCORE
+    frames: int = 16  # per video
+
+    def __post_init__(self) -> None:
+        if self.margin < 1.0:
+            raise ValueError(f"margin must be at least 1.0 (the face's own box), got {self.margin:g}")
+        if self.min_face < 12:
+            raise ValueError(f"the smallest face must be at least 12 pixels, got {self.min_face}")
+        if not 0.0 < self.face_score < 1.0:
+            raise ValueError(f"the face score must be in (0, 1), got {self.face_score:g}")
+        if self.frames < 1:
+            raise ValueError(f"at least one frame per video, got {self.frames}")
+
+
+def collect(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
+    """The files to detect: files as given; for a folder, the image files below it (recursively,
+    sorted, hidden ones skipped). Also one error line per folder that holds no image."""
+    files: list[Path] = []
+    errors: list[str] = []
+    for p in paths:
+        if not p.is_dir():
+            files.append(p)
+            continue
+        found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()
+                       and not any(part.startswith(".") for part in q.relative_to(p).parts))
+        if not found:
+            errors.append(f"{p}: no image files in this folder")
+        files += found
+    return files, errors
+
+
+def _sums(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The secure figures of several inferences added up (what the client waited, the servers'
+    online time, the bytes each server sent, the rounds)."""
+    return {
+        "seconds": sum(p["seconds"] for p in parts),
+        "online_seconds": sum(p["online_seconds"] for p in parts),
+        "bytes_per_server": [sum(p["bytes_per_server"][i] for p in parts) for i in range(2)],
+        "rounds": sum(p["rounds"] for p in parts),
+    }
+
+
+class Analyser:
+    """Detect files one at a time; `file(path)` -> one result dict (see the module docstring)."""
+
+    def __init__(self, secure: SecureDetect, size: int, settings: Settings | None = None) -> None:
+        self.secure, self.size = secure, size
+        self.settings = settings or Settings()
+        s = self.settings
+        self.detector = faces.FaceDetector(s.min_face, s.face_score) if s.crop else None
+
+    def file(self, path: Path) -> dict[str, Any]:
+        return self.video(path) if video.is_video(path) else self.image(path)
+
+    def image(self, path: Path) -> dict[str, Any]:
+        if self.detector is None:
+            return self.secure(load_image(path, self.size), str(path))
+        return self.faces_in(open_rgb(path), str(path))
+
+    def find(self, img: Image.Image, name: str) -> list[faces.Face]:
+        """The faces of an image; DataError if it is too small to hold one."""
+        if self.detector is None:
+            raise ValueError("face detection is off (crop=False)")
+        w, h = img.size
+        if min(w, h) < self.settings.min_face:
+            raise DataError(f"{name}: {w}x{h} pixels is too small to hold a face (at least {self.settings.min_face} "
+                            "px on the shorter side); add --no-crop if the image is a face crop already")
+        return self.detector.detect(img)
+
+    def _face(self, img: Image.Image, face: faces.Face, name: str) -> dict[str, Any]:
+        """One secure detection of one face's crop, with where the face and the crop are."""
+        crop = faces.crop_box(face.box, img.width, img.height, self.settings.margin)
+        r = self.secure(faces.crop_face(img, face.box, self.size, self.settings.margin), name)
+        r = {k: v for k, v in r.items() if k != "file"}
+        return {"box": face.rounded(), "score": round(face.score, 4), "crop": list(crop), **r}
+
+    def faces_in(self, img: Image.Image, name: str) -> dict[str, Any]:
+        """Every face of one image, each detected securely; the image is fake if any face is."""
+        t0 = time.perf_counter()
+        found = self.find(img, name)
+        detect_s = time.perf_counter() - t0
+        results = [self._face(img, f, name) for f in found]
+        p = max((r["p_fake"] for r in results), default=None)
+        return {"file": name, "kind": "image", "verdict": NO_FACE if p is None else roster.verdict(p), "p_fake": p,
+                "faces": results, "width": img.width, "height": img.height, "detect_seconds": detect_s,
+                **_sums(results)}
+
+    def video(self, path: Path) -> dict[str, Any]:
+        """The main face in `frames` evenly spaced frames of a video (or whole frames without crop)."""
+        name = str(path)
+        frames: list[dict[str, Any]] = []
+        detect_s = 0.0
+        tracker = faces.Tracker()
+        with video.Video(path) as v:
+            info = v.info
+            for fr in v.sample(self.settings.frames):
+                entry: dict[str, Any] = {"index": fr.index, "time": round(fr.time, 3)}
+                if self.detector is None:
+                    entry.update(box=None, **self.secure(image_input(fr.image, self.size), name))
+                else:
+                    t0 = time.perf_counter()
+                    face = tracker.update(self.find(fr.image, name))
+                    detect_s += time.perf_counter() - t0
+                    if face is None:
+                        entry.update(box=None, verdict=NO_FACE, p_fake=None)
+                    else:
+                        entry.update(self._face(fr.image, face, name))
+                entry.pop("file", None)
+                frames.append(entry)
+        scored = [f for f in frames if f["p_fake"] is not None]
+        mean = sum(f["p_fake"] for f in scored) / len(scored) if scored else None
+        share = sum(f["verdict"] == "fake" for f in scored) / len(scored) if scored else None
+        return {"file": name, "kind": "video", "verdict": NO_FACE if mean is None else roster.verdict(mean),
+                "p_fake": mean, "fake_share": share, "frames_scored": len(scored), "frames": frames,
+                "frames_total": info.frames, "fps": info.fps, "duration": info.duration, "width": info.width,
+                "height": info.height, "detect_seconds": detect_s, **_sums(scored)}
