@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,14 @@ def write_tiny_model(path: Path, size: int = 32) -> Path:
         init_weights(m)
     save_deployable(fuse(rgb.eval(), ycc.eval()), path, "dfdnet-s")
     return path
+
+
+def assert_failed_record(out: str, path: str | None = None) -> dict:
+    """`secdfd-client detect --json` for one file that failed: stdout is exactly one JSON object with
+    an `error` and no verdict (machines see the failure in the same stream as results)."""
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1, out
+    record = json.loads(lines[0])
+    assert set(record) == {"file", "error"} and record["error"], record
+    assert path is None or record["file"] == path, record
+    return record
