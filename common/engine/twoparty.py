@@ -56,7 +56,7 @@ def share_weights(module: nn.Module, plan: Plan) -> tuple[dict[str, torch.Tensor
     return w0, w1
 
 
-_SILENT = ("input", "output", "reshape")
+_SILENT = ("input", "output", "reshape", "index", "permute", "expand", "repeat")
 
 
 class TwoParty:
@@ -97,7 +97,7 @@ class TwoParty:
             bytes_per_party=[rep0.bytes, rep1.bytes],
             rounds=rep0.rounds,
             dealer_bytes=dealer_bytes,
-            # every step but the bookkeeping ones (input, output, reshape) that never communicate
+            # every step but the bookkeeping ones (input, output, reshapes) that never communicate
             steps=[f for f in merge(rep0.steps, rep1.steps) if f.rounds or f.op not in _SILENT],
         )
         return y, rep
