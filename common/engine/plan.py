@@ -1013,9 +1013,25 @@ def _fn_sub(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tupl
     return _addsub(low, args[0], args[1], shape, name, -1)
 
 
+def _unexpanded(low: _Lowering, a: _Val, b: _Val, shape: tuple[int, ...]) -> tuple[_Val, _Val]:
+    """Element-wise ops broadcast: an operand that is an `expand` whose source broadcasts to the same
+    result is replaced by that source (a product then opens the small tensor, not the expanded one)."""
+    def source(v: _Val, other: _Val) -> _Val:
+        step = low.steps[v.step]
+        if step.op != "expand":
+            return v
+        src = _Val(step.inputs[0], v.scale)
+        both = torch.broadcast_shapes(low.shape_of(src), low.shape_of(other))  # type: ignore[no-untyped-call]
+        return src if tuple(both) == shape else v
+
+    a = source(a, b)
+    return a, source(b, a)
+
+
 def _fn_mul(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
     a, b = args[0], args[1]
     if isinstance(a, _Val) and isinstance(b, _Val):
+        a, b = _unexpanded(low, a, b, shape)
         a, b = low.at_frac(a, name), low.at_frac(b, name)
         return low.add("mul", [a, b], shape, 2 * low.frac, name)
     v, c = (a, b) if isinstance(a, _Val) else (b, a)
@@ -1457,7 +1473,7 @@ def _lower_function(low: _Lowering, node: torch.fx.Node, env: dict[str, Any]) ->
 
 def _addsub(low: _Lowering, a: Any, b: Any, shape: tuple[int, ...], name: str, sign: int) -> _Val:
     if isinstance(a, _Val) and isinstance(b, _Val):
-        vals, lift, scale = low.align([a, b], name)
+        vals, lift, scale = low.align(list(_unexpanded(low, a, b, shape)), name)
         return low.add("add", vals, shape, scale, name, lift=tuple(lift), signs=(1, sign))
     if isinstance(a, _Val):
         return low.add("add_const", [a], shape, a.scale, name, value=sign * float(_number(b, name, "a term") or 0.0),
