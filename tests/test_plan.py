@@ -36,7 +36,7 @@ def test_bn_is_folded_and_truncation_fused_into_relu():
         m[1].running_var.uniform_(0.5, 2)
     w = extract_weights(m, plan)
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    folded = torch.nn.functional.conv2d(x, w["0.weight"], w["0.bias"])
+    folded = torch.nn.functional.conv2d(x, w["0.weight+1"], w["0.bias+1"])  # the folded weights have their own keys
     with torch.no_grad():
         ref = m[1].double()(m[0].double()(x))
     assert (folded - ref).abs().max().item() < 1e-10

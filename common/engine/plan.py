@@ -42,6 +42,7 @@ from secdfd.common.engine.protocols import piecewise
 from secdfd.common.errors import PlanError
 
 MEAN_BITS = 24  # fractional bits of the public 1/k multiplier of means and average pools
+FOLD = "+"  # weight key of a layer with a BatchNorm folded in: "<layer>.weight+<batchnorm>"
 
 SUPPORTED = (
     "Conv2d / F.conv2d (any groups), Linear / F.linear, BatchNorm1d/2d (folded, or affine), ReLU, ReLU6, Hardtanh, "
@@ -728,11 +729,14 @@ def _mod_batchnorm(low: _Lowering, mod: nn.modules.batchnorm._BatchNorm, x: _Val
     assert isinstance(first, torch.fx.Node)
     kind = "conv" if len(shape) == 4 else "fc" if len(shape) == 2 else ""
     if (isinstance(pstep.attrs, LinearAttrs) and pstep.attrs.kind == kind and len(first.users) == 1
-            and pstep.attrs.bn is None and not pstep.attrs.affine_bn and x.scale == 2 * low.frac
-            and sum(1 for s in low.steps if s.op == "linear" and s.get(LinearAttrs).weight == pstep.attrs.weight) == 1):
-        # folded at weight extraction; same outputs
-        low.steps[x.step] = replace(pstep, attrs=replace(pstep.attrs, bn=name, bias=True))
-        low.weights[pstep.attrs.bias_key] = (mod.num_features,)
+            and pstep.attrs.bn is None and not pstep.attrs.affine_bn and x.scale == 2 * low.frac):
+        # folded at weight extraction; same outputs. The folded weights are their own keys (another
+        # call of the same layer without this BatchNorm keeps the plain ones).
+        a = pstep.attrs
+        wkey, bkey = f"{a.weight}{FOLD}{name}", f"{a.bias_key}{FOLD}{name}"
+        low.steps[x.step] = replace(pstep, attrs=replace(a, bn=name, bias=True, weight=wkey, bias_key=bkey))
+        low.weights[wkey] = a.wshape
+        low.weights[bkey] = (mod.num_features,)
         return x
     c = mod.num_features
     if len(shape) not in (2, 3, 4) or shape[1] != c:
@@ -826,10 +830,6 @@ def _linear(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, kind: st
     x = low.at_frac(x, name)
     wkey, bkey = keys or (name + ".weight", None)
     bkey = bkey or name + ".bias"
-    for s in low.steps:
-        if s.op == "linear" and s.get(LinearAttrs).weight == wkey and s.get(LinearAttrs).bn is not None:
-            raise PlanError(f"layer {name}: its weights are used again after a BatchNorm was folded into them; "
-                            "give the second use its own layer")
     low.weights[wkey] = tuple(wshape)
     if bias:
         low.weights[bkey] = (int(wshape[0]),)
@@ -1519,11 +1519,13 @@ def extract_weights(module: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
             out[a.weight] = g.reshape(-1, 1, 1, 1)
             out[a.bias_key] = b
             continue
-        wt = _tensor_at(module, a.weight)
+        folded = len(FOLD) + len(a.bn) if a.bn is not None else 0
+        wkey, bkey = a.weight[: len(a.weight) - folded], a.bias_key[: len(a.bias_key) - folded]
+        wt = _tensor_at(module, wkey)
         if wt is None:
-            raise PlanError(f"layer {s.name}: the module has no parameter {a.weight}")
+            raise PlanError(f"layer {s.name}: the module has no parameter {wkey}")
         w = wt.detach().to(torch.float64)
-        bt = _tensor_at(module, a.bias_key)
+        bt = _tensor_at(module, bkey)
         b = torch.zeros(w.shape[0], dtype=torch.float64) if bt is None else bt.detach().to(torch.float64)
         if a.bn is not None:
             g, beta = _bn_affine(mods[a.bn])
