@@ -166,7 +166,7 @@ class ServerBase:
         """The dealer must deal for this server's model, or every bundle would be for another plan."""
         theirs = deployment.ModelInfo(str(prov.meta["model"]), int(prov.meta["input_size"]),
                                       int(prov.meta["frac_bits"]), self.info.cmp_bits, str(prov.meta["split"]))
-        if theirs != self.info or prov.meta.get("digest", self.digest) != self.digest:
+        if theirs != self.info or prov.meta["digest"] != self.digest:
             raise ModelError(f"the dealer deals for {theirs.describe()}, {self.config.name}'s weight share is "
                              f"{self.info.describe()}; start the dealer with --model DIR/model.json from the "
                              "same `secdfd share` run as the servers' shares")
