@@ -241,10 +241,11 @@ def _coefficients(ctx: Ctx, m: Masked, R: SplineRand, sp: Spline,
                                      inject(ctx, bits[(K - 1) * words:], m, R.tail)])
     else:
         u = yield from bit_to_arith(ctx, bits, R.u, K * npad)
-    st = torch.from_numpy(np.round(sp.steps() * (1 << COEF_BITS)).astype(np.int64))  # (K, D+1)
-    coef = st.t() @ u.view(K, npad)  # exact in the ring: int64 matmul wraps mod 2^64
+    st = torch.from_numpy(np.round(sp.steps() * (1 << COEF_BITS)).astype(np.int64)).to(u.device)  # (K, D+1)
+    # exact in the ring (int64 products wrap mod 2^64); element-wise, so it runs on any device
+    coef = (st.t()[:, :, None] * u.view(1, K, npad)).sum(1)
     if ctx.party == 0:
-        base = torch.tensor([round(c * (1 << COEF_BITS)) for c in sp.polys[0]], dtype=torch.int64)
+        base = torch.tensor([round(c * (1 << COEF_BITS)) for c in sp.polys[0]], dtype=torch.int64, device=u.device)
         coef = coef + base[:, None]
     return coef, tail
 
