@@ -66,6 +66,7 @@ class DealerService:
         cfg = self.config
         keys = load_party(cfg.keys, "dealer")
         dealer = deployment.make_dealer(cfg.info, cfg.state)
+        digest = deployment.architecture_digest(cfg.info, dealer.plan)  # servers check it is their plan
         provisions = deployment.provision_bytes(dealer)
         # names the provisioning (stable across restarts: the seeds are kept); servers check bundles
         epoch = hashlib.sha256(b"secdfd-epoch\0" + b"".join(dealer.provision_seeds)).hexdigest()[:16]
@@ -80,13 +81,14 @@ class DealerService:
             while not stop.is_set():
                 req = front.recv(timeout=0.2)
                 if req is not None:
-                    self._handle(front, req, provisions, book, epoch)
+                    self._handle(front, req, provisions, book, (epoch, digest))
                 self.health.update(extra={"bundles_made": ledger.last + 1,
                                           "halves_waiting": [book.waiting(0), book.waiting(1)],
                                           "bytes_waiting": [book.waiting_bytes(0), book.waiting_bytes(1)]})
 
     def _handle(self, front: Responder, req: Request, provisions: tuple[bytes, bytes], book: BundleBook,
-                epoch: str) -> None:
+                names: tuple[str, str]) -> None:
+        epoch, digest = names
         if req.sender not in roster.SERVERS:
             front.reply_error(req, ProtocolError("the dealer serves server_a and server_b only"))
             return
@@ -96,7 +98,7 @@ class DealerService:
             if kind == "provision_request":
                 info = self.config.info
                 front.reply(req, "provision", {"epoch": epoch, "model": info.arch, "input_size": info.size,
-                                               "frac_bits": info.frac, "split": info.split},
+                                               "frac_bits": info.frac, "split": info.split, "digest": digest},
                             [_as_tensor(provisions[role])])
             elif kind == "bundle_request":
                 t0 = time.perf_counter()

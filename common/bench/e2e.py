@@ -3,7 +3,9 @@
 1. Make a deployment in a scratch folder: keys, the model's weight shares, free loopback ports.
    `dfdnet-s` is the embedded trained model (rebuilt at --size: the weights do not depend on it);
    `dfdnet` is a trained full-width model if one is installed, else freshly initialised weights
-   (timing and traffic do not depend on the weights; the output says which).
+   (timing and traffic do not depend on the weights; the output says which). A path is a
+   deployable file from `secdfd export`, shared as it is (a user's model runs at its exported size;
+   its plaintext reference is its plan evaluated in float64).
 2. Start dealer, server_a and server_b (`local.launches` + a `Spawn`: the caller may wrap each
    command line, e.g. with `ip netns exec`, and give other `Endpoints`).
 3. Per image: wait until both servers have a bundle prepared and nothing runs in the background,
@@ -18,6 +20,7 @@ inference. Top-level figures are medians over the inferences.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import statistics
 import tempfile
 import time
@@ -36,11 +39,28 @@ FIGURES = ("online_seconds", "client_seconds", "bytes_per_server", "rounds", "de
            "dealer_seconds", "plaintext_seconds", "abs_error")
 
 
-def bench_model(model: str, size: int) -> tuple[FusedDFDNet, str]:
-    """The fused, folded `model` at `size`, and where its weights come from."""
+def is_model_file(model: str) -> bool:
+    """Does `model` name a deployable file rather than a registered architecture?"""
+    return model.endswith(".pt") or Path(model).is_file()
+
+
+def bench_model(model: str, size: int | None) -> tuple[torch.nn.Module, str]:
+    """The plaintext model (`model` a name: the fused, folded DFDNet at `size`; a path: the file's
+    model), and where its weights come from."""
     from secdfd.common.ml.dfdnet import build_model, get_spec, init_weights
     from secdfd.common.ml.export import DEFAULT_MODEL, MODELS_DIR, fuse, load_deployable
 
+    if is_model_file(model):
+        from secdfd.common.errors import ModelError
+        from secdfd.common.service.custom import load_reference
+
+        plain, arch, fsize = load_reference(Path(model))
+        if size not in (None, fsize):
+            if not isinstance(plain, FusedDFDNet):
+                raise ModelError(f"{model} was exported for {fsize}x{fsize} inputs; run it at that size")
+            plain = at_size(plain, arch, size)
+        return plain, f"{arch} from {model}"
+    size = size or 128
     get_spec(model)  # unknown names fail with the list of known ones
     trained = DEFAULT_MODEL if model == "dfdnet-s" else MODELS_DIR / f"{model}.pt"
     if trained.is_file():
@@ -81,10 +101,11 @@ class Scratch:
 
 
 @contextlib.contextmanager
-def scratch_deployment(model: FusedDFDNet, arch: str, work: Path | None = None,
+def scratch_deployment(model: torch.nn.Module | Path, arch: str, work: Path | None = None,
                        launcher: local.Launcher = local.ON_LOOPBACK, options: local.Options | None = None,
                        startup: float = 900.0) -> Iterator[Scratch]:
-    """Keys, weight shares of `model` and the three processes in a temporary folder, removed after."""
+    """Keys, weight shares of `model` (a fused DFDNet, or a deployable file copied as it is) and the three
+    processes in a temporary folder, removed after."""
     from secdfd.common.ml.export import save_deployable
     from secdfd.common.net.keys import make_keys
     from secdfd.common.service.deployment import share_model
@@ -95,7 +116,11 @@ def scratch_deployment(model: FusedDFDNet, arch: str, work: Path | None = None,
         endpoints = launcher.endpoints or local.Endpoints.free()
         t0 = time.perf_counter()
         model_file = layout.root / "model.pt"
-        save_deployable(model, model_file, arch)
+        if isinstance(model, Path):
+            shutil.copyfile(model, model_file)
+        else:
+            assert isinstance(model, FusedDFDNet)
+            save_deployable(model, model_file, arch)
         make_keys(layout.keys)
         share_model(model_file, layout.shares)
         model_file.unlink()  # the servers get shares only
@@ -122,15 +147,25 @@ def bench_images(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
-def run_e2e(model: str = "dfdnet-s", size: int = 128, images: int = 3, work: Path | None = None,
+def run_e2e(model: str = "dfdnet-s", size: int | None = 128, images: int = 3, work: Path | None = None,
             launcher: local.Launcher = local.ON_LOOPBACK, options: local.Options | None = None,
             startup: float = 900.0,
             echo: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Start the three parties, run `images` detections, return the figures (see the module doc)."""
     plain, weights = bench_model(model, size)
-    echo(f"{model} at {size}x{size}: {weights}")
+    deployed: torch.nn.Module | Path = plain
+    arch = model
+    if is_model_file(model):
+        from secdfd.common.ml.export import read_deployable_meta
+
+        meta = read_deployable_meta(Path(model))
+        arch = meta.arch
+        if size in (None, meta.size):
+            deployed = Path(model)  # the file as the owner shares it
     runs = []
-    with scratch_deployment(plain, model, work, launcher, options, startup) as dep:
+    with scratch_deployment(deployed, arch, work, launcher, options, startup) as dep:
+        size = dep.client.info.size
+        echo(f"{model} at {size}x{size}: {weights}")
         echo(f"dealer and servers ready after {dep.setup_seconds:.1f} s; {images} inferences")
         for i, x in enumerate(bench_images(images, size)):
             dep.idle()  # time the online phase alone

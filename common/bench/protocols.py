@@ -16,7 +16,7 @@ from torch import nn
 
 from secdfd.common.engine.channel import pair, run_pair
 from secdfd.common.engine.driver import drive
-from secdfd.common.engine.protocols import arith, compare, pool, sigmoid
+from secdfd.common.engine.protocols import arith, compare, piecewise, pool, sigmoid, spline
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
 from secdfd.common.engine.ring import FixedPoint
@@ -98,6 +98,14 @@ def bench_protocols(n: int, frac: int = 16, cmp_bits: int = 40) -> dict[str, dic
     y, fig = run_protocol(lambda s: sigmoid.deal_sigmoid(s, ns, 0, frac, cmp_bits),
                           lambda c, R, a: sigmoid.sigmoid(c, a, R, 0), xs, frac, cmp_bits)
     record("sigmoid", y, fig, torch.sigmoid(fp.decode(xs)), ns)
+    p6 = piecewise.hardtanh(0.0, 6.0)
+    y, fig = run_protocol(lambda s: piecewise.deal_pieces(s, n, 0, cmp_bits, 2),
+                          lambda c, R, a: piecewise.pieces(c, a, R, p6, 0), x, frac, cmp_bits)
+    record("relu6", y, fig, fp.decode(x).clamp(0, 6), n)
+    gelu = spline.get("gelu")
+    y, fig = run_protocol(lambda s: spline.deal_spline(s, ns, 0, frac, cmp_bits, gelu),
+                          lambda c, R, a: spline.spline(c, a, R, gelu, 0), xs, frac, cmp_bits)
+    record("gelu", y, fig, torch.nn.functional.gelu(fp.decode(xs)), ns)
     return out
 
 

@@ -133,9 +133,10 @@ def model_cmd(factory: str, input_shape: str, seed: int, runs: int, threads: int
 
 
 @bench.command("e2e")
-@click.option("--model", type=click.Choice(["dfdnet", "dfdnet-s"]), default="dfdnet-s", show_default=True,
-              help="dfdnet-s: the embedded trained model; dfdnet: full width (random weights unless trained).")
-@click.option("--size", type=int, default=128, show_default=True, help="Input size.")
+@click.option("--model", default="dfdnet-s", show_default=True, metavar="NAME|FILE",
+              help="dfdnet-s: the embedded trained model; dfdnet: full width (random weights unless trained); or a "
+                   "deployable FILE from `secdfd export` (a user's model too).")
+@click.option("--size", type=int, default=None, help="Input size [default: 128, or the file's].")
 @click.option("--images", type=int, default=3, show_default=True, help="Detections to run.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
 @click.option("--depth", type=int, default=1, show_default=True, help="Bundles each server keeps ready.")
@@ -144,7 +145,7 @@ def model_cmd(factory: str, input_shape: str, seed: int, runs: int, threads: int
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the per-layer breakdown).")
 @lan_options
 @click.pass_context
-def e2e(ctx: click.Context, model: str, size: int, images: int, threads: int, depth: int, work: Path | None,
+def e2e(ctx: click.Context, model: str, size: int | None, images: int, threads: int, depth: int, work: Path | None,
         as_json: bool, lan: str | None, lan_rtt_ms: float | None, report: Path | None) -> None:
     """Dealer, server_a and server_b as separate processes on loopback; figures per inference.
 
@@ -166,13 +167,14 @@ def e2e(ctx: click.Context, model: str, size: int, images: int, threads: int, de
     except SecDFDError as e:
         raise click.ClickException(str(e)) from None
     if report is not None:
+        size = res["size"]
         title = f"{model}, both streams, {size}x{size}, " + (f"LAN {lan}" if lan else "loopback")
         for path in write_report(res, report, "e2e", title=title).values():
             click.echo(f"report: {path}", err=True)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    click.echo(f"{model} at {size}x{size}, {weights_line(res)}")
+    click.echo(f"{model} at {res['size']}x{res['size']}, {weights_line(res)}")
     for k in FIGURES:
         v = res[k]
         click.echo(f"  {k:18s} {v if not isinstance(v, float) else f'{v:.4g}'}")

@@ -136,13 +136,38 @@ def train_cmd(data: Path, stream: str, arch: str, size: int, epochs: int, batch_
 
 
 @click.command("export")
-@click.option("--rgb", type=PathArg, required=True, help="Trained RGB stream (from `secdfd train`).")
-@click.option("--ycbcr", type=PathArg, required=True, help="Trained YCbCr stream (from `secdfd train`).")
+@click.option("--rgb", type=PathArg, default=None, help="Trained RGB stream (from `secdfd train`).")
+@click.option("--ycbcr", type=PathArg, default=None, help="Trained YCbCr stream (from `secdfd train`).")
+@click.option("--factory", metavar="FILE.py:FACTORY", default=None,
+              help="Your own model instead: FACTORY() in FILE.py builds it (run here only, never by the servers).")
+@click.option("--weights", type=PathArg, default=None, help="--factory's state_dict or checkpoint.")
+@click.option("--size", type=int, default=None, help="--factory's input size (RGB, size x size, values in [0, 1]).")
+@click.option("--outputs", type=click.Choice(["logit", "logits", "probability"]), default=None,
+              help="What --factory's model returns: one logit of 'fake', two logits (real, fake), or the fake "
+                   "probability.")
+@click.option("--fake-index", type=int, default=1, show_default=True, help="With two logits: the index of 'fake'.")
+@click.option("--name", default=None, help="The architecture's name the servers show [default: FILE's stem].")
+@click.option("--calibrate", type=PathArg, default=None,
+              help="Folder of face images to measure the comparison range on [default: the shipped set].")
 @click.option("--out", type=PathArg, required=True, help="Deployable model file to write.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage precision of the weights (loaded as float32 either way).")
-def export_cmd(rgb: Path, ycbcr: Path, out: Path, dtype: str) -> None:
-    """Fold BatchNorm and the YCbCr map, fuse both streams and write one checksummed file."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (file, checksum, plan, calibration).")
+def export_cmd(rgb: Path | None, ycbcr: Path | None, factory: str | None, weights: Path | None, size: int | None,
+               outputs: str | None, fake_index: int, name: str | None, calibrate: Path | None, out: Path, dtype: str,
+               as_json: bool) -> None:
+    """Write one checksummed deployable file: DFDNet from two trained streams (--rgb, --ycbcr; BatchNorm
+    and the YCbCr map folded, streams fused), or your own model (--factory, --weights, --size,
+    --outputs): its secure plan, checked on calibration images, and its folded weights."""
+    if factory is not None:
+        if rgb is not None or ycbcr is not None:
+            raise click.UsageError("give either --factory (your own model) or --rgb and --ycbcr (DFDNet)")
+        if size is None or outputs is None:
+            raise click.UsageError("--factory needs --size and --outputs (logit, logits or probability)")
+        _export_custom(factory, weights, size, outputs, fake_index, name, calibrate, out, dtype, as_json)
+        return
+    if rgb is None or ycbcr is None:
+        raise click.UsageError("give --rgb and --ycbcr (DFDNet's two trained streams), or --factory FILE.py:FACTORY")
     from secdfd.common.ml.export import fuse, save_deployable
     from secdfd.common.ml.train import load_stream
 
@@ -155,7 +180,31 @@ def export_cmd(rgb: Path, ycbcr: Path, out: Path, dtype: str) -> None:
             raise click.UsageError("the two streams have different architectures")
         extra = {"training": {"rgb": meta_rgb["config"], "ycbcr": meta_ycc["config"]}}
         digest = save_deployable(fuse(m_rgb, m_ycc), out, meta_rgb["arch"], dtype, extra)
+    if as_json:
+        click.echo(json.dumps({"file": str(out), "arch": meta_rgb["arch"], "size": meta_rgb["size"], "sha256": digest}))
+        return
     click.echo(f"wrote {out} ({meta_rgb['arch']}, {meta_rgb['size']}x{meta_rgb['size']}, sha256 {digest})")
+
+
+def _export_custom(factory: str, weights: Path | None, size: int, outputs: str, fake_index: int, name: str | None,
+                   calibrate: Path | None, out: Path, dtype: str, as_json: bool) -> None:
+    from secdfd.common.service.custom import UserModel, estimate, export_model
+
+    with user_errors():
+        done = export_model(UserModel(factory, weights, size, outputs, fake_index, name), out, calibrate, dtype)
+    cal = done.calibration.as_dict()
+    if as_json:
+        click.echo(json.dumps({"file": str(done.path), "arch": done.arch, "size": done.size, "sha256": done.checksum,
+                               "plan": estimate(done.plan), "calibration": cal, "seconds": done.seconds}))
+        return
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(done.plan.describe().items()) if k not in ("input", "output"))
+    click.echo(f"wrote {done.path} ({done.arch}, {size}x{size}, outputs {outputs} -> fake probability, "
+               f"sha256 {done.checksum})")
+    click.echo(f"plan: {len(done.plan.steps)} steps ({ops})")
+    click.echo(f"calibration on {cal['source']}: largest compared value {cal['max_compared']:.4g} at "
+               f"{cal['layer']} (exact below {cal['limit']:g}: margin {cal['margin']:.0f}x); plan vs model "
+               f"{cal['plan_error']:.2g}")
+    click.echo(f"next: secdfd share {done.path} --out DIR")
 
 
 @click.command("eval")
@@ -207,17 +256,17 @@ def detect_cmd(image: Path, plain: bool, model_path: Path | None, as_json: bool,
     Private detection, where no server sees the image, is `secdfd-client detect`.
     """
     from secdfd.common.ml.data import load_image
-    from secdfd.common.ml.export import load_deployable
+    from secdfd.common.service.custom import load_reference
 
     if not plain:
         raise click.UsageError("this command runs the plaintext reference only: add --plain; "
                                "for private detection use `secdfd-client detect`")
     set_threads(threads)
     with user_errors():
-        model = load_deployable(model_path)
-        x = load_image(image, model.rgb.input_size)
+        model, _, size = load_reference(model_path)  # DFDNet, or a user's model as its plan
+        x = load_image(image, size)
         with torch.no_grad():
-            p_fake = float(model(x)[0, 0])
+            p_fake = float(model(x).reshape(-1)[0])
     verdict = roster.verdict(p_fake)
     if as_json:
         click.echo(json.dumps({"verdict": verdict, "p_fake": p_fake, "image": str(image)}))

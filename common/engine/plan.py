@@ -1,20 +1,35 @@
 """The plan: a torch module lowered to an ordered list of secure steps with shapes and scales.
 
 The plan depends on the architecture and the input size alone (never on weight values), so the
-dealer and both servers derive the same plan and agree on the randomness each step consumes.
+dealer and both servers derive the same plan and agree on the randomness each step consumes. It is
+public under the threat model and travels as strictly validated JSON (`Plan.to_json`,
+`Plan.from_json`): the model owner lowers the module once, and the dealer and the servers run what
+the JSON says without ever executing the owner's Python.
 
-Lowering traces the module with torch.fx, propagates shapes with a zero input, folds BatchNorm
-into the preceding convolution (a BatchNorm on its own becomes a per-channel affine layer), and
-tracks the fixed-point scale of every value: products carry 2f fractional bits and are truncated
-where a consumer needs f. ReLU and sigmoid take 2f inputs directly (the truncation is fused into
-their first opening), so a conv + ReLU costs two openings, not three.
+Lowering traces the module with torch.fx (stack traces recorded, so a refusal names the user's source
+line), propagates shapes with a zero input, folds BatchNorm into the preceding convolution or Linear
+(a BatchNorm on its own becomes a per-channel affine layer), and tracks the fixed-point scale of
+every value: products carry 2f fractional bits and are truncated where a consumer needs f. ReLU,
+sigmoid and the other activations take 2f inputs directly (the truncation is fused into their first
+opening), so a conv + ReLU costs two openings, not three.
+
+Shape idioms are resolved at trace time from the declared input shape: `x.size()`, `x.shape`,
+`x.dim()` and arithmetic on them are Python values in the lowering's environment; getitem, view,
+permute, expand, chunk and friends become local steps (`index`, `reshape`, `permute`, `expand`,
+`repeat`) that never communicate. In-place calls (`relu_`, `+=`, `inplace=True`) rebind the value
+they modify. Steps nothing depends on are dropped at the end.
 """
 
 from __future__ import annotations
 
+import builtins
+import json
+import math
 import operator
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import torch
@@ -23,15 +38,53 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from secdfd.common.engine.protocols import piecewise
 from secdfd.common.errors import PlanError
 
 MEAN_BITS = 24  # fractional bits of the public 1/k multiplier of means and average pools
+FOLD = "+"  # weight key of a layer with a BatchNorm folded in: "<layer>.weight+<batchnorm>"
 
 SUPPORTED = (
-    "Conv2d (any groups), BatchNorm2d (folded), ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), "
-    "AdaptiveMaxPool2d(1), mean/amax over dims, Linear, Sigmoid, add, sub, mul, cat, flatten, view/reshape, "
-    "Identity, Dropout (inference)"
+    "Conv2d / F.conv2d (any groups), Linear / F.linear, BatchNorm1d/2d (folded, or affine), ReLU, ReLU6, Hardtanh, "
+    "clamp, LeakyReLU, Hardsigmoid, Hardswish, Sigmoid, Tanh, SiLU, GELU, two-class softmax, MaxPool2d, AvgPool2d, "
+    "adaptive and global pools, mean/sum/amax/amin/max/min over dims, add, sub, mul, division by a constant, cat, "
+    "stack, flatten, view/reshape, getitem (slices, None, ..., integers), permute/transpose, expand, repeat, chunk, "
+    "split, unbind, Identity, Dropout (inference)"
 )
+
+# The nearest supported rewrite of what users meet most; keyed by the name in the refusal.
+REWRITES: dict[str, str] = {
+    "ELU": "use nn.SiLU (6 rounds, error 2e-4) or nn.LeakyReLU (exact, 4 rounds)",
+    "CELU": "use nn.SiLU or nn.LeakyReLU",
+    "SELU": "use nn.SiLU or nn.LeakyReLU",
+    "Mish": "use nn.SiLU (x sigmoid(x)), the closest supported smooth activation",
+    "Softplus": "use nn.SiLU or nn.ReLU",
+    "PReLU": "use nn.LeakyReLU with a fixed slope (a learned slope would be a secret weight)",
+    "LayerNorm": "use BatchNorm (an affine map at inference, folded into the conv or Linear before it)",
+    "GroupNorm": "use BatchNorm2d (an affine map at inference, folded into the conv before it)",
+    "InstanceNorm2d": "use BatchNorm2d (an affine map at inference)",
+    "Upsample": "no up-sampling is supported; keep the resolution with stride-1 convolutions",
+    "interpolate": "no up-sampling is supported; keep the resolution with stride-1 convolutions",
+    "ConvTranspose2d": "no transposed convolutions; use a stride-1 Conv2d",
+    "softmax": "softmax is supported over two classes (it is a sigmoid of the difference); for one logit use sigmoid",
+    "log_softmax": "declare the output as two logits at export: the fake probability is sigmoid(l1 - l0)",
+    "LogSoftmax": "declare the output as two logits at export: the fake probability is sigmoid(l1 - l0)",
+    "argmax": "the secure engine computes maxima, not positions: use torch.max(x, dim).values",
+    "indices": "the secure engine computes maxima, not positions: use torch.max(x, dim).values",
+    "matmul": "products of two secret tensors are element-wise (mul) only; use nn.Linear or a 1x1 Conv2d",
+    "bmm": "products of two secret tensors are element-wise (mul) only; use nn.Linear or a 1x1 Conv2d",
+    "einsum": "use nn.Linear, a 1x1 Conv2d or an element-wise mul",
+    "exp": "no exp on secret values; sigmoid, tanh, SiLU and GELU are supported",
+    "log": "no log on secret values; declare logits at export instead of log-probabilities",
+    "sqrt": "no sqrt on secret values; normalisations must be BatchNorm (fixed statistics)",
+    "pow": "only x * x (mul) is supported",
+    "div": "division is by a constant only",
+    "truediv": "division is by a constant only",
+    "get_attr": "parameters are supported as the weight and bias of F.conv2d / F.linear only; wrap other learned "
+                "tensors in a layer (a per-channel scale is a BatchNorm or a depthwise 1x1 Conv2d)",
+    "AdaptiveAvgPool2d": "use an output size that divides the input (or 1 for a global pool)",
+    "ceil_mode": "pad explicitly (F.pad is not supported either): choose kernel, stride and padding that fit",
+}
 
 
 # --- typed step attributes: one frozen class per kind of step ---------------------------------
@@ -39,15 +92,16 @@ SUPPORTED = (
 
 @dataclass(frozen=True)
 class NoAttrs:
-    """input, output, reshape and mul need nothing beyond their shapes."""
+    """input, output, reshape, expand and mul need nothing beyond their shapes."""
 
 
 @dataclass(frozen=True)
 class LinearAttrs:
     """A conv or fc layer with secret weights `weight` (and bias `bias_key` when `bias`).
 
-    `bn` names a BatchNorm folded into this conv at weight extraction; `affine_bn` marks a lone
-    BatchNorm lowered to a per-channel (depthwise 1x1) affine layer.
+    `weight` and `bias_key` are the names of the module's parameters (`conv.weight`, or the
+    parameters given to F.conv2d / F.linear). `bn` names a BatchNorm folded into this layer at weight
+    extraction; `affine_bn` marks a lone BatchNorm lowered to a per-channel (depthwise 1x1) affine layer.
     """
 
     kind: str  # "conv" or "fc"
@@ -119,7 +173,7 @@ class CatAttrs:
 
 @dataclass(frozen=True)
 class MeanAttrs:
-    """mean: the sum over `dims` times `mult` = round(2^MEAN_BITS / count)."""
+    """mean: the sum over `dims` times `mult` = round(2^MEAN_BITS / count) (a sum: mult 1, same scale)."""
 
     dims: tuple[int, ...]
     mult: int
@@ -127,27 +181,78 @@ class MeanAttrs:
 
 @dataclass(frozen=True)
 class SumPoolAttrs:
-    """sumpool (average pooling): window sums times `mult` = round(2^MEAN_BITS / divisor)."""
+    """sumpool (average pooling): window sums times `mult` = round(2^MEAN_BITS / divisor); with
+    `exclude_pad` the divisor of each output is the number of its window's elements inside the input."""
 
     k: int
     s: int
     p: int
     mult: int
+    exclude_pad: bool = False
+
+
+@dataclass(frozen=True)
+class IndexAttrs:
+    """index: the slice starts[d]:stops[d]:steps[d] of every input dim, then a reshape to the step's
+    shape (integer indices are slices of length 1, None inserts a dim of 1)."""
+
+    starts: tuple[int, ...]
+    stops: tuple[int, ...]
+    steps: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PermuteAttrs:
+    """permute: the input's dims in the order `dims` (transpose is a permutation)."""
+
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RepeatAttrs:
+    """repeat: torch's Tensor.repeat(reps) (a repeat that is a broadcast is an `expand`)."""
+
+    reps: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PiecewiseAttrs:
+    """piecewise: slopes[i] x + offsets[i] between the breakpoints (`protocols.piecewise`); the output
+    carries `piecewise.Pieces.slope_bits` more fractional bits than f."""
+
+    shift: int
+    breaks: tuple[float, ...]
+    slopes: tuple[float, ...]
+    offsets: tuple[float, ...]
+
+    def pieces(self) -> piecewise.Pieces:
+        return piecewise.Pieces(self.breaks, self.slopes, self.offsets)
+
+
+@dataclass(frozen=True)
+class SplineAttrs:
+    """spline: the piecewise polynomial `fn` of `protocols.spline.SPLINES` (tanh, silu, gelu, ...)."""
+
+    shift: int
+    fn: str
 
 
 Attrs = (NoAttrs | LinearAttrs | ShiftAttrs | WindowAttrs | ReduceAttrs | AddAttrs | AddConstAttrs | ScaleAttrs
-         | CatAttrs | MeanAttrs | SumPoolAttrs)
+         | CatAttrs | MeanAttrs | SumPoolAttrs | IndexAttrs | PermuteAttrs | RepeatAttrs | PiecewiseAttrs
+         | SplineAttrs)
 
 # Which attributes each op carries: a step of another type is a programming error.
 OP_ATTRS: dict[str, type[Attrs]] = {
-    "input": NoAttrs, "output": NoAttrs, "reshape": NoAttrs, "mul": NoAttrs,
+    "input": NoAttrs, "output": NoAttrs, "reshape": NoAttrs, "mul": NoAttrs, "expand": NoAttrs,
     "linear": LinearAttrs, "trunc": ShiftAttrs, "relu": ShiftAttrs, "sigmoid": ShiftAttrs,
     "maxpool": WindowAttrs, "maxreduce": ReduceAttrs, "add": AddAttrs, "add_const": AddConstAttrs,
     "scale": ScaleAttrs, "cat": CatAttrs, "mean": MeanAttrs, "sumpool": SumPoolAttrs,
+    "index": IndexAttrs, "permute": PermuteAttrs, "repeat": RepeatAttrs,
+    "piecewise": PiecewiseAttrs, "spline": SplineAttrs,
 }
 
 A = TypeVar("A", NoAttrs, LinearAttrs, ShiftAttrs, WindowAttrs, ReduceAttrs, AddAttrs, AddConstAttrs, ScaleAttrs,
-            CatAttrs, MeanAttrs, SumPoolAttrs)
+            CatAttrs, MeanAttrs, SumPoolAttrs, IndexAttrs, PermuteAttrs, RepeatAttrs, PiecewiseAttrs, SplineAttrs)
 
 
 @dataclass(frozen=True)
@@ -181,6 +286,7 @@ class Plan:
     output: int
     frac: int
     weights: dict[str, tuple[int, ...]]  # weight key -> shape (fixed-point shares are provisioned per key)
+    cmp_bits: int = 40  # the comparison range the plan was lowered for (it bounds the fused truncations)
 
     def linear_layers(self) -> list[LinearAttrs]:
         """The attributes of every linear step, in plan order."""
@@ -200,11 +306,64 @@ class Plan:
             counts[s.op] = counts.get(s.op, 0) + 1
         return counts
 
+    def to_obj(self) -> dict[str, Any]:
+        """The plan as plain JSON values (what `to_json` writes)."""
+        from secdfd.common.engine.plancodec import PLAN_FORMAT, PLAN_VERSION
+
+        return {
+            "format": PLAN_FORMAT, "version": PLAN_VERSION, "frac": self.frac, "cmp_bits": self.cmp_bits,
+            "input_shape": list(self.input_shape), "output": self.output,
+            "weights": [[k, list(v)] for k, v in self.weights.items()],
+            "steps": [{"op": s.op, "inputs": list(s.inputs), "shape": list(s.shape), "scale": s.scale,
+                       "name": s.name, "attrs": {f.name: _plain(getattr(s.attrs, f.name)) for f in fields(s.attrs)}}
+                      for s in self.steps],
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON (compact, key order fixed): the same plan always gives the same text."""
+        return json.dumps(self.to_obj(), separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> Plan:
+        """A plan from `to_json`'s text (or its parsed object), every field checked: op names from
+        OP_ATTRS only, attribute types, shapes and sizes within bounds, inputs earlier than their step,
+        each step's shape and scale consistent with its inputs. Raises PlanError on anything else."""
+        from secdfd.common.engine.plancodec import decode_plan
+
+        return decode_plan(data)
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+# --- lowering ------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Val:
     step: int
     scale: int
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A parameter or buffer of the module (a get_attr node): usable as F.conv2d / F.linear weights."""
+
+    key: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _MaxOut:
+    """torch.max / torch.min over a dim: (values, indices); only the values are computed."""
+
+    values: _Val
+
+    def get(self, i: Any) -> _Val:
+        if i in (0, "values"):
+            return self.values
+        raise PlanError(f"the indices of torch.max / torch.min are not computed; {REWRITES['indices']}")
 
 
 class _Lowering:
@@ -224,6 +383,9 @@ class _Lowering:
                                OP_ATTRS[op](**attrs)))
         return _Val(idx, scale)
 
+    def shape_of(self, v: _Val) -> tuple[int, ...]:
+        return self.steps[v.step].shape
+
     def at_frac(self, v: _Val, name: str) -> _Val:
         """v at scale f, truncating once per value however many consumers need it."""
         if v.scale == self.frac:
@@ -234,27 +396,40 @@ class _Lowering:
         return self._trunc[v.step]
 
     def fusable(self, v: _Val, name: str) -> _Val:
-        """For ReLU/sigmoid: keep a 2f input (truncation fused) when the comparison allows it."""
+        """For comparisons: keep a 2f input (truncation fused) when the comparison allows it."""
         return v if v.scale - self.frac <= self.fuse_limit else self.at_frac(v, name)
 
     def align(self, vals: list[_Val], name: str) -> tuple[list[_Val], list[int], int]:
         scale = max(v.scale for v in vals)
         return vals, [scale - v.scale for v in vals], scale
 
+    def reshape(self, v: _Val, shape: tuple[int, ...], name: str) -> _Val:
+        """v viewed as `shape` (no step when it already has it)."""
+        return v if self.shape_of(v) == tuple(shape) else self.add("reshape", [v], shape, v.scale, name)
+
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     meta = node.meta.get("tensor_meta")
+    if isinstance(meta, tuple | list) and meta and hasattr(meta[0], "shape"):
+        meta = meta[0]  # torch.max(x, dim): the values
     if meta is None or not hasattr(meta, "shape"):
-        raise PlanError(f"layer {node.name}: output is not a single tensor; supported: {SUPPORTED}")
+        raise PlanError(f"layer {node.name}: output is not a tensor; supported: {SUPPORTED}")
     return tuple(meta.shape)
 
 
-def _pair(v: Any) -> int:
+def _pair2(v: Any) -> tuple[int, int]:
     if isinstance(v, tuple | list):
-        if len(set(v)) != 1:
-            raise PlanError(f"non-square window or stride {v} is not supported")
-        return int(v[0])
-    return int(v)
+        if len(v) != 2:
+            raise PlanError(f"a window or stride of {len(v)} numbers is not a 2-d one")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _pair(v: Any) -> int:
+    a, b = _pair2(v)
+    if a != b:
+        raise PlanError(f"non-square window, stride or padding {v} is not supported (except a global pool)")
+    return a
 
 
 def _dims(d: Any, ndim: int) -> tuple[int, ...]:
@@ -262,14 +437,89 @@ def _dims(d: Any, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(x % ndim for x in ds))
 
 
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, with the user's stack trace recorded on every node, and Python control
+    flow on shapes (`if x.dim() == 4`, `for s in x.shape`) decided at trace time: the value is computed
+    from the declared input shape. Control flow on tensor values is still refused."""
+
+    def __init__(self, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+        self.input_shape = input_shape
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        return bool(self._value(obj.node))
+
+    def iter(self, obj: torch.fx.Proxy) -> Any:
+        return iter(self._value(obj.node))
+
+    def _value(self, node: torch.fx.Node) -> Any:
+        if not _shape_only(node):
+            raise torch.fx.proxy.TraceError(
+                f"{node.name} depends on tensor values, and control flow can only depend on shapes "
+                "(x.size(), x.shape, x.dim()): the secure plan is the same for every input")
+        graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for n in self.graph.nodes:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            if n is node:
+                break
+        graph.output(env[node])
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+        with torch.no_grad(), _maybe_revert_all_patches():  # run the prefix as plain torch, not traced
+            return torch.fx.GraphModule(self.root, graph)(torch.zeros(self.input_shape))
+
+
+_SHAPE_READS = {"size", "dim", "ndimension", "numel", "nelement"}
+
+
+def _shape_only(node: torch.fx.Node) -> bool:
+    """Does `node` depend on tensors through their shapes only?"""
+    if node.op == "call_method" and node.target in _SHAPE_READS:
+        return True
+    if node.op == "call_function" and node.target is builtins.getattr and node.args[1] in ("shape", "ndim"):
+        return True
+    if node.op in ("placeholder", "get_attr", "call_module"):
+        return False
+    return all(_shape_only(a) for a in node.all_input_nodes)
+
+
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>[^\n]*)')
+
+
+def where(node: torch.fx.Node) -> str:
+    """The user's source line that made `node`: 'file.py:12 (`x = self.act(x)`)', or ''."""
+    frames = [m for m in _FRAME.finditer(node.stack_trace or "")
+              if not str(Path(m["file"]).resolve()).startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    m = frames[-1]
+    return f"{m['file']}:{m['line']} (`{m['code'].strip()}`)"
+
+
+def _refuse(node: torch.fx.Node, what: str, key: str | None = None, detail: str = "") -> PlanError:
+    at = where(node)
+    hint = REWRITES.get(key or "", "")
+    parts = [f"{what} is not supported" + (f" ({detail})" if detail else "")]
+    if at:
+        parts.append(f"at {at}")
+    msg = " ".join(parts)
+    msg += f"; {hint}" if hint else f"; supported: {SUPPORTED}"
+    return PlanError(msg)
+
+
 def build_plan(module: nn.Module, input_shape: tuple[int, ...] | list[int], frac: int = 16, cmp_bits: int = 40) -> Plan:
     """Lower `module` (eval mode) for inputs of `input_shape` to a Plan. Raises PlanError naming any
-    unsupported layer."""
+    unsupported layer with the user's source line and the nearest supported rewrite."""
     input_shape = tuple(int(s) for s in input_shape)
     was_training = module.training
     module.eval()
     try:
-        gm = torch.fx.symbolic_trace(module)
+        tracer = _Tracer(input_shape)
+        graph = tracer.trace(module)
+        gm = torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
     except Exception as e:  # noqa: BLE001 - tracing errors come in many types
         raise PlanError(f"cannot trace the model with torch.fx: {e}") from e
     finally:
@@ -277,34 +527,182 @@ def build_plan(module: nn.Module, input_shape: tuple[int, ...] | list[int], frac
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise PlanError("the model must take exactly one tensor input")
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(input_shape))
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(input_shape))
+    except Exception as e:  # noqa: BLE001 - the model's own error on this input shape
+        raise PlanError(f"the model does not run on an input of shape {list(input_shape)}: {e}") from e
     low = _Lowering(gm, frac, cmp_bits)
     env: dict[str, Any] = {}
     out_val: _Val | None = None
+    live = _live_nodes(gm)
     for node in gm.graph.nodes:
+        if node not in live:
+            continue
         if node.op == "placeholder":
             env[node.name] = low.add("input", [], input_shape, frac, "input")
         elif node.op == "output":
-            arg = node.args[0]
-            if not isinstance(arg, torch.fx.Node):
+            arg = _arg(env, node.args[0])
+            if not isinstance(arg, _Val):
                 raise PlanError("the model must return a single tensor")
-            out_val = low.at_frac(env[arg.name], "output")
+            out_val = low.at_frac(arg, "output")
             out_val = low.add("output", [out_val], low.steps[out_val.step].shape, frac, "output")
-        elif node.op == "call_module":
-            env[node.name] = _lower_module(low, node, env)
-        elif node.op in ("call_function", "call_method"):
-            env[node.name] = _lower_function(low, node, env)
         else:
-            raise PlanError(f"layer {node.name} ({node.op} {node.target}) is not supported; supported: {SUPPORTED}")
+            env[node.name] = _lower_node(low, node, env)
     assert out_val is not None
-    return Plan(tuple(low.steps), input_shape, out_val.step, frac, low.weights)
+    steps, output, weights = _prune(low.steps, out_val.step, low.weights)
+    return Plan(steps, input_shape, output, frac, weights, cmp_bits)
+
+
+def _lower_node(low: _Lowering, node: torch.fx.Node, env: dict[str, Any]) -> Any:
+    try:
+        if node.op == "get_attr":
+            return _get_attr(low, node)
+        if node.op == "call_module":
+            out = _lower_module(low, node, env)
+        elif node.op in ("call_function", "call_method"):
+            out = _lower_function(low, node, env)
+        else:
+            raise _refuse(node, f"layer {node.name} ({node.op} {node.target})")
+    except PlanError as e:
+        at = where(node)
+        if at and at not in str(e):
+            raise PlanError(f"{e} (at {at})") from None
+        raise
+    if _inplace(node, low.mods) and isinstance(out, _Val):
+        _rebind(node, env, out)
+    return out
+
+
+def _live_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes the output depends on, and in-place calls with what they need (they change a value later
+    nodes read). A result nobody reads (`v, _ = torch.max(x, 1)`) is never lowered."""
+    mods = dict(gm.named_modules())
+    stack = [n for n in gm.graph.nodes if n.op in ("output", "placeholder") or _inplace(n, mods)]
+    live: set[torch.fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    return live
+
+
+_INPLACE_FUNCTIONS: dict[Any, int | None] = {
+    operator.iadd: None, operator.isub: None, operator.imul: None, operator.itruediv: None,
+    F.relu_: None, torch.relu_: None, F.hardtanh_: None, F.leaky_relu_: None, torch.sigmoid_: None,
+    torch.tanh_: None, torch.clamp_: None,
+    # functions with an `inplace` argument, and its position
+    F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.hardsigmoid: 1, F.hardswish: 1, F.silu: 1,
+    F.dropout: 3,
+}
+
+
+def _inplace(node: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Does `node` modify its first argument in place?"""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_") and name != "requires_grad_"
+    if node.op == "call_module":
+        return getattr(mods.get(str(node.target)), "inplace", False) is True
+    if node.op != "call_function" or node.target not in _INPLACE_FUNCTIONS:
+        return False
+    pos = _INPLACE_FUNCTIONS[node.target]
+    if pos is None:
+        return True
+    flag = node.kwargs.get("inplace", node.args[pos] if len(node.args) > pos else False)
+    return flag is True
+
+
+_VIEWS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "permute", "expand", "expand_as",
+          "narrow", "t", "chunk", "split", "unbind", "view_as", "reshape_as", "getitem"}
+
+
+def _rebind(node: torch.fx.Node, env: dict[str, Any], out: _Val) -> None:
+    """An in-place call changed its first argument: later readers of that argument see `out`."""
+    target = node.args[0] if node.args else None
+    if not isinstance(target, torch.fx.Node):
+        return
+    base = target.args[0] if target.args else None
+    kind = str(getattr(target.target, "__name__", target.target))
+    if isinstance(base, torch.fx.Node) and kind in _VIEWS and _later_users(base, node):
+        raise _refuse(node, f"an in-place update of a view ({kind} of {base.name})",
+                      detail="write it out of place, e.g. y = F.relu(x) instead of x.relu_()")
+    env[target.name] = out
+
+
+def _later_users(base: torch.fx.Node, after: torch.fx.Node) -> list[torch.fx.Node]:
+    order = {n: i for i, n in enumerate(after.graph.nodes)}
+    return [u for u in base.users if order[u] > order[after]]
+
+
+def _prune(steps: list[Step], output: int,
+           weights: dict[str, tuple[int, ...]]) -> tuple[tuple[Step, ...], int, dict[str, tuple[int, ...]]]:
+    """Drop the steps the output does not depend on (the input step stays) and renumber the rest."""
+    keep: set[int] = set()
+    stack = [output, 0]
+    while stack:
+        i = stack.pop()
+        if i not in keep:
+            keep.add(i)
+            stack.extend(steps[i].inputs)
+    remap = {old: new for new, old in enumerate(sorted(keep))}
+    out = tuple(replace(s, index=remap[s.index], inputs=tuple(remap[i] for i in s.inputs))
+                for s in steps if s.index in keep)
+    used: set[str] = set()
+    for s in out:
+        if s.op == "linear":
+            a = s.get(LinearAttrs)
+            used.add(a.weight)
+            if a.bias:
+                used.add(a.bias_key)
+    return out, remap[output], {k: v for k, v in weights.items() if k in used}
 
 
 def _arg(env: dict[str, Any], a: Any) -> Any:
     if isinstance(a, list | tuple):
         return type(a)(_arg(env, x) for x in a)
+    if isinstance(a, slice):
+        return slice(_arg(env, a.start), _arg(env, a.stop), _arg(env, a.step))
     return env[a.name] if isinstance(a, torch.fx.Node) else a
+
+
+def _get_attr(low: _Lowering, node: torch.fx.Node) -> _Param:
+    target = str(node.target)
+    t = _tensor_at(low.module, target)
+    if t is None:
+        raise _refuse(node, f"the attribute {target}", "get_attr", "not a parameter or buffer")
+    return _Param(target, tuple(t.shape))
+
+
+def _tensorish(v: Any) -> bool:
+    if isinstance(v, _Val | _Param | _MaxOut):
+        return True
+    if isinstance(v, list | tuple):
+        return any(_tensorish(x) for x in v)
+    if isinstance(v, dict):
+        return any(_tensorish(x) for x in v.values())
+    return False
+
+
+# Python values (sizes, ints) flow through these at trace time; nothing else runs on them.
+_PY_MODULES = ("_operator", "operator", "builtins", "math")
+_PY_TYPES = (torch.Size, tuple, list, int, float, bool, str)
+
+
+def _python_value(node: torch.fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """A node on Python values only (`b * c`, `size[2:]`, `len(shape)`): evaluated now."""
+    if node.op == "call_method":
+        if not args or not isinstance(args[0], _PY_TYPES):
+            raise _refuse(node, f"the method {node.target} on {type(args[0]).__name__ if args else 'nothing'}")
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    fn = node.target
+    if getattr(fn, "__module__", None) in _PY_MODULES or fn in (builtins.getattr, len, int, float, min, max, abs):
+        assert callable(fn)
+        return fn(*args, **kwargs)
+    name = getattr(fn, "__name__", str(fn))
+    raise _refuse(node, f"{name} on Python values (a tensor made inside the model)", name,
+                  "constants must be plain numbers")
 
 
 # --- modules -------------------------------------------------------------------------------------
@@ -321,20 +719,33 @@ def _mod_conv(low: _Lowering, mod: nn.Conv2d, x: _Val, shape: tuple[int, ...], n
                    groups=mod.groups)
 
 
-def _mod_batchnorm(low: _Lowering, mod: nn.BatchNorm2d, x: _Val, shape: tuple[int, ...], name: str,
+def _mod_batchnorm(low: _Lowering, mod: nn.modules.batchnorm._BatchNorm, x: _Val, shape: tuple[int, ...], name: str,
                    node: torch.fx.Node) -> _Val:
+    if mod.running_mean is None or mod.running_var is None:
+        raise PlanError(f"layer {name}: a BatchNorm without running statistics normalises by the batch; "
+                        "train it with track_running_stats=True")
     pstep = low.steps[x.step]
     first = node.args[0]
     assert isinstance(first, torch.fx.Node)
-    if (isinstance(pstep.attrs, LinearAttrs) and pstep.attrs.kind == "conv" and len(first.users) == 1
-            and pstep.attrs.bn is None):
-        # folded at weight extraction; same outputs
-        low.steps[x.step] = replace(pstep, attrs=replace(pstep.attrs, bn=name, bias=True))
-        low.weights[pstep.attrs.bias_key] = (mod.num_features,)
+    kind = "conv" if len(shape) == 4 else "fc" if len(shape) == 2 else ""
+    if (isinstance(pstep.attrs, LinearAttrs) and pstep.attrs.kind == kind and len(first.users) == 1
+            and pstep.attrs.bn is None and not pstep.attrs.affine_bn and x.scale == 2 * low.frac):
+        # folded at weight extraction; same outputs. The folded weights are their own keys (another
+        # call of the same layer without this BatchNorm keeps the plain ones).
+        a = pstep.attrs
+        wkey, bkey = f"{a.weight}{FOLD}{name}", f"{a.bias_key}{FOLD}{name}"
+        low.steps[x.step] = replace(pstep, attrs=replace(a, bn=name, bias=True, weight=wkey, bias_key=bkey))
+        low.weights[wkey] = a.wshape
+        low.weights[bkey] = (mod.num_features,)
         return x
     c = mod.num_features
-    return _linear(low, x, shape, name, "conv", (c, 1, 1, 1), True, stride=1, padding=0, dilation=1,
-                   groups=c, affine_bn=True)
+    if len(shape) not in (2, 3, 4) or shape[1] != c:
+        raise PlanError(f"layer {name}: BatchNorm over {c} channels on an input of shape {list(shape)}")
+    as4 = tuple(shape) + (1,) * (4 - len(shape))
+    x4 = low.reshape(x, as4, name + ".as2d")
+    y = _linear(low, x4, as4, name, "conv", (c, 1, 1, 1), True, stride=1, padding=0, dilation=1, groups=c,
+                affine_bn=True)
+    return low.reshape(y, shape, name + ".back")
 
 
 def _mod_fc(low: _Lowering, mod: nn.Linear, x: _Val, shape: tuple[int, ...], name: str, node: torch.fx.Node) -> _Val:
@@ -345,38 +756,48 @@ def _mod_maxpool(low: _Lowering, mod: nn.MaxPool2d, x: _Val, shape: tuple[int, .
                  node: torch.fx.Node) -> _Val:
     if _pair(mod.dilation) != 1 or mod.ceil_mode or mod.return_indices:
         raise PlanError(f"layer {name}: MaxPool2d with dilation, ceil_mode or indices is not supported")
-    return _maxpool(low, x, shape, name, _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size),
-                    _pair(mod.padding))
+    return _maxpool(low, x, shape, name, mod.kernel_size, mod.stride or mod.kernel_size, mod.padding)
 
 
 def _mod_avgpool(low: _Lowering, mod: nn.AvgPool2d, x: _Val, shape: tuple[int, ...], name: str,
                  node: torch.fx.Node) -> _Val:
-    window = Window(_pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.padding))
-    return _avgpool(low, x, shape, name, window, mod.ceil_mode, mod.count_include_pad, mod.divisor_override)
+    return _avgpool(low, x, shape, name, (mod.kernel_size, mod.stride or mod.kernel_size, mod.padding),
+                    mod.ceil_mode, mod.count_include_pad, mod.divisor_override)
 
 
 def _mod_adaptive(low: _Lowering, mod: nn.Module, x: _Val, shape: tuple[int, ...], name: str,
                   node: torch.fx.Node) -> _Val:
-    if _pair(getattr(mod, "output_size", None)) != 1:
-        raise PlanError(f"layer {name}: adaptive pools are supported with output size 1 only")
-    if isinstance(mod, nn.AdaptiveAvgPool2d):
-        return _mean(low, x, shape, name, (2, 3))
-    return _maxreduce(low, x, shape, name, (2, 3))
+    return _adaptive(low, x, shape, name, getattr(mod, "output_size", None),
+                     isinstance(mod, nn.AdaptiveAvgPool2d))
+
+
+def _act(fn: Callable[..., _Val]) -> ModuleRule:
+    """A module rule for an activation whose lowering needs only the module's settings."""
+    return lambda low, mod, x, shape, name, node: fn(low, x, shape, name, mod)
 
 
 MODULE_RULES: dict[type[nn.Module], ModuleRule] = {
     nn.Conv2d: _mod_conv,
-    nn.BatchNorm2d: _mod_batchnorm,
+    nn.modules.batchnorm._BatchNorm: _mod_batchnorm,
     nn.Linear: _mod_fc,
-    nn.ReLU: lambda low, mod, x, shape, name, node: _relu(low, x, shape, name),
-    nn.Sigmoid: lambda low, mod, x, shape, name, node: _sigmoid(low, x, shape, name),
+    nn.ReLU: _act(lambda low, x, shape, name, mod: _relu(low, x, shape, name)),
+    nn.Hardtanh: _act(lambda low, x, shape, name, mod: _clamp(low, x, shape, name, mod.min_val, mod.max_val)),
+    nn.LeakyReLU: _act(lambda low, x, shape, name, mod: _leaky(low, x, shape, name, mod.negative_slope)),
+    nn.Hardsigmoid: _act(lambda low, x, shape, name, mod: _pieces(low, x, shape, name, piecewise.hardsigmoid())),
+    nn.Hardswish: _act(lambda low, x, shape, name, mod: _spline(low, x, shape, name, "hardswish")),
+    nn.Sigmoid: _act(lambda low, x, shape, name, mod: _sigmoid(low, x, shape, name)),
+    nn.Tanh: _act(lambda low, x, shape, name, mod: _spline(low, x, shape, name, "tanh")),
+    nn.SiLU: _act(lambda low, x, shape, name, mod: _spline(low, x, shape, name, "silu")),
+    nn.GELU: _act(lambda low, x, shape, name, mod: _gelu(low, x, shape, name, mod.approximate)),
+    nn.Softmax: _act(lambda low, x, shape, name, mod: _softmax2(low, x, shape, name, mod.dim)),
     nn.MaxPool2d: _mod_maxpool,
     nn.AvgPool2d: _mod_avgpool,
     nn.AdaptiveAvgPool2d: _mod_adaptive,
     nn.AdaptiveMaxPool2d: _mod_adaptive,
-    nn.Flatten: lambda low, mod, x, shape, name, node: low.add("reshape", [x], shape, x.scale, name),
+    nn.Flatten: lambda low, mod, x, shape, name, node: low.reshape(x, shape, name),
+    nn.Unflatten: lambda low, mod, x, shape, name, node: low.reshape(x, shape, name),
     nn.Identity: lambda low, mod, x, shape, name, node: x,
-    nn.Dropout: lambda low, mod, x, shape, name, node: x,
+    nn.modules.dropout._DropoutNd: lambda low, mod, x, shape, name, node: x,
 }
 
 
@@ -392,19 +813,23 @@ def _module_rule(mod: nn.Module) -> ModuleRule | None:
 def _lower_module(low: _Lowering, node: torch.fx.Node, env: dict[str, Any]) -> Any:
     mod = low.mods[str(node.target)]
     name = str(node.target)
-    first = node.args[0]
-    if not isinstance(first, torch.fx.Node):
-        raise PlanError(f"layer {name}: its input must be a tensor")
+    first = node.args[0] if node.args else None
+    x = env.get(first.name) if isinstance(first, torch.fx.Node) else None
+    if not isinstance(x, _Val):
+        raise _refuse(node, f"layer {name} ({type(mod).__name__}) on something other than one tensor")
     rule = _module_rule(mod)
     if rule is None:
-        raise PlanError(f"layer {name} ({type(mod).__name__}) is not supported; supported: {SUPPORTED}")
-    return rule(low, mod, env[first.name], _shape(node), name, node)
+        kind = type(mod).__name__
+        raise _refuse(node, f"layer {name} ({kind})", kind)
+    return rule(low, mod, x, _shape(node), name, node)
 
 
-def _linear(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, kind: str, wshape: Any, bias: bool,
-            **attrs: Any) -> _Val:
+def _linear(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, kind: str, wshape: Any, bias: bool, *,
+            keys: tuple[str, str | None] | None = None, **attrs: Any) -> _Val:
+    """A conv or fc step; `keys` names the weight and bias parameters (default: the module's)."""
     x = low.at_frac(x, name)
-    wkey, bkey = name + ".weight", name + ".bias"
+    wkey, bkey = keys or (name + ".weight", None)
+    bkey = bkey or name + ".bias"
     low.weights[wkey] = tuple(wshape)
     if bias:
         low.weights[bkey] = (int(wshape[0]),)
@@ -422,16 +847,91 @@ def _sigmoid(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str) -> _Val
     return low.add("sigmoid", [x], shape, low.frac, name, shift=x.scale - low.frac)
 
 
-def _maxpool(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, k: int, s: int, p: int) -> _Val:
+def _spline(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, fn: str) -> _Val:
+    x = low.fusable(x, name)
+    return low.add("spline", [x], shape, low.frac, name, shift=x.scale - low.frac, fn=fn)
+
+
+def _pieces(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, p: piecewise.Pieces) -> _Val:
+    x = low.fusable(x, name)
+    return low.add("piecewise", [x], shape, low.frac + p.slope_bits, name, shift=x.scale - low.frac,
+                   breaks=tuple(map(float, p.breaks)), slopes=tuple(map(float, p.slopes)),
+                   offsets=tuple(map(float, p.offsets)))
+
+
+def _clamp(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, lo: float | None, hi: float | None) -> _Val:
+    """clamp / hardtanh / ReLU6: a ReLU when it is one, else exact pieces."""
+    if lo is None and hi is None:
+        return x
+    if hi is None:
+        assert lo is not None
+        return _relu(low, x, shape, name) if lo == 0 else _pieces(low, x, shape, name, piecewise.clamp_min(lo))
+    if lo is None:
+        return _pieces(low, x, shape, name, piecewise.clamp_max(hi))
+    if not lo < hi:
+        raise PlanError(f"layer {name}: clamp to [{lo}, {hi}] is empty")
+    return _pieces(low, x, shape, name, piecewise.hardtanh(lo, hi))
+
+
+def _leaky(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, slope: float) -> _Val:
+    if slope == 0:
+        return _relu(low, x, shape, name)
+    return _pieces(low, x, shape, name, piecewise.leaky_relu(float(slope)))
+
+
+def _gelu(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, approximate: str) -> _Val:
+    if approximate not in ("none", "tanh"):
+        raise PlanError(f"layer {name}: GELU approximate={approximate!r} is not known")
+    return _spline(low, x, shape, name, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+def _softmax2(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, dim: int | None) -> _Val:
+    """softmax over two classes: p1 = sigmoid(x1 - x0), p0 = 1 - p1 (one SecSigm, the rest local)."""
+    in_shape = low.shape_of(x)
+    if dim is None:
+        raise PlanError(f"layer {name}: give softmax its dim")
+    d = dim % len(in_shape)
+    if in_shape[d] != 2:
+        raise PlanError(f"layer {name}: softmax over {in_shape[d]} classes is not supported; {REWRITES['softmax']}")
+    half = tuple(1 if i == d else s for i, s in enumerate(in_shape))
+    x0 = _index_step(low, x, [(0, s, 1) if i != d else (0, 1, 1) for i, s in enumerate(in_shape)], half, name + ".0")
+    x1 = _index_step(low, x, [(0, s, 1) if i != d else (1, 2, 1) for i, s in enumerate(in_shape)], half, name + ".1")
+    diff = low.add("add", [x1, x0], half, x.scale, name + ".diff", lift=(0, 0), signs=(1, -1))
+    p1 = _sigmoid(low, diff, half, name)
+    p0 = low.add("add_const", [p1], half, p1.scale, name + ".p0", value=1.0, sign=-1)
+    return low.add("cat", [p0, p1], in_shape, p1.scale, name + ".cat", dim=d, lift=(0, 0))
+
+
+def _window_of(k: Any, s: Any, p: Any) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    return _pair2(k), _pair2(s if s else k), _pair2(p)
+
+
+def _is_global(in_shape: tuple[int, ...], k: tuple[int, int], p: tuple[int, int]) -> bool:
+    return len(in_shape) == 4 and k == (in_shape[2], in_shape[3]) and p == (0, 0)
+
+
+def _maxpool(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, k: Any, s: Any, p: Any) -> _Val:
+    (kh, kw), (sh, sw), (ph, pw) = _window_of(k, s, p)
+    if _is_global(low.shape_of(x), (kh, kw), (ph, pw)):
+        return _maxreduce(low, x, shape, name, (2, 3))
+    if kh != kw or sh != sw or ph != pw:
+        raise PlanError(f"layer {name}: non-square max-pool windows are supported as global pools only")
     x = low.at_frac(x, name)
-    if p > k // 2:
+    if ph > kh // 2:
         raise PlanError(f"layer {name}: padding must be at most half the kernel")
-    return low.add("maxpool", [x], shape, low.frac, name, k=k, s=s, p=p)
+    return low.add("maxpool", [x], shape, low.frac, name, k=kh, s=sh, p=ph)
 
 
 def _maxreduce(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, dims: tuple[int, ...]) -> _Val:
     x = low.at_frac(x, name)
     return low.add("maxreduce", [x], shape, low.frac, name, dims=dims)
+
+
+def _minreduce(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, dims: tuple[int, ...]) -> _Val:
+    """min = -max(-x): two local sign flips around one maximum."""
+    neg = low.add("scale", [x], low.shape_of(x), x.scale, name + ".neg", mult=-1)
+    m = _maxreduce(low, neg, shape, name, dims)
+    return low.add("scale", [m], shape, m.scale, name + ".back", mult=-1)
 
 
 def _mean(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, dims: tuple[int, ...]) -> _Val:
@@ -444,27 +944,44 @@ def _mean(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, dims: tupl
     return low.add("mean", [x], shape, x.scale + MEAN_BITS, name, dims=dims, mult=mult)
 
 
-@dataclass(frozen=True)
-class Window:
-    """A square pooling window: kernel k, stride s, padding p."""
-
-    k: int
-    s: int
-    p: int
-
-
-def _avgpool(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, w: Window, ceil_mode: bool,
-             count_include_pad: bool, divisor: int | None) -> _Val:
-    if ceil_mode or (w.p and not count_include_pad):
-        raise PlanError(f"layer {name}: AvgPool2d with ceil_mode or count_include_pad=False is not supported")
+def _avgpool(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, window: tuple[Any, Any, Any],
+             ceil_mode: bool, count_include_pad: bool, divisor: int | None) -> _Val:
+    (kh, kw), (sh, sw), (ph, pw) = _window_of(*window)
+    if _is_global(low.shape_of(x), (kh, kw), (ph, pw)) and not divisor:
+        return _mean(low, x, shape, name, (2, 3))
+    if kh != kw or sh != sw or ph != pw:
+        raise PlanError(f"layer {name}: non-square average-pool windows are supported as global pools only")
+    if ceil_mode:
+        raise PlanError(f"layer {name}: AvgPool2d with ceil_mode is not supported; {REWRITES['ceil_mode']}")
     x = low.at_frac(x, name)
-    mult = round((1 << MEAN_BITS) / (divisor or w.k * w.k))
-    return low.add("sumpool", [x], shape, x.scale + MEAN_BITS, name, k=w.k, s=w.s, p=w.p, mult=mult)
+    mult = round((1 << MEAN_BITS) / (divisor or kh * kh))
+    exclude = bool(ph) and not count_include_pad and not divisor
+    return low.add("sumpool", [x], shape, x.scale + MEAN_BITS, name, k=kh, s=sh, p=ph, mult=mult, exclude_pad=exclude)
+
+
+def _adaptive(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, size: Any, average: bool) -> _Val:
+    """Adaptive pools whose output size divides the input: windows of input / output, or global."""
+    in_shape = low.shape_of(x)
+    if len(in_shape) != 4:
+        raise PlanError(f"layer {name}: adaptive 2-d pools need an (N, C, H, W) input")
+    H, W = in_shape[2], in_shape[3]
+    if isinstance(size, tuple | list):
+        oh, ow = (H if size[0] is None else int(size[0])), (W if size[1] is None else int(size[1]))
+    else:
+        oh = ow = int(size) if size is not None else H
+    if (oh, ow) == (1, 1):
+        return (_mean if average else _maxreduce)(low, x, shape, name, (2, 3))
+    if H % oh or W % ow or H // oh != W // ow:
+        raise PlanError(f"layer {name}: adaptive pool from {H}x{W} to {oh}x{ow}; {REWRITES['AdaptiveAvgPool2d']}")
+    k = H // oh
+    if average:
+        return _avgpool(low, x, shape, name, (k, k, 0), False, True, None)
+    return _maxpool(low, x, shape, name, k, k, 0)
 
 
 # --- functions and methods -------------------------------------------------------------------------
 # A rule lowers one call: (lowering, positional args, keyword args, output shape, name); arguments that
-# are graph values arrive as _Val, the rest as Python values.
+# are graph values arrive as _Val, parameters as _Param, the rest (sizes too) as Python values.
 
 FunctionRule: TypeAlias = Callable[[_Lowering, list[Any], dict[str, Any], tuple[int, ...], str], Any]
 
@@ -476,6 +993,18 @@ def _arg_or(args: list[Any], kwargs: dict[str, Any], i: int, key: str, default: 
     return args[i] if len(args) > i else default
 
 
+def _val(v: Any, name: str) -> _Val:
+    if not isinstance(v, _Val):
+        raise PlanError(f"layer {name}: expected a tensor computed by the model, got {type(v).__name__}")
+    return v
+
+
+def _number(v: Any, name: str, what: str) -> float | None:
+    if v is None or isinstance(v, int | float):
+        return v
+    raise PlanError(f"layer {name}: {what} must be a number, not {type(v).__name__}")
+
+
 def _fn_add(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
     return _addsub(low, args[0], args[1], shape, name, 1)
 
@@ -484,18 +1013,34 @@ def _fn_sub(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tupl
     return _addsub(low, args[0], args[1], shape, name, -1)
 
 
+def _unexpanded(low: _Lowering, a: _Val, b: _Val, shape: tuple[int, ...]) -> tuple[_Val, _Val]:
+    """Element-wise ops broadcast: an operand that is an `expand` whose source broadcasts to the same
+    result is replaced by that source (a product then opens the small tensor, not the expanded one)."""
+    def source(v: _Val, other: _Val) -> _Val:
+        step = low.steps[v.step]
+        if step.op != "expand":
+            return v
+        src = _Val(step.inputs[0], v.scale)
+        both = torch.broadcast_shapes(low.shape_of(src), low.shape_of(other))  # type: ignore[no-untyped-call]
+        return src if tuple(both) == shape else v
+
+    a = source(a, b)
+    return a, source(b, a)
+
+
 def _fn_mul(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
     a, b = args[0], args[1]
     if isinstance(a, _Val) and isinstance(b, _Val):
+        a, b = _unexpanded(low, a, b, shape)
         a, b = low.at_frac(a, name), low.at_frac(b, name)
         return low.add("mul", [a, b], shape, 2 * low.frac, name)
     v, c = (a, b) if isinstance(a, _Val) else (b, a)
-    return _scale(low, v, float(c), shape, name)
+    return _scale(low, v, float(_number(c, name, "a factor") or 0.0), shape, name)
 
 
 def _fn_div(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
-    if not isinstance(args[0], _Val) or isinstance(args[1], _Val):
-        raise PlanError(f"layer {name}: division is supported by a constant only")
+    if not isinstance(args[0], _Val) or not isinstance(args[1], int | float):
+        raise PlanError(f"layer {name}: {REWRITES['div']}")
     return _scale(low, args[0], 1.0 / float(args[1]), shape, name)
 
 
@@ -504,21 +1049,242 @@ def _fn_neg(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tupl
 
 
 def _fn_relu(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
-    return _relu(low, args[0], shape, name)
+    return _relu(low, _val(args[0], name), shape, name)
 
 
 def _fn_sigmoid(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
-    return _sigmoid(low, args[0], shape, name)
+    return _sigmoid(low, _val(args[0], name), shape, name)
+
+
+def _spline_rule(fn: str) -> FunctionRule:
+    return lambda low, args, kwargs, shape, name: _spline(low, _val(args[0], name), shape, name, fn)
+
+
+def _fn_gelu(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    return _gelu(low, _val(args[0], name), shape, name, str(_arg_or(args, kwargs, 1, "approximate", "none")))
+
+
+def _fn_clamp(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    lo = _number(_arg_or(args, kwargs, 1, "min"), name, "a clamp bound")
+    hi = _number(_arg_or(args, kwargs, 2, "max"), name, "a clamp bound")
+    return _clamp(low, _val(args[0], name), shape, name, lo, hi)
+
+
+def _fn_hardtanh(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    lo = _number(_arg_or(args, kwargs, 1, "min_val", -1.0), name, "min_val")
+    hi = _number(_arg_or(args, kwargs, 2, "max_val", 1.0), name, "max_val")
+    return _clamp(low, _val(args[0], name), shape, name, lo, hi)
+
+
+def _fn_relu6(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    return _clamp(low, _val(args[0], name), shape, name, 0.0, 6.0)
+
+
+def _fn_leaky(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    slope = _number(_arg_or(args, kwargs, 1, "negative_slope", 0.01), name, "negative_slope")
+    return _leaky(low, _val(args[0], name), shape, name, float(slope or 0.0))
+
+
+def _fn_hardsigmoid(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...],
+                    name: str) -> _Val:
+    return _pieces(low, _val(args[0], name), shape, name, piecewise.hardsigmoid())
+
+
+def _fn_softmax(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    return _softmax2(low, _val(args[0], name), shape, name, _arg_or(args, kwargs, 1, "dim"))
 
 
 def _fn_cat(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
-    vals, lift, scale = low.align(list(args[0]), name)
+    parts = _arg_or(args, kwargs, 0, "tensors")
+    vals, lift, scale = low.align([_val(v, name) for v in parts], name)
     dim = int(_arg_or(args, kwargs, 1, "dim", 0))
     return low.add("cat", vals, shape, scale, name, dim=dim % len(shape), lift=tuple(lift))
 
 
+def _fn_stack(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    d = int(_arg_or(args, kwargs, 1, "dim", 0)) % len(shape)
+    ups = []
+    for i, v in enumerate(_arg_or(args, kwargs, 0, "tensors")):
+        s = low.shape_of(_val(v, name))
+        ups.append(low.reshape(v, s[:d] + (1,) + s[d:], f"{name}.{i}"))
+    vals, lift, scale = low.align(ups, name)
+    return low.add("cat", vals, shape, scale, name, dim=d, lift=tuple(lift))
+
+
 def _fn_reshape(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
-    return low.add("reshape", [args[0]], shape, args[0].scale, name)
+    return low.reshape(_val(args[0], name), shape, name)
+
+
+def _fn_same(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    """contiguous, clone, detach, float, to, type_as: the same value."""
+    return _val(args[0], name)
+
+
+def _fn_getitem(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> Any:
+    src, idx = args[0], args[1]
+    if isinstance(src, tuple | list):
+        return src[idx]
+    if isinstance(src, _MaxOut):
+        return src.get(idx)
+    return _index(low, _val(src, name), idx, shape, name)
+
+
+def _fn_getattr(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> Any:
+    obj, attr = args[0], str(args[1])
+    if isinstance(obj, _MaxOut):
+        return obj.get(attr)
+    if isinstance(obj, _Param) and attr == "shape":
+        return torch.Size(obj.shape)
+    if isinstance(obj, _Val):
+        s = low.shape_of(obj)
+        values: dict[str, Any] = {"shape": torch.Size(s), "ndim": len(s), "dtype": torch.float32,
+                                  "device": torch.device("cpu"), "is_cuda": False}
+        if attr in values:
+            return values[attr]
+        if attr == "T":
+            return _permute(low, obj, tuple(reversed(range(len(s)))), shape, name)
+    raise PlanError(f"layer {name}: the attribute {attr!r} of {type(obj).__name__.strip('_')} is not supported")
+
+
+def _fn_size(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> Any:
+    s = torch.Size(low.shape_of(_val(args[0], name)))
+    d = _arg_or(args, kwargs, 1, "dim")
+    return s if d is None else s[d]
+
+
+def _fn_dim(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> int:
+    return len(low.shape_of(_val(args[0], name)))
+
+
+def _fn_numel(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> int:
+    return math.prod(low.shape_of(_val(args[0], name)))
+
+
+def _index(low: _Lowering, x: _Val, idx: Any, shape: tuple[int, ...], name: str) -> _Val:
+    """x[idx] for integers, slices (positive steps), None and one Ellipsis."""
+    in_shape = low.shape_of(x)
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if sum(1 for it in items if it is Ellipsis) > 1:
+        raise PlanError(f"layer {name}: an index with two ellipses")
+    if Ellipsis in items:
+        explicit = sum(1 for it in items if it is not None and it is not Ellipsis)
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (len(in_shape) - explicit)
+    slices: list[tuple[int, int, int]] = []
+    for it in items:
+        if it is None:
+            continue
+        if len(slices) == len(in_shape):
+            raise PlanError(f"layer {name}: too many indices for a tensor of {len(in_shape)} dims")
+        size = in_shape[len(slices)]
+        if isinstance(it, bool) or not isinstance(it, int | slice):
+            raise PlanError(f"layer {name}: indexing with {type(it).__name__.strip('_')} (advanced indexing) is not "
+                            "supported; index with integers, slices, None and ...")
+        if isinstance(it, int):
+            i = it + size if it < 0 else it
+            slices.append((i, i + 1, 1))
+        else:
+            a, b, c = it.indices(size)
+            if c < 1 or b <= a:
+                raise PlanError(f"layer {name}: the slice {it} is empty or runs backwards")
+            slices.append((a, b, c))
+    slices += [(0, s, 1) for s in in_shape[len(slices):]]
+    return _index_step(low, x, slices, shape, name)
+
+
+def _index_step(low: _Lowering, x: _Val, slices: list[tuple[int, int, int]], shape: tuple[int, ...],
+                name: str) -> _Val:
+    in_shape = low.shape_of(x)
+    if all(sl == (0, s, 1) for sl, s in zip(slices, in_shape, strict=True)):
+        return low.reshape(x, shape, name)
+    return low.add("index", [x], shape, x.scale, name, starts=tuple(s[0] for s in slices),
+                   stops=tuple(s[1] for s in slices), steps=tuple(s[2] for s in slices))
+
+
+def _along(low: _Lowering, x: _Val, bounds: list[tuple[int, int]], d: int, name: str,
+           drop: bool = False) -> tuple[_Val, ...]:
+    """Pieces [a, b) of x along dim d (chunk, split; `drop` removes the dim: unbind)."""
+    in_shape = low.shape_of(x)
+    out = []
+    for i, (a, b) in enumerate(bounds):
+        slices = [(0, s, 1) for s in in_shape]
+        slices[d] = (a, b, 1)
+        shp = list(in_shape)
+        shp[d] = b - a
+        if drop:
+            del shp[d]
+        out.append(_index_step(low, x, slices, tuple(shp), f"{name}.{i}"))
+    return tuple(out)
+
+
+def _fn_chunk(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...],
+              name: str) -> tuple[_Val, ...]:
+    x = _val(args[0], name)
+    chunks = int(_arg_or(args, kwargs, 1, "chunks"))
+    s = low.shape_of(x)
+    d = int(_arg_or(args, kwargs, 2, "dim", 0)) % len(s)
+    size = -(-s[d] // chunks)
+    return _along(low, x, [(a, min(a + size, s[d])) for a in range(0, s[d], size)], d, name)
+
+
+def _fn_split(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...],
+              name: str) -> tuple[_Val, ...]:
+    x = _val(args[0], name)
+    sizes = _arg_or(args, kwargs, 1, "split_size_or_sections", kwargs.get("split_size"))
+    s = low.shape_of(x)
+    d = int(_arg_or(args, kwargs, 2, "dim", 0)) % len(s)
+    if isinstance(sizes, int):
+        bounds = [(a, min(a + sizes, s[d])) for a in range(0, s[d], sizes)]
+    else:
+        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+        bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+    return _along(low, x, bounds, d, name)
+
+
+def _fn_unbind(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...],
+               name: str) -> tuple[_Val, ...]:
+    x = _val(args[0], name)
+    s = low.shape_of(x)
+    d = int(_arg_or(args, kwargs, 1, "dim", 0)) % len(s)
+    return _along(low, x, [(i, i + 1) for i in range(s[d])], d, name, drop=True)
+
+
+def _permute(low: _Lowering, x: _Val, dims: tuple[int, ...], shape: tuple[int, ...], name: str) -> _Val:
+    if dims == tuple(range(len(dims))):
+        return x
+    return low.add("permute", [x], shape, x.scale, name, dims=dims)
+
+
+def _fn_permute(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    x = _val(args[0], name)
+    dims = kwargs.get("dims", args[1] if len(args) == 2 and isinstance(args[1], tuple | list) else args[1:])
+    nd = len(low.shape_of(x))
+    return _permute(low, x, tuple(int(d) % nd for d in dims), shape, name)
+
+
+def _fn_transpose(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    x = _val(args[0], name)
+    nd = len(low.shape_of(x))
+    perm = list(range(nd))
+    if nd >= 2 or len(args) > 1:
+        a, b = int(_arg_or(args, kwargs, 1, "dim0", 0)) % nd, int(_arg_or(args, kwargs, 2, "dim1", 1)) % nd
+        perm[a], perm[b] = perm[b], perm[a]
+    return _permute(low, x, tuple(perm), shape, name)
+
+
+def _fn_expand(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    x = _val(args[0], name)
+    return x if low.shape_of(x) == shape else low.add("expand", [x], shape, x.scale, name)
+
+
+def _fn_repeat(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    x = _val(args[0], name)
+    reps = tuple(int(r) for r in (args[1] if len(args) == 2 and isinstance(args[1], tuple | list) else args[1:]))
+    s = low.shape_of(x)
+    padded = (1,) * (len(reps) - len(s)) + s
+    if all(r == 1 or d == 1 for d, r in zip(padded, reps, strict=True)):  # a broadcast
+        return _fn_expand(low, args, kwargs, shape, name)
+    return low.add("repeat", [x], shape, x.scale, name, reps=reps)
 
 
 def _reduced_dims(low: _Lowering, args: list[Any], kwargs: dict[str, Any]) -> tuple[int, ...]:
@@ -531,86 +1297,190 @@ def _fn_mean(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tup
     return _mean(low, args[0], shape, name, _reduced_dims(low, args, kwargs))
 
 
+def _fn_sum(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    x = _val(args[0], name)
+    return low.add("mean", [x], shape, x.scale, name, dims=_reduced_dims(low, args, kwargs), mult=1)
+
+
 def _fn_amax(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
     return _maxreduce(low, args[0], shape, name, _reduced_dims(low, args, kwargs))
 
 
+def _fn_amin(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    return _minreduce(low, args[0], shape, name, _reduced_dims(low, args, kwargs))
+
+
+def _elementwise_max(low: _Lowering, a: Any, b: Any, shape: tuple[int, ...], name: str, minimum: bool) -> _Val:
+    """max(a, b) = b + relu(a - b), min(a, b) = a - relu(a - b): one SecReLU."""
+    r = _relu(low, _addsub(low, a, b, shape, name + ".diff", -1), shape, name)
+    return _addsub(low, a, r, shape, name + ".min", -1) if minimum else _addsub(low, b, r, shape, name + ".max", 1)
+
+
+def _max_rule(minimum: bool) -> FunctionRule:
+    def rule(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> Any:
+        x = _val(args[0], name)
+        other = kwargs.get("other", _arg_or(args, kwargs, 1, "dim"))
+        if isinstance(other, _Val):
+            return _elementwise_max(low, x, other, shape, name, minimum)
+        reduce = _minreduce if minimum else _maxreduce
+        if other is None:
+            return reduce(low, x, shape, name, tuple(range(len(low.shape_of(x)))))
+        return _MaxOut(reduce(low, x, shape, name, _dims(int(other), len(low.shape_of(x)))))
+
+    return rule
+
+
+def _fn_maximum(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    return _elementwise_max(low, _val(args[0], name), _val(args[1], name), shape, name, False)
+
+
+def _fn_minimum(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    return _elementwise_max(low, _val(args[0], name), _val(args[1], name), shape, name, True)
+
+
 def _fn_adaptive(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str,
                  average: bool) -> _Val:
-    if _pair(_arg_or(args, kwargs, 1, "output_size")) != 1:
-        raise PlanError(f"layer {name}: adaptive pools are supported with output size 1 only")
-    return (_mean if average else _maxreduce)(low, args[0], shape, name, (2, 3))
-
-
-def _window(args: list[Any], kwargs: dict[str, Any]) -> Window:
-    k = _pair(_arg_or(args, kwargs, 1, "kernel_size"))
-    s = _arg_or(args, kwargs, 2, "stride")
-    return Window(k, _pair(s) if s else k, _pair(_arg_or(args, kwargs, 3, "padding", 0)))
+    return _adaptive(low, _val(args[0], name), shape, name, _arg_or(args, kwargs, 1, "output_size"), average)
 
 
 def _fn_max_pool2d(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...],
                    name: str) -> _Val:
-    w = _window(args, kwargs)
-    return _maxpool(low, args[0], shape, name, w.k, w.s, w.p)
+    if _pair(_arg_or(args, kwargs, 4, "dilation", 1)) != 1 or _arg_or(args, kwargs, 5, "ceil_mode", False) or \
+            _arg_or(args, kwargs, 6, "return_indices", False):
+        raise PlanError(f"layer {name}: max_pool2d with dilation, ceil_mode or indices is not supported")
+    k = _arg_or(args, kwargs, 1, "kernel_size")
+    return _maxpool(low, _val(args[0], name), shape, name, k, _arg_or(args, kwargs, 2, "stride") or k,
+                    _arg_or(args, kwargs, 3, "padding", 0))
 
 
 def _fn_avg_pool2d(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...],
                    name: str) -> _Val:
-    return _avgpool(low, args[0], shape, name, _window(args, kwargs), bool(kwargs.get("ceil_mode", False)),
-                    bool(kwargs.get("count_include_pad", True)), kwargs.get("divisor_override"))
+    k = _arg_or(args, kwargs, 1, "kernel_size")
+    window = (k, _arg_or(args, kwargs, 2, "stride") or k, _arg_or(args, kwargs, 3, "padding", 0))
+    return _avgpool(low, _val(args[0], name), shape, name, window, bool(_arg_or(args, kwargs, 4, "ceil_mode", False)),
+                    bool(_arg_or(args, kwargs, 5, "count_include_pad", True)),
+                    _arg_or(args, kwargs, 6, "divisor_override"))
 
+
+def _params(args: list[Any], kwargs: dict[str, Any], name: str) -> tuple[_Param, _Param | None]:
+    w, b = _arg_or(args, kwargs, 1, "weight"), _arg_or(args, kwargs, 2, "bias")
+    if not isinstance(w, _Param) or not (b is None or isinstance(b, _Param)):
+        raise PlanError(f"layer {name}: the weight and bias of a functional conv or linear must be the module's "
+                        "parameters (self.weight), not values computed from them")
+    return w, b
+
+
+def _fn_conv2d(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    w, b = _params(args, kwargs, name)
+    padding = _arg_or(args, kwargs, 4, "padding", 0)
+    if isinstance(padding, str):
+        raise PlanError(f"layer {name}: padding={padding!r}; give the padding as numbers")
+    keys = (w.key, b.key if b is not None else None)
+    return _linear(low, _val(args[0], name), shape, name, "conv", w.shape, b is not None, keys=keys,
+                   stride=_pair(_arg_or(args, kwargs, 3, "stride", 1)),
+                   padding=_pair(padding), dilation=_pair(_arg_or(args, kwargs, 5, "dilation", 1)),
+                   groups=int(_arg_or(args, kwargs, 6, "groups", 1)))
+
+
+def _fn_linear(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    w, b = _params(args, kwargs, name)
+    keys = (w.key, b.key if b is not None else None)
+    return _linear(low, _val(args[0], name), shape, name, "fc", w.shape, b is not None, keys=keys)
+
+
+def _fn_dropout(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...], name: str) -> _Val:
+    if _arg_or(args, kwargs, 2, "training", True) is not False:
+        raise PlanError(f"layer {name}: F.dropout drops at inference too unless training=False (its default is "
+                        "True); pass training=self.training or use nn.Dropout")
+    return _val(args[0], name)
+
+
+_SAME = {"contiguous", "clone", "detach", "float", "to", "type_as", "requires_grad_", "cpu"}
 
 FUNCTION_RULES: dict[Any, FunctionRule] = {
     operator.add: _fn_add, operator.iadd: _fn_add, torch.add: _fn_add,
     operator.sub: _fn_sub, operator.isub: _fn_sub, torch.sub: _fn_sub,
     operator.mul: _fn_mul, operator.imul: _fn_mul, torch.mul: _fn_mul,
-    operator.truediv: _fn_div,
-    operator.neg: _fn_neg,
-    torch.relu: _fn_relu, F.relu: _fn_relu,
-    torch.sigmoid: _fn_sigmoid, F.sigmoid: _fn_sigmoid,
-    torch.cat: _fn_cat, torch.concat: _fn_cat,
-    torch.flatten: _fn_reshape,
-    torch.mean: _fn_mean,
-    torch.amax: _fn_amax,
+    operator.truediv: _fn_div, operator.itruediv: _fn_div, torch.div: _fn_div,
+    operator.neg: _fn_neg, torch.neg: _fn_neg,
+    operator.getitem: _fn_getitem, builtins.getattr: _fn_getattr,
+    torch.relu: _fn_relu, F.relu: _fn_relu, torch.relu_: _fn_relu, F.relu_: _fn_relu,
+    F.relu6: _fn_relu6, F.hardtanh: _fn_hardtanh, F.hardtanh_: _fn_hardtanh,
+    torch.clamp: _fn_clamp, torch.clip: _fn_clamp, torch.clamp_: _fn_clamp,
+    F.leaky_relu: _fn_leaky, F.leaky_relu_: _fn_leaky,
+    F.hardsigmoid: _fn_hardsigmoid, F.hardswish: _spline_rule("hardswish"),
+    torch.sigmoid: _fn_sigmoid, F.sigmoid: _fn_sigmoid, torch.sigmoid_: _fn_sigmoid,
+    torch.tanh: _spline_rule("tanh"), F.tanh: _spline_rule("tanh"), torch.tanh_: _spline_rule("tanh"),
+    F.silu: _spline_rule("silu"), F.gelu: _fn_gelu,
+    F.softmax: _fn_softmax, torch.softmax: _fn_softmax,
+    torch.cat: _fn_cat, torch.concat: _fn_cat, torch.stack: _fn_stack,
+    torch.flatten: _fn_reshape, torch.reshape: _fn_reshape, torch.squeeze: _fn_reshape,
+    torch.unsqueeze: _fn_reshape,
+    torch.permute: _fn_permute, torch.transpose: _fn_transpose, torch.t: _fn_transpose,
+    torch.broadcast_to: _fn_expand,
+    torch.chunk: _fn_chunk, torch.split: _fn_split, torch.unbind: _fn_unbind,
+    torch.mean: _fn_mean, torch.sum: _fn_sum,
+    torch.amax: _fn_amax, torch.amin: _fn_amin,
+    torch.max: _max_rule(False), torch.min: _max_rule(True),
+    torch.maximum: _fn_maximum, torch.minimum: _fn_minimum,
     F.adaptive_avg_pool2d: lambda low, args, kwargs, shape, name: _fn_adaptive(low, args, kwargs, shape, name, True),
     F.adaptive_max_pool2d: lambda low, args, kwargs, shape, name: _fn_adaptive(low, args, kwargs, shape, name, False),
     F.max_pool2d: _fn_max_pool2d,
     F.avg_pool2d: _fn_avg_pool2d,
+    F.conv2d: _fn_conv2d, F.linear: _fn_linear,
+    F.dropout: _fn_dropout, F.dropout1d: _fn_dropout, F.dropout2d: _fn_dropout, F.alpha_dropout: _fn_dropout,
 }
 
 METHOD_RULES: dict[str, FunctionRule] = {
     "add": _fn_add, "add_": _fn_add,
     "sub": _fn_sub, "sub_": _fn_sub,
     "mul": _fn_mul, "mul_": _fn_mul,
-    "div": _fn_div,
-    "neg": _fn_neg,
-    "relu": _fn_relu,
-    "sigmoid": _fn_sigmoid,
-    "flatten": _fn_reshape, "view": _fn_reshape, "reshape": _fn_reshape, "contiguous": _fn_reshape,
-    "mean": _fn_mean,
-    "amax": _fn_amax,
+    "div": _fn_div, "div_": _fn_div,
+    "neg": _fn_neg, "neg_": _fn_neg,
+    "relu": _fn_relu, "relu_": _fn_relu,
+    "sigmoid": _fn_sigmoid, "sigmoid_": _fn_sigmoid,
+    "tanh": _spline_rule("tanh"), "tanh_": _spline_rule("tanh"),
+    "clamp": _fn_clamp, "clamp_": _fn_clamp, "clip": _fn_clamp, "clip_": _fn_clamp,
+    "softmax": _fn_softmax,
+    "flatten": _fn_reshape, "view": _fn_reshape, "reshape": _fn_reshape, "view_as": _fn_reshape,
+    "reshape_as": _fn_reshape, "squeeze": _fn_reshape, "unsqueeze": _fn_reshape,
+    **{m: _fn_same for m in _SAME},
+    "permute": _fn_permute, "transpose": _fn_transpose, "t": _fn_transpose,
+    "expand": _fn_expand, "expand_as": _fn_expand, "repeat": _fn_repeat,
+    "chunk": _fn_chunk, "split": _fn_split, "unbind": _fn_unbind,
+    "mean": _fn_mean, "sum": _fn_sum,
+    "amax": _fn_amax, "amin": _fn_amin, "max": _max_rule(False), "min": _max_rule(True),
+    "size": _fn_size, "dim": _fn_dim, "ndimension": _fn_dim, "numel": _fn_numel, "nelement": _fn_numel,
 }
 
 
 def _lower_function(low: _Lowering, node: torch.fx.Node, env: dict[str, Any]) -> Any:
-    t = node.target
-    rule = METHOD_RULES.get(str(t)) if node.op == "call_method" else FUNCTION_RULES.get(t)
-    if rule is None:
-        what = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-        raise PlanError(f"layer {node.name} ({what}) is not supported; supported: {SUPPORTED}")
     args = [_arg(env, a) for a in node.args]
     kwargs = {k: _arg(env, v) for k, v in node.kwargs.items()}
-    return rule(low, args, kwargs, _shape(node), node.name)
+    if not _tensorish(args) and not _tensorish(kwargs):
+        return _python_value(node, args, kwargs)
+    t = node.target
+    rule = METHOD_RULES.get(str(t)) if node.op == "call_method" else FUNCTION_RULES.get(t)
+    what = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    if rule is None:
+        raise _refuse(node, f"layer {node.name} ({what})", what.rstrip("_"))
+    if t not in (F.conv2d, F.linear, builtins.getattr) and any(
+            isinstance(a, _Param) for a in (*args, *kwargs.values())):
+        raise _refuse(node, f"layer {node.name} ({what}) on a parameter", "get_attr")
+    shape = _shape(node) if node.meta.get("tensor_meta") is not None else ()
+    return rule(low, args, kwargs, shape, node.name)
 
 
 def _addsub(low: _Lowering, a: Any, b: Any, shape: tuple[int, ...], name: str, sign: int) -> _Val:
     if isinstance(a, _Val) and isinstance(b, _Val):
-        vals, lift, scale = low.align([a, b], name)
+        vals, lift, scale = low.align(list(_unexpanded(low, a, b, shape)), name)
         return low.add("add", vals, shape, scale, name, lift=tuple(lift), signs=(1, sign))
     if isinstance(a, _Val):
-        return low.add("add_const", [a], shape, a.scale, name, value=sign * float(b), sign=1)
+        return low.add("add_const", [a], shape, a.scale, name, value=sign * float(_number(b, name, "a term") or 0.0),
+                       sign=1)
     if isinstance(b, _Val):
-        return low.add("add_const", [b], shape, b.scale, name, value=float(a), sign=sign)
+        return low.add("add_const", [b], shape, b.scale, name, value=float(_number(a, name, "a term") or 0.0),
+                       sign=sign)
     raise PlanError(f"layer {name}: arithmetic on constants only is not supported")
 
 
@@ -625,6 +1495,17 @@ def _scale(low: _Lowering, v: _Val, c: float, shape: tuple[int, ...], name: str)
 # Weights: what the model owner extracts, folds and shares (never part of the plan).
 
 
+def _tensor_at(module: nn.Module, key: str) -> torch.Tensor | None:
+    """The parameter or buffer called `key` (a dotted path), or None."""
+    try:
+        return module.get_parameter(key)
+    except AttributeError:
+        try:
+            return module.get_buffer(key)
+        except AttributeError:
+            return None
+
+
 def extract_weights(module: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
     """Float64 weights per plan key with BatchNorm folded; biases included."""
     mods = dict(module.named_modules())
@@ -632,18 +1513,20 @@ def extract_weights(module: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
     for s in plan.steps:
         if s.op != "linear":
             continue
-        name = s.name
-        mod = mods[name]
         a = s.get(LinearAttrs)
         if a.affine_bn:
-            g, b = _bn_affine(mod)
+            g, b = _bn_affine(mods[s.name])
             out[a.weight] = g.reshape(-1, 1, 1, 1)
             out[a.bias_key] = b
             continue
-        w = mod.weight.detach().to(torch.float64)
-        b = torch.zeros(w.shape[0], dtype=torch.float64)
-        if mod.bias is not None:
-            b = mod.bias.detach().to(torch.float64)
+        folded = len(FOLD) + len(a.bn) if a.bn is not None else 0
+        wkey, bkey = a.weight[: len(a.weight) - folded], a.bias_key[: len(a.bias_key) - folded]
+        wt = _tensor_at(module, wkey)
+        if wt is None:
+            raise PlanError(f"layer {s.name}: the module has no parameter {wkey}")
+        w = wt.detach().to(torch.float64)
+        bt = _tensor_at(module, bkey)
+        b = torch.zeros(w.shape[0], dtype=torch.float64) if bt is None else bt.detach().to(torch.float64)
         if a.bn is not None:
             g, beta = _bn_affine(mods[a.bn])
             w = w * g.reshape(-1, *([1] * (w.dim() - 1)))
@@ -655,11 +1538,10 @@ def extract_weights(module: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
 
 
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    assert isinstance(bn, nn.BatchNorm2d)
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
     var = bn.running_var.detach().to(torch.float64)  # type: ignore[union-attr]
     mean = bn.running_mean.detach().to(torch.float64)  # type: ignore[union-attr]
     g = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(var)
     beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(var)
     scale = g / torch.sqrt(var + bn.eps)
     return scale, beta - mean * scale
-

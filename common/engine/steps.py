@@ -12,20 +12,26 @@ import torch
 import torch.nn.functional as F
 
 from secdfd.common.engine.plan import (
+    MEAN_BITS,
     AddAttrs,
     AddConstAttrs,
     CatAttrs,
+    IndexAttrs,
     LinearAttrs,
     MeanAttrs,
+    PermuteAttrs,
+    PiecewiseAttrs,
     Plan,
     ReduceAttrs,
+    RepeatAttrs,
     ScaleAttrs,
     ShiftAttrs,
+    SplineAttrs,
     Step,
     SumPoolAttrs,
     WindowAttrs,
 )
-from secdfd.common.engine.protocols import arith, compare, pool, sigmoid
+from secdfd.common.engine.protocols import arith, compare, piecewise, pool, sigmoid, spline
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
 from secdfd.common.engine.ringops import ring_op
@@ -174,6 +180,16 @@ def _run_sigmoid(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weigh
     return (yield from sigmoid.sigmoid(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
+def _run_spline(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
+    a = step.get(SplineAttrs)
+    return (yield from spline.spline(ctx, ins[0], R, spline.get(a.fn), a.shift))
+
+
+def _run_piecewise(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
+    a = step.get(PiecewiseAttrs)
+    return (yield from piecewise.pieces(ctx, ins[0], R, a.pieces(), a.shift))
+
+
 def _run_maxpool(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
     a = step.get(WindowAttrs)
     return (yield from pool.maxpool2d(ctx, ins[0], R, a.k, a.s, a.p))
@@ -245,11 +261,48 @@ def _mean(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Te
     return (ins[0].sum(dim=a.dims) * a.mult).reshape(step.shape)
 
 
+def window_sums(x: torch.Tensor, a: SumPoolAttrs) -> torch.Tensor:
+    """Sums of every k x k window (zero padding p, stride s): any dtype, ring or float."""
+    x = F.pad(x, (a.p,) * 4) if a.p else x
+    return x.unfold(2, a.k, a.s).unfold(3, a.k, a.s).sum((-1, -2))
+
+
+def pool_multipliers(a: SumPoolAttrs, shape: tuple[int, ...]) -> torch.Tensor | int:
+    """The public multiplier of each window sum: `mult`, or with `exclude_pad` round(2^MEAN_BITS / n)
+    where n counts the window's elements inside the input (border windows hold fewer)."""
+    if not a.exclude_pad:
+        return a.mult
+    ones = torch.ones(1, 1, shape[2], shape[3], dtype=torch.int64)
+    counts = window_sums(ones, a)[0, 0]
+    return torch.round((1 << MEAN_BITS) / counts.double()).to(torch.int64)
+
+
 def _sumpool(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
     a = step.get(SumPoolAttrs)
-    x = F.pad(ins[0], (a.p,) * 4) if a.p else ins[0]
-    s = x.unfold(2, a.k, a.s).unfold(3, a.k, a.s).sum((-1, -2))
-    return s * a.mult
+    mult = pool_multipliers(a, tuple(ins[0].shape))
+    return window_sums(ins[0], a) * (mult.to(ins[0].device) if isinstance(mult, torch.Tensor) else mult)
+
+
+def index(x: torch.Tensor, step: Step) -> torch.Tensor:
+    a = step.get(IndexAttrs)
+    sl = tuple(slice(b, e, c) for b, e, c in zip(a.starts, a.stops, a.steps, strict=True))
+    return x[sl].reshape(step.shape)
+
+
+def _index(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
+    return index(ins[0], step)
+
+
+def _permute(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
+    return ins[0].permute(step.get(PermuteAttrs).dims).contiguous()
+
+
+def _expand(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
+    return torch.broadcast_to(ins[0], step.shape).contiguous()
+
+
+def _repeat(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.Tensor:
+    return ins[0].repeat(step.get(RepeatAttrs).reps)
 
 
 def _deal_trunc(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
@@ -262,6 +315,16 @@ def _deal_relu(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None)
 
 def _deal_sigmoid(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
     return sigmoid.deal_sigmoid(src, _numel(step.shape), step.get(ShiftAttrs).shift, ctx.frac, ctx.cmp_bits)
+
+
+def _deal_spline(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+    a = step.get(SplineAttrs)
+    return spline.deal_spline(src, _numel(step.shape), a.shift, ctx.frac, ctx.cmp_bits, spline.get(a.fn))
+
+
+def _deal_piecewise(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+    a = step.get(PiecewiseAttrs)
+    return piecewise.deal_pieces(src, _numel(step.shape), a.shift, ctx.cmp_bits, len(a.breaks))
 
 
 def _deal_maxpool(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
@@ -284,10 +347,16 @@ STEP_KINDS: dict[str, StepKind] = {
     "cat": _local(_cat),
     "mean": _local(_mean),
     "sumpool": _local(_sumpool),
+    "index": _local(_index),
+    "permute": _local(_permute),
+    "expand": _local(_expand),
+    "repeat": _local(_repeat),
     "linear": StepKind(_deal_linear, _run_linear, _prepare_linear),
     "trunc": StepKind(_deal_trunc, _run_trunc),
     "relu": StepKind(_deal_relu, _run_relu),
     "sigmoid": StepKind(_deal_sigmoid, _run_sigmoid),
+    "spline": StepKind(_deal_spline, _run_spline),
+    "piecewise": StepKind(_deal_piecewise, _run_piecewise),
     "maxpool": StepKind(_deal_maxpool, _run_maxpool),
     "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce),
     "mul": StepKind(_deal_mul, _run_mul),

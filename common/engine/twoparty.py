@@ -45,18 +45,26 @@ class EvalReport:
 
 
 def share_weights(module: nn.Module, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The model owner's split: fixed-point weights (biases at 2f) into two random shares."""
+    """The model owner's split of a module's weights (see `share_values`)."""
+    return share_values(extract_weights(module, plan), plan)
+
+
+Shares = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def share_values(values: dict[str, torch.Tensor], plan: Plan) -> Shares:
+    """The model owner's split: fixed-point weights per plan key (biases at 2f) into two random shares."""
     fp = FixedPoint(plan.frac)
     w0: dict[str, torch.Tensor] = {}
     w1: dict[str, torch.Tensor] = {}
     bias_keys = plan.bias_keys()
-    for k, v in extract_weights(module, plan).items():
+    for k, v in values.items():
         enc = FixedPoint(2 * plan.frac).encode(v) if k in bias_keys else fp.encode(v)
         w0[k], w1[k] = share(enc)
     return w0, w1
 
 
-_SILENT = ("input", "output", "reshape")
+_SILENT = ("input", "output", "reshape", "index", "permute", "expand", "repeat")
 
 
 class TwoParty:
@@ -97,7 +105,7 @@ class TwoParty:
             bytes_per_party=[rep0.bytes, rep1.bytes],
             rounds=rep0.rounds,
             dealer_bytes=dealer_bytes,
-            # every step but the bookkeeping ones (input, output, reshape) that never communicate
+            # every step but the bookkeeping ones (input, output, reshapes) that never communicate
             steps=[f for f in merge(rep0.steps, rep1.steps) if f.rounds or f.op not in _SILENT],
         )
         return y, rep

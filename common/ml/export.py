@@ -14,6 +14,12 @@ File format (torch.save of plain containers, loaded with weights_only=True, neve
 ``{"format": "secdfd-deployable", "version": 1, "meta": {...}, "state_dict": {name: tensor},
 "sha256": hex}``, where meta holds the architecture name, width, input size and storage dtype, and
 sha256 covers the canonical JSON of meta and every tensor's name, dtype, shape and bytes.
+
+Version 2 is a user's own model (`secdfd export --factory FILE.py:FACTORY`): no module is ever
+rebuilt from it. meta holds the architecture's name, the input size, the plan (the secure steps as
+JSON, see secdfd.common.engine.plancodec; public: it depends on the architecture and input size
+only), the output convention declared at export and the calibration figures; state_dict holds the
+weights per plan key with BatchNorm folded. Reading it executes no code of the user's.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from secdfd.common.ml.dfdnet import (
 
 DEPLOYABLE_FORMAT = "secdfd-deployable"
 FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # a plan and its weights, for a user's own model
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "dfdnet-s.pt"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -53,6 +60,7 @@ class DeployableMeta:
     size: int
     dtype: str
     extra: dict[str, Any]
+    plan: dict[str, Any] | None = None  # version 2: the plan as JSON values; None: a DFDNet module
 
 
 # --- folds ----------------------------------------------------------------------------------
@@ -142,13 +150,32 @@ def save_deployable(model: FusedDFDNet, path: str | Path, arch: str, dtype: str 
     return digest
 
 
+def save_plan_deployable(path: str | Path, arch: str, size: int, plan: dict[str, Any],
+                         weights: dict[str, torch.Tensor], dtype: str = "float32",
+                         extra: dict[str, Any] | None = None) -> str:
+    """Write a user's model as its plan (JSON values) and folded weights per plan key; returns the
+    checksum. The caller (secdfd.common.service.custom) has checked the plan and the weights."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown storage dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    state = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    for k, v in state.items():
+        if not torch.isfinite(v).all():
+            raise ModelError(f"{k} does not fit in {dtype}; export as float32")
+    meta = {"arch": arch, "width": 0.0, "size": size, "dtype": dtype, "plan": plan, "extra": extra or {}}
+    digest = checksum(meta, state)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": DEPLOYABLE_FORMAT, "version": PLAN_FORMAT_VERSION, "meta": meta, "state_dict": state,
+                "sha256": digest}, path)
+    return digest
+
+
 def _read(path: str | Path | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     path = DEFAULT_MODEL if path is None else Path(path)
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
         if payload.get("format") != DEPLOYABLE_FORMAT:
             raise KeyError("format")
-        if payload.get("version") != FORMAT_VERSION:
+        if payload.get("version") not in (FORMAT_VERSION, PLAN_FORMAT_VERSION):
             raise ModelError(f"{path}: format version {payload.get('version')} is not supported")
         meta, state, digest = payload["meta"], payload["state_dict"], payload["sha256"]
     except FileNotFoundError:
@@ -160,13 +187,28 @@ def _read(path: str | Path | None) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise ModelError(f"{path}: not a deployable model from `secdfd export` ({kind})") from None
     if checksum(meta, state) != digest:
         raise ModelError(f"{path}: checksum mismatch; the file is corrupt or was modified")
+    if ("plan" in meta) != (payload["version"] == PLAN_FORMAT_VERSION):
+        raise ModelError(f"{path}: not a deployable model from `secdfd export` (version and contents disagree)")
     return meta, state
 
 
 def read_deployable_meta(path: str | Path | None = None) -> DeployableMeta:
     """Architecture name, width, input size and storage dtype of a deployable file (verified)."""
     meta, _ = _read(path)
-    return DeployableMeta(meta["arch"], meta["width"], meta["size"], meta["dtype"], meta.get("extra", {}))
+    return _meta(meta)
+
+
+def _meta(meta: dict[str, Any]) -> DeployableMeta:
+    return DeployableMeta(meta["arch"], meta["width"], meta["size"], meta["dtype"], meta.get("extra", {}),
+                          meta.get("plan"))
+
+
+def read_plan_weights(path: str | Path) -> tuple[DeployableMeta, dict[str, torch.Tensor]]:
+    """A user's model file (version 2): its meta (with the plan's JSON values) and weights per plan key."""
+    meta, state = _read(path)
+    if "plan" not in meta:
+        raise ModelError(f"{path} holds a DFDNet module, not a plan")
+    return _meta(meta), {k: v.to(torch.float64) for k, v in state.items()}
 
 
 def load_deployable(path: str | Path | None = None) -> FusedDFDNet:
@@ -176,6 +218,9 @@ def load_deployable(path: str | Path | None = None) -> FusedDFDNet:
     -> fused fake probability (N, 1).
     """
     meta, state = _read(path)
+    if "plan" in meta:
+        raise ModelError(f"{path} is a user's model ({meta['arch']}) exported as a plan, not DFDNet; this command "
+                         "takes DFDNet files, `secdfd detect --plain` and `secdfd share` take both")
     streams = [build_model(meta["arch"], meta["size"], folded=True) for _ in range(2)]
     model = FusedDFDNet(*streams)
     try:

@@ -149,7 +149,8 @@ MESSAGE_KINDS = MessageKinds(
         # server <-> dealer
         MessageKind("provision_request", "server -> dealer: provisioning material for the weight masks"),
         MessageKind("provision", "dealer -> server: serialised provisioning material and the model it deals for",
-             meta={"epoch": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT, "split": _STR},
+             meta={"epoch": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT, "split": _STR,
+                   "digest": _STR},
              min_tensors=1, max_tensors=1, dtypes=_BYTES),
         MessageKind("bundle_request", "server -> dealer: the next correlated-randomness bundle"),
         MessageKind("bundle", "dealer -> server: one serialised bundle with its id, in consecutive frames",

@@ -1,7 +1,10 @@
 """The deployed model as the service sees it: the one place where processes call the secure engine.
 
-- Architecture and plan: dealer and servers build the same plan from (arch, input size, frac,
-  cmp_bits) alone; the module they trace has the architecture only (its weights are never used).
+- Architecture and plan: the model owner lowers the model once; the plan (typed steps, shapes,
+  scales, weight shapes: public, it depends on the architecture and input size only) travels as
+  strictly checked JSON in model.json and in both share files, and dealer and servers run what it
+  says (`plan_for`). They never import or execute the owner's Python. Files from before the plan
+  travelled fall back to tracing the registered DFDNet architecture.
 - Weight shares (`secdfd share`): the model owner encodes the exported model's weights in fixed
   point and splits them with the CSPRNG; one file per server, holding only that server's share and
   the architecture, plus `model.json`, the public model info (what the dealer is given). Every run
@@ -23,8 +26,9 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +40,7 @@ from secdfd.common.engine.plan import Plan, build_plan
 from secdfd.common.engine.randomness import Bundle, Provision
 from secdfd.common.engine.ring import FixedPoint
 from secdfd.common.engine.sharing import reconstruct, share
-from secdfd.common.errors import ModelError, RandomnessError, RangeError
+from secdfd.common.errors import ModelError, PlanError, RandomnessError, RangeError
 from secdfd.common.net import sealed
 from secdfd.common.net.keys import KeyFileError, PartyKeys, read_public
 
@@ -60,6 +64,7 @@ class ModelInfo:
     frac: int = 16
     cmp_bits: int = 32
     split: str = ""  # the id of the `secdfd share` run whose shares are served ("" before sharing)
+    plan: Plan | None = field(default=None, compare=False, repr=False)  # from the share files; public
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -77,20 +82,42 @@ def new_split_id() -> str:
 
 def architecture_digest(info: ModelInfo, plan: Plan) -> str:
     """A digest of what the parties know of the model (architecture, input size, number format, the
-    shape of every weight): two servers with the same digest run the same plan. It says nothing of
-    the weights' values."""
+    plan with the shape of every weight): two servers with the same digest run the same plan. It says
+    nothing of the weights' values."""
     public = {"arch": info.arch, "size": info.size, "frac": info.frac, "cmp_bits": info.cmp_bits,
-              "weights": sorted((k, list(v)) for k, v in plan.weights.items())}
+              "weights": sorted((k, list(v)) for k, v in plan.weights.items()), "plan": plan.to_obj()}
     return hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def info_fields(info: ModelInfo) -> dict[str, Any]:
+    """The model info's scalar fields (what `ModelInfo(**...)` takes back), without the plan."""
+    return {"arch": info.arch, "size": info.size, "frac": info.frac, "cmp_bits": info.cmp_bits, "split": info.split}
+
+
 def write_info(info: ModelInfo, digest: str, path: Path) -> None:
-    """Write the public model info (architecture, input size, number format, split, digest) as JSON."""
-    Path(path).write_text(json.dumps({**asdict(info), "digest": digest}, indent=2) + "\n")
+    """Write the public model info (architecture, input size, number format, split, digest, plan) as JSON."""
+    data: dict[str, Any] = {**info_fields(info), "digest": digest}
+    if info.plan is not None:
+        data["plan"] = info.plan.to_obj()
+    Path(path).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+
+
+def with_plan(info: ModelInfo, plan_json: Any, where: Path | str) -> ModelInfo:
+    """`info` with the plan read from `plan_json` (text or JSON values), checked against the info."""
+    try:
+        plan = Plan.from_json(plan_json)
+    except PlanError as e:
+        raise ModelError(f"{where}: {e}") from None
+    if (plan.input_shape, plan.frac, plan.cmp_bits) != (info.input_shape, info.frac, info.cmp_bits):
+        raise ModelError(f"{where}: the plan is for input {list(plan.input_shape)}, {plan.frac} fractional bits and "
+                         f"{plan.cmp_bits}-bit comparisons, the model info says {info.describe()}, "
+                         f"{info.cmp_bits}-bit comparisons")
+    return replace(info, plan=plan)
 
 
 def read_info(path: Path) -> ModelInfo:
-    """The model info written by `secdfd share` (OUT/model.json)."""
+    """The model info written by `secdfd share` (OUT/model.json), with its plan (checked, and checked
+    against the digest written beside it)."""
     try:
         data = json.loads(Path(path).read_text())
         info = ModelInfo(str(data["arch"]), int(data["size"]), int(data["frac"]), int(data["cmp_bits"]),
@@ -102,6 +129,12 @@ def read_info(path: Path) -> ModelInfo:
     if not _SPLIT_ID.fullmatch(info.split):
         raise ModelError(f"{path} names no split id (made by an older release?); run `secdfd share` again and "
                          "give the dealer and both servers the new files")
+    if "plan" in data:
+        info = with_plan(info, data["plan"], path)
+        assert info.plan is not None
+        if architecture_digest(info, info.plan) != data.get("digest"):
+            raise ModelError(f"{path}: the plan does not match the digest beside it; the file was modified. Run "
+                             "`secdfd share` again and give the dealer and both servers the new files")
     return info
 
 
@@ -117,7 +150,10 @@ def architecture(info: ModelInfo) -> nn.Module:
 
 
 def plan_for(info: ModelInfo, module: nn.Module | None = None) -> Plan:
-    """The plan of the fused detector; identical for every party given the same `info`."""
+    """The plan every party runs: the one the share files carry, or (the model owner, or files from
+    before plans travelled) the one lowered from `module` or from the registered DFDNet architecture."""
+    if module is None and info.plan is not None:
+        return info.plan
     with torch.no_grad():
         return build_plan(module if module is not None else architecture(info), info.input_shape,
                           info.frac, info.cmp_bits)
@@ -140,15 +176,11 @@ def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: in
     if unknown:
         raise ModelError(f"shares are sealed to servers only ({', '.join(roster.SERVERS)}), not {sorted(unknown)}")
     recipients = {server: read_public(path) for server, path in seal.items()}
-    from secdfd.common.engine.twoparty import share_weights
-    from secdfd.common.ml.export import load_deployable, read_deployable_meta
-
-    meta = read_deployable_meta(model_path)
-    info = ModelInfo(meta.arch, meta.size, frac, cmp_bits, new_split_id())
-    module = load_deployable(model_path)
-    plan = plan_for(info, module)
+    info, plan, values = _owner_model(model_path, frac, cmp_bits)
     digest = architecture_digest(info, plan)
-    shares = share_weights(module, plan)
+    from secdfd.common.engine.twoparty import share_values
+
+    shares = share_values(values, plan)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -156,8 +188,8 @@ def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: in
         path = out / f"{server}.weights"
         tmp = path.with_name(path.name + ".tmp")
         buf = io.BytesIO()
-        torch.save({"format": SHARE_FORMAT, "version": SHARE_VERSION, "party": server,
-                    "info": asdict(info), "digest": digest, "weights": shares[role]}, buf)
+        torch.save({"format": SHARE_FORMAT, "version": SHARE_VERSION, "party": server, "info": info_fields(info),
+                    "plan": plan.to_json(), "digest": digest, "weights": shares[role]}, buf)
         data = buf.getvalue() if server not in recipients else sealed.seal(buf.getvalue(), recipients[server])
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -167,6 +199,36 @@ def share_model(model_path: Path | None, out: Path, frac: int = 16, cmp_bits: in
     paths["info"] = out / INFO_FILE
     write_info(info, digest, paths["info"])
     return paths
+
+
+def _owner_model(model_path: Path | None, frac: int, cmp_bits: int) -> tuple[ModelInfo, Plan, dict[str, torch.Tensor]]:
+    """The model owner's side: the public info with its plan, and the float64 weights per plan key.
+
+    A DFDNet file is lowered here; a user's model file (`secdfd export --factory`) brings its plan,
+    which is checked as strictly as the servers check it."""
+    from secdfd.common.engine.plan import extract_weights
+    from secdfd.common.ml.export import load_deployable, read_deployable_meta, read_plan_weights
+
+    meta = read_deployable_meta(model_path)
+    split = new_split_id()
+    if meta.plan is None:
+        module = load_deployable(model_path)
+        info = ModelInfo(meta.arch, meta.size, frac, cmp_bits, split)
+        plan = Plan.from_json(plan_for(info, module).to_json())  # as the parties will read it
+        return replace(info, plan=plan), plan, extract_weights(module, plan)
+    assert model_path is not None  # the embedded default is a DFDNet file
+    meta, values = read_plan_weights(model_path)
+    assert meta.plan is not None
+    info = ModelInfo(meta.arch, meta.size, int(meta.plan["frac"]), int(meta.plan["cmp_bits"]), split)
+    if (info.frac, info.cmp_bits) != (frac, cmp_bits):
+        raise ModelError(f"{model_path} was exported for {info.frac} fractional bits and {info.cmp_bits}-bit "
+                         f"comparisons, not {frac} and {cmp_bits}; export it again")
+    info = with_plan(info, meta.plan, str(model_path))
+    assert info.plan is not None
+    want = info.plan.weights
+    if set(values) != set(want) or any(tuple(values[k].shape) != want[k] for k in want):
+        raise ModelError(f"{model_path}: the weights do not match the plan; export the model again")
+    return info, info.plan, values
 
 
 @dataclass(frozen=True)
@@ -206,10 +268,13 @@ def load_weight_share(path: Path, server: str, keys: PartyKeys | None = None) ->
                          f"{SHARE_VERSION}; run `secdfd share` again")
     try:
         info = ModelInfo(**payload["info"])
+        plan_json = payload.get("plan")
         share = WeightShare(info, str(payload["digest"]), dict(payload["weights"]))
         party = payload["party"]
     except Exception as e:  # noqa: BLE001 - any malformed field is the same user error
         raise ModelError(f"{path}: not a weight share from `secdfd share` ({type(e).__name__})") from None
+    if plan_json is not None:
+        share = replace(share, info=with_plan(info, plan_json, path))
     if party != server:
         raise ModelError(f"{path} is {party}'s weight share, not {server}'s; give each server its own file")
     if not _SPLIT_ID.fullmatch(info.split):

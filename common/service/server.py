@@ -129,6 +129,7 @@ class ServerBase:
         keys = load_party(cfg.keys, cfg.name)
         share = deployment.load_weight_share(cfg.weights, cfg.name, keys)
         self.info = share.info
+        self.digest = share.digest
         plan = deployment.plan_for(self.info)
         if deployment.architecture_digest(self.info, plan) != share.digest:
             raise ModelError(f"{cfg.weights} was made for another definition of {self.info.arch} than this "
@@ -168,7 +169,7 @@ class ServerBase:
         """The dealer must deal for this server's model, or every bundle would be for another plan."""
         theirs = deployment.ModelInfo(str(prov.meta["model"]), int(prov.meta["input_size"]),
                                       int(prov.meta["frac_bits"]), self.info.cmp_bits, str(prov.meta["split"]))
-        if theirs != self.info:
+        if theirs != self.info or prov.meta["digest"] != self.digest:
             raise ModelError(f"the dealer deals for {theirs.describe()}, {self.config.name}'s weight share is "
                              f"{self.info.describe()}; start the dealer with --model DIR/model.json from the "
                              "same `secdfd share` run as the servers' shares")

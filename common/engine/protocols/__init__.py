@@ -1,6 +1,8 @@
 """The SecDFD protocol suite, one family per module: `arith` (openings, truncation, Beaver products,
 linear layers with secret weights), `compare` (comparison trees, SecReLU, bit injection), `pool`
-(maxima, SecMaxPool) and `sigmoid` (SecSigm).
+(maxima, SecMaxPool), `spline` (piecewise polynomials chosen by interval: Tanh, SiLU, GELU,
+Hardswish), `sigmoid` (SecSigm, one such spline) and `piecewise` (exact piecewise-linear activations:
+ReLU6, Hardtanh, clamps, LeakyReLU, Hardsigmoid).
 
 Every protocol is a generator: it yields the list of tensors this party opens in a round and
 receives the peer's tensors of the same shapes (`base.Proto`). The driver

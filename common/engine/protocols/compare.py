@@ -97,6 +97,12 @@ def _used(spec: Products) -> list[int]:
     return sorted({v for p in spec.products for v in p})
 
 
+def tree_bits(nbits: int) -> int:
+    """Bits one comparison over nbits opens in its tree (the leaves are local): 21 for 40 bits,
+    16 for 32."""
+    return sum(len(_used(b.spec)) * len(b.nodes) for level in tree_levels(nbits)[1] for b in level)
+
+
 # ---------------------------------------------------------------------------------------------
 # Randomness.
 
@@ -263,10 +269,8 @@ def open_bits(ctx: Ctx, b: torch.Tensor, R: InjectRand, n: int) -> Proto[torch.T
     return unpack(b ^ R.beta ^ peer, n)
 
 
-def inject(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[torch.Tensor]:
-    """Arithmetic shares of b * x for shared bit words b and masked x (one round, 1 bit/element)."""
-    n = m.s.numel()
-    d = yield from open_bits(ctx, b, R, n)
+def _injected(ctx: Ctx, d: torch.Tensor, m: Masked, R: InjectRand) -> torch.Tensor:
+    """Shares of b * x from the opened d = b XOR beta (local)."""
     k = 1 - 2 * d
     assert R.beta_s is not None
     out = k * (m.P * R.beta_a - R.beta_s) - d * m.s
@@ -278,11 +282,29 @@ def inject(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[torch.T
     return out
 
 
+def _arith_bit(ctx: Ctx, d: torch.Tensor, R: InjectRand) -> torch.Tensor:
+    """Shares of b from the opened d = b XOR beta (local)."""
+    out = (1 - 2 * d) * R.beta_a
+    return out + d if ctx.party == 0 else out
+
+
+def inject(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[torch.Tensor]:
+    """Arithmetic shares of b * x for shared bit words b and masked x (one round, 1 bit/element)."""
+    d = yield from open_bits(ctx, b, R, m.s.numel())
+    return _injected(ctx, d, m, R)
+
+
 def bit_to_arith(ctx: Ctx, b: torch.Tensor, R: InjectRand, n: int) -> Proto[torch.Tensor]:
     """Arithmetic shares (n,) of the XOR-shared bit words b (one round, 1 bit/element)."""
     d = yield from open_bits(ctx, b, R, n)
-    out = (1 - 2 * d) * R.beta_a
-    return out + d if ctx.party == 0 else out
+    return _arith_bit(ctx, d, R)
+
+
+def select(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[tuple[torch.Tensor, torch.Tensor]]:
+    """Arithmetic shares of b * x and of b itself from ONE opening of d = b XOR beta (one round,
+    1 bit/element): what a piecewise function needs to select both a slope and an offset."""
+    d = yield from open_bits(ctx, b, R, m.s.numel())
+    return _injected(ctx, d, m, R), _arith_bit(ctx, d, R)
 
 
 # ---------------------------------------------------------------------------------------------

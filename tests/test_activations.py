@@ -1,0 +1,96 @@
+"""The activations users meet, as protocols: exact piecewise-linear ones (ReLU6, Hardtanh, clamps,
+LeakyReLU, Hardsigmoid) and piecewise polynomials (Tanh, SiLU, GELU, Hardswish), each against the
+real function with its error bound, its bytes per element and its rounds."""
+
+import math
+
+import pytest
+import torch
+
+from secdfd.common.engine.protocols import compare, piecewise, spline
+from secdfd.common.engine.ring import FixedPoint
+
+L = 32  # the deployment's comparison range
+N = 64 * 300  # whole words: the byte counts below are exact
+
+
+def _inputs() -> torch.Tensor:
+    """A dense grid where the functions bend, values on every breakpoint, and the range's edges."""
+    x = torch.linspace(-16, 16, N - 16, dtype=torch.float64)
+    edges = [0.0, 1e-5, -1e-5, 3.0, -3.0, 6.0, 12.0, 1e3, -1e3, 3e4, -3e4, 65000.0, -65000.0, 0.5, -4.5, 5.0]
+    return torch.cat([x, torch.tensor(edges, dtype=torch.float64)])
+
+
+PIECES = {
+    "relu6": (piecewise.hardtanh(0.0, 6.0), 0),
+    "hardtanh": (piecewise.hardtanh(-1.0, 1.0), 0),
+    "clamp_max": (piecewise.clamp_max(2.5), 0),
+    "leaky_relu": (piecewise.leaky_relu(0.01), piecewise.SLOPE_BITS),
+    "hardsigmoid": (piecewise.hardsigmoid(), piecewise.SLOPE_BITS),
+}
+TORCH = {
+    "relu6": torch.nn.functional.relu6,
+    "hardtanh": torch.nn.functional.hardtanh,
+    "clamp_max": lambda x: x.clamp(max=2.5),
+    "leaky_relu": lambda x: torch.nn.functional.leaky_relu(x, 0.01),
+    "hardsigmoid": torch.nn.functional.hardsigmoid,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIECES))
+@pytest.mark.parametrize("shift", [0, 16])
+def test_piecewise_linear_is_exact(run2, name, shift):
+    p, slope_bits = PIECES[name]
+    assert p.slope_bits == slope_bits
+    x = _inputs()
+    xr = FixedPoint(16).encode(x) << shift  # the input of a fused truncation carries shift more bits
+    K = len(p.breaks)
+    out, fig = run2(lambda s: piecewise.deal_pieces(s, N, shift, L, K),
+                    lambda c, R, v: piecewise.pieces(c, R=R, x=v, p=p, shift=shift), xr, 16, L)
+    y = FixedPoint(16 + slope_bits).decode(out)
+    exact = TORCH[name](FixedPoint(16).decode(FixedPoint(16).encode(x)))  # the encoded input, exactly
+    # integer slopes: the truncation's unit at most; other slopes: |x| 2^-21 from their encoding
+    bound = 2.0**-16 * (1 if shift else 0) + 1e-12 + (x.abs() * 2.0**-21 + 2.0**-36 if slope_bits else 0)
+    assert bool(((y - exact).abs() <= bound).all())
+    assert fig["rounds"] == 4
+    assert fig["bytes_per_party"][0] == N * 8 + K * N * (compare.tree_bits(L) + 1) // 8
+
+
+FUNCTIONS = {"tanh": 2.0e-4, "silu": 2.0e-4, "gelu": 1.3e-4, "gelu_tanh": 1.3e-4, "hardswish": 5e-5}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_spline_error_bytes_and_rounds(run2, name):
+    sp = spline.get(name)
+    shift = 16 if name in ("gelu", "hardswish") else 0
+    x = _inputs()
+    out, fig = run2(lambda s: spline.deal_spline(s, N, shift, 16, L, sp),
+                    lambda c, R, v: spline.spline(c, v, R, sp, shift), FixedPoint(16).encode(x) << shift, 16, L)
+    err = (FixedPoint(16).decode(out) - spline.FUNCTIONS[name](x)).abs().max().item()
+    assert err <= FUNCTIONS[name]
+    assert fig["rounds"] == 6
+    D, K = sp.degree, len(sp.breaks)
+    per_element = 8 + 8 * (D >= 2) + 8 * (D - 1) + 16 * D + 8
+    bits = K * (compare.tree_bits(L) + 1) + (1 if sp.tail else 0)
+    assert fig["bytes_per_party"][0] == N * per_element + N * bits // 8
+
+
+def test_gelu_within_1e3_over_the_real_line():
+    """The fit itself, measured: every float64 from -70000 to 70000 on a 1e-4 grid near the bends."""
+    sp = spline.get("gelu")
+    near = torch.arange(-60_000, 60_001, dtype=torch.float64) * 1e-4  # [-6, 6] step 1e-4
+    far = torch.cat([torch.linspace(-7e4, -6, 20_001, dtype=torch.float64),
+                     torch.linspace(6, 7e4, 20_001, dtype=torch.float64)])
+    for x in (near, far):
+        err = (spline.reference(sp, x) - torch.nn.functional.gelu(x)).abs().max().item()
+        assert err <= 1.0e-4  # the contract is 1e-3; the fixed point adds a few 2^-16
+    for name, bound in (("tanh", 1.9e-4), ("silu", 1.7e-4), ("gelu_tanh", 1.0e-4), ("hardswish", 1e-12)):
+        ref = spline.reference(spline.get(name), near)
+        assert (ref - spline.FUNCTIONS[name](near)).abs().max().item() <= bound
+
+
+def test_splines_are_constant_or_linear_outside_their_breakpoints():
+    for name in spline.SPLINES:
+        sp = spline.get(name)
+        assert not any(sp.polys[0][1:]) and not any(sp.polys[-1][1:])
+        assert sp.degree <= spline.MAX_DEGREE and math.isclose(sp.breaks[0], -sp.breaks[-1]) or name == "hardswish"

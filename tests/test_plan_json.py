@@ -1,0 +1,95 @@
+"""The plan as JSON: what dealer and servers read instead of the model owner's Python. It round-trips
+exactly and anything malformed is refused before it runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from secdfd.common.engine.plan import Plan
+from secdfd.common.errors import PlanError
+from secdfd.common.service import deployment
+
+
+@pytest.fixture(scope="module")
+def plan() -> Plan:
+    return deployment.plan_for(deployment.ModelInfo("dfdnet-s", 32))
+
+
+def test_round_trip_is_exact(plan):
+    text = plan.to_json()
+    again = Plan.from_json(text)
+    assert again == plan and again.to_json() == text
+    assert Plan.from_json(json.loads(text)) == plan and again.cmp_bits == 32
+
+
+def _step(obj, op):
+    return next(s for s in obj["steps"] if s["op"] == op)
+
+
+def _edits():
+    def unknown_op(o):
+        _step(o, "relu")["op"] = "exec"
+
+    def extra_field(o):
+        _step(o, "relu")["attrs"]["code"] = "import os"
+
+    def missing_field(o):
+        del _step(o, "maxpool")["attrs"]["k"]
+
+    def bool_for_int(o):
+        _step(o, "relu")["attrs"]["shift"] = True
+
+    def string_for_int(o):
+        _step(o, "relu")["scale"] = "16"
+
+    def forward_input(o):
+        o["steps"][3]["inputs"] = [len(o["steps"]) - 1]
+
+    def huge_shape(o):
+        _step(o, "relu")["shape"] = [1, 1 << 20, 1 << 20]
+
+    def inconsistent_shape(o):
+        s = _step(o, "relu")
+        s["shape"] = [*s["shape"][:-1], s["shape"][-1] + 1]
+
+    def wrong_weight_shape(o):
+        o["weights"][0][1] = [1, 2, 3, 4]
+
+    def unused_weight(o):
+        o["weights"].append(["nobody.weight", [3]])
+
+    def big_shift(o):
+        _step(o, "relu")["attrs"]["shift"] = 40
+
+    def not_a_permutation(o):
+        o["steps"].insert(1, {"op": "permute", "inputs": [0], "shape": o["input_shape"], "scale": 16, "name": "p",
+                              "attrs": {"dims": [0, 0, 2, 3]}})
+
+    def two_outputs(o):
+        o["output"] = 1
+
+    def version(o):
+        o["version"] = 99
+
+    return [unknown_op, extra_field, missing_field, bool_for_int, string_for_int, forward_input, huge_shape,
+            inconsistent_shape, wrong_weight_shape, unused_weight, big_shift, not_a_permutation, two_outputs,
+            version]
+
+
+@pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
+def test_malformed_plans_are_refused(plan, edit):
+    obj = copy.deepcopy(plan.to_obj())
+    edit(obj)
+    with pytest.raises(PlanError, match="malformed plan"):
+        Plan.from_json(json.dumps(obj))
+
+
+def test_not_json_and_non_finite_numbers_are_refused(plan):
+    with pytest.raises(PlanError, match="not JSON"):
+        Plan.from_json("{")
+    text = plan.to_json().replace('"frac":16', '"frac":NaN', 1)
+    with pytest.raises(PlanError, match="not JSON"):
+        Plan.from_json(text)

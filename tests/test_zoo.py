@@ -1,0 +1,75 @@
+"""The conformance zoo: small models written as their home codebases write them (tests/zoo/), each
+lowered with no change, evaluated securely (both parties in one process, the deployment's 32-bit
+comparisons) and in plaintext. Bytes and rounds depend on shapes only, so they are exact."""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from secdfd.common.engine.plan import Plan, build_plan
+from secdfd.common.engine.twoparty import TwoParty
+
+# model: (max abs error, bytes per server, rounds)
+ZOO: dict[str, tuple[float, int, int]] = {
+    "se_resnet": (2e-4, 83_712, 25),
+    "cbam": (2e-4, 187_960, 68),
+    "mobilenetv3": (2e-4, 816_536, 30),
+    "shufflenet": (2e-4, 115_768, 24),
+    "efficientnet": (2e-4, 1_420_904, 42),
+    "xception_ff": (2e-4, 678_200, 82),
+}
+
+
+def randomise_bn(m: nn.Module, seed: int = 1) -> None:
+    """Trained-looking BatchNorm statistics, so that folding them matters (test weights only)."""
+    g = torch.Generator().manual_seed(seed)
+    for b in m.modules():
+        if isinstance(b, nn.modules.batchnorm._BatchNorm):
+            b.running_mean.copy_((torch.rand(b.num_features, generator=g) - 0.5) * 0.4)
+            b.running_var.copy_(torch.rand(b.num_features, generator=g) + 0.5)
+            b.weight.data.copy_(torch.rand(b.num_features, generator=g) + 0.5)
+            b.bias.data.copy_(torch.rand(b.num_features, generator=g) * 0.4 - 0.2)
+
+
+def zoo_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    mod = importlib.import_module(f"zoo.{name}")
+    torch.manual_seed(0)  # test weights only
+    m = mod.build()
+    randomise_bn(m)
+    return m.eval(), tuple(mod.INPUT)
+
+
+def run(name: str) -> dict[str, float]:
+    m, shape = zoo_model(name)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        m(x)
+        t = time.perf_counter()
+        ref = m(x).double()
+        plain_s = time.perf_counter() - t
+    tp = TwoParty(m, shape, cmp_bits=32)
+    y, rep = tp(x)
+    return {"error": (y - ref).abs().max().item(), "bytes": rep.bytes_per_party[0], "rounds": rep.rounds,
+            "seconds": rep.seconds, "plain_seconds": plain_s, "steps": len(tp.plan.steps),
+            "symmetric": rep.bytes_per_party[0] == rep.bytes_per_party[1]}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_secure_matches_plaintext(name):
+    tol, nbytes, rounds = ZOO[name]
+    fig = run(name)
+    assert fig["error"] <= tol
+    assert fig["symmetric"]
+    assert (fig["bytes"], fig["rounds"]) == (nbytes, rounds)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_plan_survives_json(name):
+    m, shape = zoo_model(name)
+    plan = build_plan(m, shape, cmp_bits=32)
+    assert Plan.from_json(plan.to_json()).to_json() == plan.to_json()
