@@ -100,13 +100,24 @@ class Scratch:
         local.wait_ready(self.started, self.layout.keys, self.startup, prepared=True)
 
 
+def write_model_file(model: torch.nn.Module | Path, arch: str, dest: Path) -> Path:
+    """`dest` holding `model`: a deployable file copied as it is, or a fused DFDNet exported."""
+    from secdfd.common.ml.export import save_deployable
+
+    if isinstance(model, Path):
+        shutil.copyfile(model, dest)
+    else:
+        assert isinstance(model, FusedDFDNet)
+        save_deployable(model, dest, arch)
+    return dest
+
+
 @contextlib.contextmanager
 def scratch_deployment(model: torch.nn.Module | Path, arch: str, work: Path | None = None,
                        launcher: local.Launcher = local.ON_LOOPBACK, options: local.Options | None = None,
                        startup: float = 900.0) -> Iterator[Scratch]:
     """Keys, weight shares of `model` (a fused DFDNet, or a deployable file copied as it is) and the three
     processes in a temporary folder, removed after."""
-    from secdfd.common.ml.export import save_deployable
     from secdfd.common.net.keys import make_keys
     from secdfd.common.service.deployment import share_model
 
@@ -115,12 +126,7 @@ def scratch_deployment(model: torch.nn.Module | Path, arch: str, work: Path | No
         layout = local.Layout(Path(tmp))
         endpoints = launcher.endpoints or local.Endpoints.free()
         t0 = time.perf_counter()
-        model_file = layout.root / "model.pt"
-        if isinstance(model, Path):
-            shutil.copyfile(model, model_file)
-        else:
-            assert isinstance(model, FusedDFDNet)
-            save_deployable(model, model_file, arch)
+        model_file = write_model_file(model, arch, layout.root / "model.pt")
         make_keys(layout.keys)
         share_model(model_file, layout.shares)
         model_file.unlink()  # the servers get shares only

@@ -36,10 +36,9 @@ from typing import Any
 import torch
 
 from secdfd.common import roster
-from secdfd.common.bench.e2e import bench_images, bench_model, plaintext
+from secdfd.common.bench.e2e import bench_images, bench_model, is_model_file, plaintext, write_model_file
 from secdfd.common.errors import SecDFDError
 from secdfd.common.ml.data import load_image
-from secdfd.common.ml.export import save_deployable
 from secdfd.common.net.keys import admit, make_keys, make_party_keys
 from secdfd.common.service import deployment, local
 from secdfd.common.service.supply import IdLedger
@@ -163,7 +162,7 @@ def _deployment(plan: LoadPlan, work: Path | None, launcher: local.Launcher,
     with tempfile.TemporaryDirectory(prefix="secdfd-load-", dir=work) as tmp:
         layout = local.Layout(Path(tmp))
         endpoints = launcher.endpoints or local.Endpoints.free()
-        save_deployable(model, layout.root / "model.pt", plan.model)
+        write_model_file(Path(plan.model) if is_model_file(plan.model) else model, plan.model, layout.root / "model.pt")
         make_keys(layout.keys)
         deployment.share_model(layout.root / "model.pt", layout.shares)
         (layout.root / "model.pt").unlink()
