@@ -27,6 +27,16 @@ from secdfd.common.service import local
 _OWN = ("lan", "lan_rtt_ms", "report", "as_json")
 
 
+def check_model_name(model: str) -> None:
+    """A registered architecture or an existing file: anything else is a usage error naming both."""
+    from secdfd.common.bench.e2e import is_model_file
+    from secdfd.common.ml.dfdnet import MODELS
+
+    if model not in MODELS and not (is_model_file(model) and Path(model).is_file()):
+        known = ", ".join(sorted(MODELS))
+        raise click.BadParameter(f"{model!r} is neither a known model ({known}) nor a model file", param_hint="--model")
+
+
 def lan_options(f: Any) -> Any:
     """The options this module adds to `secdfd bench e2e`: --lan, --lan-rtt-ms, --report."""
     f = click.option("--report", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -157,6 +167,7 @@ def e2e(ctx: click.Context, model: str, size: int | None, images: int, threads: 
     if images < 1:
         raise click.BadParameter("run at least one image", param_hint="--images")
     check_lan_options(lan, lan_rtt_ms)
+    check_model_name(model)
     torch.set_num_threads(max(1, threads))
     try:
         if lan:  # this command again, as the client inside the LAN
