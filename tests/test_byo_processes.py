@@ -107,7 +107,7 @@ def test_user_model_to_a_verdict_through_three_processes(tmp_path, exported):
     started = local.start(layout, local.launches(layout, endpoints, local.Options(threads=1, depth=1)))
     try:
         local.wait_ready(started, layout.keys, 120.0)
-        det = CliRunner().invoke(client_main, ["detect", str(FACE), "--json", "--keys", str(layout.keys),
+        det = CliRunner().invoke(client_main, ["detect", str(FACE), "--no-crop", "--json", "--keys", str(layout.keys),
                                                "--server-a", endpoints.server_a, "--server-b", endpoints.server_b])
         assert det.exit_code == 0, det.output
         res = json.loads(det.output)
