@@ -212,6 +212,8 @@ def _up(layout: local.Layout, endpoints: local.Endpoints, options: local.Options
     if reshare and running:
         click.echo(f"stopping {', '.join(local.stop(running))}: a new model is to be served")
         running = []
+    if not running:  # all three start afresh: refuse taken ports before any key or share is made
+        _refuse_taken_ports(endpoints)
     if not (layout.keys / "client" / "client.key_secret").is_file():
         make_keys(layout.keys)
         click.echo(f"keys made in {layout.keys}")
@@ -233,10 +235,6 @@ def _up(layout: local.Layout, endpoints: local.Endpoints, options: local.Options
         local.write_processes(layout, started)
         local.wait_ready(started, layout.keys, wait)
         return started
-    taken = local.ports_in_use(endpoints)
-    if taken:
-        raise DeploymentError(f"port in use: {', '.join(taken)}; stop what holds it (an earlier `secdfd up` "
-                              "with another --state?) or choose other --dealer/--server-a/--server-b/--peer")
     started = local.start(layout, local.launches(layout, endpoints, options))
     try:
         local.wait_ready(started, layout.keys, wait)
@@ -245,6 +243,13 @@ def _up(layout: local.Layout, endpoints: local.Endpoints, options: local.Options
         layout.processes.unlink(missing_ok=True)
         raise
     return started
+
+
+def _refuse_taken_ports(endpoints: local.Endpoints) -> None:
+    taken = local.ports_in_use(endpoints)
+    if taken:
+        raise DeploymentError(f"port in use: {', '.join(taken)}; stop what holds it (an earlier `secdfd up` "
+                              "with another --state?) or choose other --dealer/--server-a/--server-b/--peer")
 
 
 def _file_digest(path: Path | None) -> str:
