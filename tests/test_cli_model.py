@@ -153,3 +153,15 @@ def test_synth_refuses_a_used_folder_before_it_starts_and_names_its_fallback_fir
         assert note < res.output.index("synthesizing") and "pip install -e '.[data]'" in res.output
     else:
         assert "not installed" not in res.output
+
+
+def test_train_with_a_lone_last_image_at_a_small_size(workdir: Path) -> None:
+    """A last batch of one image at 32 px (1x1 maps in the exit flow) used to end in a BatchNorm traceback."""
+    from secdfd.common.ml.data import load_folder
+
+    n_train = len(load_folder(workdir / "data", 32, "train", 0.2))
+    res = CliRunner().invoke(main, ["train", "--data", str(workdir / "data"), "--stream", "rgb", "--size", "32",
+                                    "--epochs", "1", "--batch-size", str(n_train - 1), "--out",
+                                    str(workdir / "lone.pt")])
+    assert res.exit_code == 0, res.output
+    assert "epoch 1/1" in res.output
