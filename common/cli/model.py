@@ -20,6 +20,7 @@ import torch
 
 from secdfd.common import roster
 from secdfd.common.errors import SecDFDError
+from secdfd.common.ml.analyse import Analyser
 from secdfd.common.ml.faces import MARGIN, MIN_FACE, SCORE
 
 PathArg = click.Path(path_type=Path)
@@ -300,7 +301,7 @@ def detect_cmd(paths: tuple[Path, ...], plain: bool, model_path: Path | None, as
     secure figures (seconds online, bytes, rounds) are 0: nothing is sent. Private detection, where
     no server sees the image, is `secdfd-client detect`. Exit status 1 if any file failed.
     """
-    from secdfd.common.ml.analyse import Analyser, Settings, collect
+    from secdfd.common.ml.analyse import Settings, collect
     from secdfd.common.ml.report import human
     from secdfd.common.service.custom import load_reference
 
@@ -310,14 +311,10 @@ def detect_cmd(paths: tuple[Path, ...], plain: bool, model_path: Path | None, as
         model, _, size = load_reference(model_path)  # DFDNet, or a user's model as its plan
     files, refused = collect(paths)
     analyser = Analyser(_plaintext(model), size, Settings(not no_crop, margin, min_face, face_score, frames))
-    results: list[dict[str, object]] = [{"file": str(p), "error": why} for p, why in refused]
-    for path in files:
-        try:
-            results.append(analyser.file(path))
-        except SecDFDError as e:
-            results.append({"file": str(path), "error": str(e)})
-    for r in results:
+    failed = 0
+    for r in _results(analyser, files, refused):  # printed as each file is done
         if "error" in r:
+            failed += 1
             why, name = str(r["error"]), str(r["file"])
             click.echo(f"Error: {why}" if why.startswith(name) else f"Error: {name}: {why}", err=True)
         if as_json:
@@ -325,8 +322,19 @@ def detect_cmd(paths: tuple[Path, ...], plain: bool, model_path: Path | None, as
         elif "error" not in r:
             for line in human(r, figures=False):
                 click.echo(line)
-    if any("error" in r for r in results):
+    if failed:
         sys.exit(1)
+
+
+def _results(analyser: Analyser, files: list[Path], refused: list[tuple[Path, str]]) -> Iterator[dict[str, Any]]:
+    """The refused paths as {file, error}, then each file's result (or {file, error})."""
+    for path, why in refused:
+        yield {"file": str(path), "error": why}
+    for path in files:
+        try:
+            yield analyser.file(path)
+        except SecDFDError as e:
+            yield {"file": str(path), "error": str(e)}
 
 
 def _plaintext(model: torch.nn.Module) -> Callable[[torch.Tensor, str], dict[str, Any]]:
