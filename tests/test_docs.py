@@ -19,6 +19,8 @@ How a block is read:
   the servers from preparing bundles the test does not use, SECDFD_CLIENT_DETECT_FRAMES=2 keeps
   videos to 2 frames.
 - `<!-- doc-test: servers up -->` before a block that needs the parties running: `secdfd up` first.
+- PROBES check four of Troubleshooting's messages against what the processes print (a port in use,
+  a server not reachable, no face, a key not admitted).
 - SKIPPED lists what is not run, with the reason; a listed command that no longer appears fails. A
   block whose first command is listed is skipped whole (the docker compose blocks).
 """
@@ -95,6 +97,30 @@ EXPECT: tuple[tuple[str, str], ...] = (
 )
 
 BACKGROUND = ("secdfd-dealer ", "secdfd-server ")
+
+# Troubleshooting's messages, produced by the real processes: after the documented command (prefix),
+# run the probe (None: look at that command's own output) and match the output against the message
+# that starts with `message`, numbers free and `file` standing for the file the docs name.
+PROBES: tuple[tuple[str, str | None, str, dict[str, str]], ...] = (
+    ("secdfd up # keys", "secdfd up --state other-state", "Error: port in use", {}),
+    ("secdfd down", "secdfd-client detect examples/face.png --timeout 2", "Error: could not reach server_a", {}),
+    ("secdfd-client detect holiday/ more/ a.png", None, "photo.jpg: no face found", {"photo.jpg": "a.png"}),
+    ("secdfd-client detect photo.jpg #",
+     "secdfd keys new client --out stranger && "
+     "secdfd keys admit .secdfd/keys/public/server_a.key --keys stranger --party client && "
+     "secdfd keys admit .secdfd/keys/public/server_b.key --keys stranger --party client && "
+     "secdfd-client detect --keys stranger examples/face.png", "Error: server_a at", {}),
+)
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def documented_message(start: str, names: dict[str, str]) -> re.Pattern[str]:
+    """The Troubleshooting message that starts with `start`, as a pattern (numbers may differ)."""
+    text = next(b.commands[0] for b in blocks("README.md") if b.label == "text" and b.commands
+                and b.commands[0].startswith(start))
+    for doc_name, name in names.items():
+        text = text.replace(doc_name, name)
+    return re.compile(NUMBER.join(re.escape(part) for part in re.split(NUMBER, text)))
 
 
 @dataclass
@@ -262,6 +288,7 @@ class Runner:
         self.background: list[tuple[subprocess.Popen[bytes], Path | None]] = []
         self.log: list[str] = []
         self.used: set[tuple[str, str]] = set()
+        self.probed: set[str] = set()
 
     def rewrite(self, doc: str, command: str) -> str:
         for d, old, new in SIZES:
@@ -294,6 +321,21 @@ class Runner:
         for prefix, text in EXPECT:
             if command.startswith(prefix):
                 assert text in r.stdout, f"{doc}: `{command}` printed no {text!r}:\n{r.stdout[-3000:]}"
+        self.probe(command, r.stdout + r.stderr)
+
+    def probe(self, command: str, output: str) -> None:
+        for prefix, probe, message, names in PROBES:
+            if not command.startswith(prefix) or prefix in self.probed:
+                continue
+            self.probed.add(prefix)
+            if probe is not None:
+                r = subprocess.run(["bash", "-c", probe], cwd=self.root, env=self.env, capture_output=True, text=True,
+                                   timeout=300)
+                assert r.returncode == 1, (probe, r.returncode, r.stdout, r.stderr)
+                output = r.stdout + r.stderr
+                self.log.append(f"[probe] {probe}")
+            pattern = documented_message(message, names)
+            assert pattern.search(output), f"Troubleshooting's `{pattern.pattern}` not in:\n{output[-3000:]}"
 
     def wait_background(self, timeout: float = 300.0) -> None:
         """Until each background party's health file says it serves (a party that exits fails)."""
@@ -354,5 +396,6 @@ def test_the_documented_commands_run_as_written(tmp_path: Path) -> None:
         print(f"\n{ran} commands run, {len(skipped)} skipped, {time.monotonic() - t0:.0f} s")
         print("\n".join(runner.log + skipped))
     unused = {(d, o) for d, o, _ in SIZES} - runner.used
+    assert runner.probed == {prefix for prefix, *_ in PROBES}, f"probes not run: {runner.probed}"
     assert not unused, f"SIZES entries that matched no command: {unused}"
     assert (root / "seen.png").is_file() and (root / "out.csv").is_file() and (root / "runs" / "model.pt").is_file()
