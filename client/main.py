@@ -2,7 +2,7 @@
 servers, print the verdicts.
 
 The client session itself is `secdfd.common.service.client.Client`; what happens to each file
-(faces, crops, video frames) is `secdfd.client.analyse`; the output is `secdfd.client.report`.
+(faces, crops, video frames) is `secdfd.common.ml.analyse`; the output is `secdfd.common.ml.report`.
 """
 
 from __future__ import annotations
@@ -14,28 +14,30 @@ from typing import Any
 
 import click
 
-from secdfd.client.analyse import Analyser, Settings, collect
 from secdfd.client.progress import Progress
-from secdfd.client.report import Sink, annotate, human
 from secdfd.common import roster
+from secdfd.common.cli.envvars import show_envvars
 from secdfd.common.errors import SecDFDError
 from secdfd.common.ml import faces, video
+from secdfd.common.ml.analyse import Analyser, Settings, collect
 from secdfd.common.ml.data import open_rgb
+from secdfd.common.ml.report import Sink, annotate, human
 from secdfd.common.service.client import Client, ClientConfig
 
 
 @click.group("secdfd-client", context_settings={"auto_envvar_prefix": "SECDFD_CLIENT",
                                                 "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="secdfd", prog_name="secdfd-client")
 def main() -> None:
     """SecDFD client: detect DeepFake faces without showing the image to anybody."""
 
 
-def _error_line(path: Path | None, e: Exception) -> str:
-    where = "" if path is None or str(e).startswith(str(path)) else f"{path}: "
-    return f"Error: {where}{e}"
+def _error_line(path: Path | None, why: str) -> str:
+    where = "" if path is None or why.startswith(str(path)) else f"{path}: "
+    return f"Error: {where}{why}"
 
 
-@main.command("detect")
+@main.command("detect", short_help="Detect images, folders and videos privately.")
 @click.argument("paths", metavar="FILE|FOLDER...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--keys", type=click.Path(path_type=Path), default=Path(".secdfd/keys"), show_default=True,
               envvar="SECDFD_CLIENT_KEYS", help="Keys folder from `secdfd keys` (or the client's own subfolder).")
@@ -66,31 +68,47 @@ def detect(paths: tuple[Path, ...], keys: Path, server_a: str, server_b: str, ti
     """Detect each image (every face in it), each video (its main face in --frames frames) and every
     image in each FOLDER (recursively). A file that fails is reported and the others go on; the
     exit status is 1 if any failed."""
-    files, missing = collect(paths)
-    if annotate_to is not None and (len(files) != 1 or video.is_video(files[0]) or missing):
+    files, refused = collect(paths)
+    if annotate_to is not None and (len(files) != 1 or video.is_video(files[0]) or refused):
         raise click.UsageError("--annotate takes exactly one image")
     settings = Settings(not no_crop, margin, min_face, face_score, frames)
     sink: Sink | None = None
+    client: Client | None = None
     try:
         sink = Sink(output) if output is not None else None
-        client = Client(ClientConfig(keys, server_a, server_b, timeout))
+        if files:  # nothing to detect: no connection at all
+            client = Client(ClientConfig(keys, server_a, server_b, timeout))
     except SecDFDError as e:
         if sink is not None:
             sink.close()
         raise click.ClickException(str(e)) from None
     bar = Progress(len(files), enabled=None if not as_json else False)
-    for line in missing:
-        bar.echo(f"Error: {line}", err=True)
     try:
-        failed = len(missing) + _run(files, Analyser(client.detect_tensor, client.info.size, settings), bar, sink,
-                                     as_json, annotate_to)
+        for path, why in refused:
+            report_failure(bar, sink, as_json, path, why)
+        failed = len(refused)
+        if client is not None:
+            failed += _run(files, Analyser(client.detect_tensor, client.info.size, settings), bar, sink, as_json,
+                           annotate_to)
     finally:
         bar.close()
-        client.close()
+        if client is not None:
+            client.close()
         if sink is not None:
             sink.close()
     if failed:
         sys.exit(1)
+
+
+def report_failure(bar: Progress, sink: Sink | None, as_json: bool, path: Path, why: str) -> None:
+    """One file that failed: an `Error:` line on stderr, and its record ({file, error}) on stdout with
+    --json and in --output."""
+    bar.echo(_error_line(path, why), err=True)
+    r = {"file": str(path), "error": why}
+    if as_json:
+        bar.echo(json.dumps(r))
+    if sink is not None:
+        sink.write(r)
 
 
 def _run(files: list[Path], analyser: Analyser, bar: Progress, sink: Sink | None, as_json: bool,
@@ -105,10 +123,8 @@ def _run(files: list[Path], analyser: Analyser, bar: Progress, sink: Sink | None
                 annotate(open_rgb(path), r, annotate_to)
         except SecDFDError as e:
             failed += 1
-            bar.echo(_error_line(path, e), err=True)
+            report_failure(bar, None, as_json, path, str(e))
             r = {"file": str(path), "error": str(e)}
-            if as_json:
-                bar.echo(json.dumps(r))
         else:
             for line in [json.dumps(r)] if as_json else human(r):
                 bar.echo(line)
@@ -116,3 +132,6 @@ def _run(files: list[Path], analyser: Analyser, bar: Progress, sink: Sink | None
             sink.write(r)
         bar.advance(str(files[i + 1]) if i + 1 < len(files) else "")
     return failed
+
+
+show_envvars(main)

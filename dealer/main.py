@@ -21,6 +21,7 @@ import click
 import torch
 
 from secdfd.common import roster
+from secdfd.common.cli.envvars import show_envvars
 from secdfd.common.errors import ProtocolError, SecDFDError
 from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Responder
@@ -149,7 +150,7 @@ def _as_frames(data: bytes) -> list[torch.Tensor]:
               help="Public model info from `secdfd share` (OUT/model.json): the architecture, input size and the "
                    "split whose weight masks this dealer deals for.")
 @click.option("--threads", type=int, default=0, envvar=["SECDFD_DEALER_THREADS", "SECDFD_THREADS"],
-              help="CPU threads for torch (env SECDFD_THREADS) [default: every core; `secdfd up` uses 1].")
+              help="CPU threads for torch [default: every core; `secdfd up` uses 1].")
 def main(keys: Path, state: Path, listen: str, model_info: Path, threads: int) -> None:
     """Run the dealer: provisioning for the weight masks and one bundle per inference."""
     try:
@@ -157,3 +158,6 @@ def main(keys: Path, state: Path, listen: str, model_info: Path, threads: int) -
     except SecDFDError as e:
         raise click.ClickException(str(e)) from None
     sys.exit(run_process(roster.DEALER, threads, DealerService(DealerConfig(keys, state, listen, info)).run))
+
+
+show_envvars(main)

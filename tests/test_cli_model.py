@@ -52,7 +52,7 @@ def test_eval_json(workdir: Path) -> None:
 
 def test_detect_plain_json(workdir: Path) -> None:
     image = workdir / "data" / "fake" / "000000.jpg"
-    res = CliRunner().invoke(main, ["detect", "--plain", str(image), "--model", str(workdir / "model.pt"),
+    res = CliRunner().invoke(main, ["detect", str(image), "--no-crop", "--model", str(workdir / "model.pt"),
                                     "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
@@ -71,10 +71,11 @@ def test_resume_finished_run_is_a_noop(workdir: Path) -> None:
 def test_user_errors_are_messages_not_tracebacks(workdir: Path, tmp_path: Path) -> None:
     run = CliRunner().invoke
     (tmp_path / "note.txt").write_text("hello")
-    res = run(main, ["detect", "--plain", str(tmp_path / "note.txt"), "--model", str(workdir / "model.pt")])
+    (tmp_path / "note.png").write_text("hello")  # an image's suffix, not an image's contents
+    res = run(main, ["detect", str(tmp_path / "note.png"), "--model", str(workdir / "model.pt")])
     assert res.exit_code == 1 and "not a readable image" in res.output and "Traceback" not in res.output
-    res = run(main, ["detect", str(tmp_path / "note.txt")])
-    assert res.exit_code == 2 and "secdfd-client detect" in res.output
+    res = run(main, ["detect", str(tmp_path / "note.txt"), "--model", str(workdir / "model.pt")])
+    assert res.exit_code == 1 and "not an image or a video" in res.output and "Traceback" not in res.output
     res = run(main, ["eval", "--data", str(tmp_path / "nowhere"), "--model", str(workdir / "model.pt")])
     assert res.exit_code == 1 and "not a folder" in res.output
     res = run(main, ["eval", "--data", str(workdir / "data"), "--model", str(tmp_path / "note.txt")])
@@ -85,3 +86,82 @@ def test_user_errors_are_messages_not_tracebacks(workdir: Path, tmp_path: Path) 
     res = run(main, ["export", "--rgb", str(workdir / "ycbcr.pt"), "--ycbcr", str(workdir / "rgb.pt"),
                      "--out", str(tmp_path / "m.pt")])
     assert res.exit_code == 2 and "pass each where it belongs" in res.output
+
+
+def test_detect_is_plaintext_takes_many_files_and_folders_and_speaks_the_clients_json(workdir: Path,
+                                                                                     tmp_path: Path) -> None:
+    """`secdfd detect` needs no --plain (still accepted), takes files and folders like the client, and
+    prints the client's JSON: `file`, and the same fields as `secdfd-client detect --json`."""
+    folder = workdir / "data" / "fake"
+    one = workdir / "data" / "real" / "000000.jpg"
+    model = ["--model", str(workdir / "model.pt")]
+    res = CliRunner().invoke(main, ["detect", str(one), str(folder), "--no-crop", "--json", *model])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines()]
+    assert [r["file"] for r in rows] == [str(one)] + [str(f) for f in sorted(folder.iterdir())]
+    client_fields = {"file", "verdict", "p_fake", "seconds", "online_seconds", "bytes_per_server", "rounds",
+                     "offline_seconds", "dealer_seconds", "prepare_seconds", "dealer_bytes", "request"}
+    assert all(set(r) == client_fields for r in rows)
+    assert all(r["verdict"] == ("fake" if r["p_fake"] >= 0.5 else "real") for r in rows)
+    assert rows[0]["rounds"] == 0 and rows[0]["bytes_per_server"] == [0, 0]
+    plain = CliRunner().invoke(main, ["detect", "--plain", str(one), "--no-crop", "--json", *model])
+    assert plain.exit_code == 0 and json.loads(plain.output)["p_fake"] == rows[0]["p_fake"]
+    text = CliRunner().invoke(main, ["detect", str(one), "--no-crop", *model])
+    assert text.exit_code == 0 and text.output == f"{one}: {rows[0]['verdict']} (p_fake {rows[0]['p_fake']:.4f})\n"
+
+
+def test_detect_searches_faces_like_the_client(workdir: Path) -> None:
+    face = Path(__file__).resolve().parents[1] / "examples" / "face.png"
+    res = CliRunner().invoke(main, ["detect", str(face), "--json", "--model", str(workdir / "model.pt")])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["file"] == str(face) and r["kind"] == "image" and len(r["faces"]) == 1
+    assert set(r["faces"][0]) >= {"box", "score", "crop", "verdict", "p_fake"}
+    assert r["p_fake"] == r["faces"][0]["p_fake"]
+
+
+def test_export_refuses_the_packaged_models_folder_without_force(workdir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from secdfd.common.ml import export
+
+    packaged = tmp_path / "package-models"  # stands in for the installed common/ml/models/
+    packaged.mkdir()
+    (packaged / "dfdnet-s.pt").write_bytes(b"the shipped model")
+    monkeypatch.setattr(export, "MODELS_DIR", packaged)
+    args = ["export", "--rgb", str(workdir / "rgb.pt"), "--ycbcr", str(workdir / "ycbcr.pt"),
+            "--out", str(packaged / "dfdnet-s.pt")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "replace the embedded model" in res.output and "--force" in res.output
+    assert "secdfd up --model runs/model.pt" in res.output
+    assert (packaged / "dfdnet-s.pt").read_bytes() == b"the shipped model"
+    res = CliRunner().invoke(main, [*args, "--force"])
+    assert res.exit_code == 0, res.output
+    assert (packaged / "dfdnet-s.pt").read_bytes() != b"the shipped model"
+
+
+def test_synth_refuses_a_used_folder_before_it_starts_and_names_its_fallback_first(tmp_path: Path) -> None:
+    import importlib.util
+
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    res = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "used"), "--count", "4"])
+    assert res.exit_code == 1 and "not an empty folder" in res.output and "synthesizing" not in res.output
+    res = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "new"), "--count", "4", "--size", "32"])
+    assert res.exit_code == 0, res.output
+    if importlib.util.find_spec("skimage") is None:
+        note = res.output.index("scikit-image is not installed")
+        assert note < res.output.index("synthesizing") and "pip install -e '.[data]'" in res.output
+    else:
+        assert "not installed" not in res.output
+
+
+def test_train_with_a_lone_last_image_at_a_small_size(workdir: Path) -> None:
+    """A last batch of one image at 32 px (1x1 maps in the exit flow) used to end in a BatchNorm traceback."""
+    from secdfd.common.ml.data import load_folder
+
+    n_train = len(load_folder(workdir / "data", 32, "train", 0.2))
+    res = CliRunner().invoke(main, ["train", "--data", str(workdir / "data"), "--stream", "rgb", "--size", "32",
+                                    "--epochs", "1", "--batch-size", str(n_train - 1), "--out",
+                                    str(workdir / "lone.pt")])
+    assert res.exit_code == 0, res.output
+    assert "epoch 1/1" in res.output

@@ -151,6 +151,7 @@ def test_up_refuses_before_making_anything(tmp_path):
         r = CliRunner().invoke(main, ["up", "--state", str(state), "--dealer", f"tcp://127.0.0.1:{port}"])
         assert r.exit_code == 1 and f"port in use: dealer (tcp://127.0.0.1:{port})" in r.output
         assert not (state / "processes.json").exists()
+        assert not (state / "keys").exists() and not (state / "shares").exists()  # refused before making them
     finally:
         holder.close()
     if not torch.cuda.is_available():

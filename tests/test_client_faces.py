@@ -13,18 +13,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import write_tiny_model
 from PIL import Image
 from test_faces import FACE, FACE_BOX, face_image, scene, two_faces
 
-from secdfd.client.analyse import Analyser, Settings, collect
 from secdfd.client.progress import Progress
-from secdfd.client.report import CSV_FIELDS, Sink, annotate, human, row
 from secdfd.common import roster
 from secdfd.common.errors import DataError
 from secdfd.common.ml import faces, video
+from secdfd.common.ml.analyse import Analyser, Settings, collect
 from secdfd.common.ml.data import image_input, load_image
 from secdfd.common.ml.export import load_deployable
+from secdfd.common.ml.report import CSV_FIELDS, Sink, annotate, human, row
 
 SIZE = 32
 
@@ -122,9 +123,39 @@ def test_folders_are_searched_for_images(tmp_path):
     for name in ("a/1.png", "a/b/2.JPG", "a/b/3.webp", "a/.hidden/4.png", "a/.5.png", "a/notes.txt", "a/clip.mp4"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "empty").mkdir()
-    files, errors = collect([tmp_path / "a", tmp_path / "empty", tmp_path / "given.txt"])
-    assert files == [tmp_path / "a/1.png", tmp_path / "a/b/2.JPG", tmp_path / "a/b/3.webp", tmp_path / "given.txt"]
-    assert errors == [f"{tmp_path / 'empty'}: no image files in this folder"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo", format="PNG")  # an image without a suffix
+    (tmp_path / "README.md").write_text("# not an image")
+    named = [tmp_path / "clip.MOV", tmp_path / "photo", tmp_path / "README.md", tmp_path / "gone.png"]
+    for f in named[:1]:
+        f.write_bytes(b"x")
+    files, refused = collect([tmp_path / "a", tmp_path / "empty", *named])
+    assert files == [tmp_path / "a/1.png", tmp_path / "a/b/2.JPG", tmp_path / "a/b/3.webp", tmp_path / "clip.MOV",
+                     tmp_path / "photo"]
+    assert [(p, why.split(" (")[0]) for p, why in refused] == [
+        (tmp_path / "empty", "no image files in this folder"), (tmp_path / "README.md", "not an image or a video"),
+        (tmp_path / "gone.png", "no such file")]
+
+
+def test_a_named_non_image_is_refused_before_any_connection(tmp_path, monkeypatch):
+    """`secdfd-client detect README.md`: an error line at once; with nothing left to detect, no
+    connection is made at all; with --json the refusal is a record on stdout."""
+    import secdfd.client.main as client_main
+
+    def no_network(*args: Any) -> None:
+        raise AssertionError("the client connected")
+
+    monkeypatch.setattr(client_main, "Client", no_network)
+    (tmp_path / "README.md").write_text("# not an image")
+    runner = CliRunner()
+    r = runner.invoke(client_main.main, ["detect", str(tmp_path / "README.md"), str(tmp_path / "nope.jpg"), "--json",
+                                         "--output", str(tmp_path / "out.csv")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"Error: {tmp_path / 'README.md'}: not an image or a video (images: .bmp" in r.stderr
+    assert f"Error: {tmp_path / 'nope.jpg'}: no such file" in r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [set(x) for x in records] == [{"file", "error"}] * 2
+    assert [row["file"] for row in csv.DictReader((tmp_path / "out.csv").open())] == [str(tmp_path / "README.md"),
+                                                                                    str(tmp_path / "nope.jpg")]
 
 
 class FakeTTY(io.StringIO):

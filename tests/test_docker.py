@@ -362,7 +362,7 @@ def deployment(engine: Engine, built: Built, scratch: Path) -> Iterator[Deployme
     project = f"secdfdtest{uuid.uuid4().hex[:10]}"
 
     t0 = time.monotonic()
-    r = sh([BIN / "secdfd", "detect", "--plain", FACE, "--json"], timeout=300, cwd=ROOT, env=clean_env())
+    r = sh([BIN / "secdfd", "detect", "--no-crop", FACE, "--json"], timeout=300, cwd=ROOT, env=clean_env())
     plain = json.loads(r.stdout)
     log(f"plaintext reference {plain} ({time.monotonic() - t0:.0f} s)")
 

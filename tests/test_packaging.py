@@ -88,7 +88,7 @@ def test_installed_wheel_imports_everything_and_serves(wheel: Path, tmp_path: Pa
                    "--server-b", f"tcp://127.0.0.1:{b}"], timeout=300, cwd=work, env=env)
         r = json.loads(res.stdout)
         assert r["verdict"] in ("real", "fake") and 0.0 <= r["p_fake"] <= 1.0 and r["rounds"] > 100
-        plain = json.loads(run(["secdfd", "detect", "--plain", str(ROOT / "examples" / "face.png"), "--json"],
+        plain = json.loads(run(["secdfd", "detect", "--no-crop", str(ROOT / "examples" / "face.png"), "--json"],
                                timeout=300, cwd=work, env=env).stdout)
         assert r["verdict"] == plain["verdict"] and abs(r["p_fake"] - plain["p_fake"]) <= 1e-3
     finally:

@@ -94,12 +94,12 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
         click.echo(f"{k}: {v}")
 
 
-@click.group("bench")
+@click.group("bench", short_help="Benchmarks: protocols, a model, the three-party service.")
 def bench() -> None:
     """Benchmarks: protocols, a model in one process, the three-party service."""
 
 
-@bench.command("protocols")
+@bench.command("protocols", short_help="Each protocol: seconds, bytes, rounds, error.")
 @click.option("--elements", "-n", default=1_000_000, show_default=True, help="Elements per protocol.")
 @click.option("--threads", default=1, show_default=True, help="torch threads per party thread.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -118,7 +118,7 @@ def protocols_cmd(elements: int, threads: int, as_json: bool) -> None:
                                                   for k, v in r.items()))
 
 
-@bench.command("model")
+@bench.command("model", short_help="A model FILE.py:FACTORY securely in one process.")
 @click.argument("factory")
 @click.option("--input-shape", default="1,3,128,128", show_default=True, help="Input shape, comma-separated.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the (public) test input.")
@@ -142,7 +142,7 @@ def model_cmd(factory: str, input_shape: str, seed: int, runs: int, threads: int
     _print(res, as_json)
 
 
-@bench.command("e2e")
+@bench.command("e2e", short_help="Dealer and servers as processes: time, bytes, rounds.")
 @click.option("--model", default="dfdnet-s", show_default=True, metavar="NAME|FILE",
               help="dfdnet-s: the embedded trained model; dfdnet: full width (random weights unless trained); or a "
                    "deployable FILE from `secdfd export` (a user's model too).")
@@ -193,10 +193,11 @@ def e2e(ctx: click.Context, model: str, size: int | None, images: int, threads: 
         click.echo(line)
 
 
-@bench.command("fidelity")
+@bench.command("fidelity", short_help="Secure vs plaintext fake probability per image.")
 @click.option("--data", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder with real/ and fake/ (e.g. the proxy set from `secdfd data synth`).")
-@click.option("--split", type=click.Choice(["train", "val", "all"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="val", show_default=True,
+              help="Which files of --data: the held-out split of the training folder, or all.")
 @click.option("--images", type=int, default=50, show_default=True, help="Images to compare (classes alternate).")
 @click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Deployable model [default: the embedded model].")
@@ -235,14 +236,15 @@ def weights_line(res: dict[str, Any]) -> str:
             f"{res['threads']} thread(s) per process")
 
 
-@bench.command("load")
+@bench.command("load", short_help="Many clients at once against dealer and servers.")
 @click.option("--clients", type=click.IntRange(min=1), default=4, show_default=True,
               help="Client processes, each with its own key, sending at once.")
 @click.option("--requests", type=click.IntRange(min=1), default=None,
               help="Requests in total, shared among the clients.")
 @click.option("--duration", default=None, metavar="TIME",
               help="Instead of --requests: keep sending for TIME (90s, 10m, 1h): a soak run.")
-@click.option("--model", type=click.Choice(["dfdnet", "dfdnet-s"]), default="dfdnet-s", show_default=True)
+@click.option("--model", type=click.Choice(["dfdnet", "dfdnet-s"]), default="dfdnet-s", show_default=True,
+              help="Model served: dfdnet-s (the embedded weights) or dfdnet (freshly initialised weights).")
 @click.option("--size", type=int, default=128, show_default=True, help="Input size.")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per process.")
 @click.option("--depth", type=int, default=2, show_default=True, help="Bundles each server keeps ready.")

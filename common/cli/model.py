@@ -1,4 +1,4 @@
-"""Commands of the model area: `data synth`, `train`, `eval`, `detect --plain`, `export`.
+"""Commands of the model area: `data synth`, `train`, `eval`, `detect` (the plaintext reference), `export`.
 
 Without `--model`, commands use the embedded default (common/models/dfdnet-s.pt). User mistakes
 (missing folders, bad images, unknown names, corrupt model files) end as one-line click errors,
@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 
 from secdfd.common import roster
 from secdfd.common.errors import SecDFDError
+from secdfd.common.ml.analyse import Analyser
+from secdfd.common.ml.faces import MARGIN, MIN_FACE, SCORE
 
 PathArg = click.Path(path_type=Path)
 
@@ -83,7 +86,7 @@ def data_group() -> None:
     """Datasets in the real/ + fake/ folder layout."""
 
 
-@data_group.command("synth")
+@data_group.command("synth", short_help="Write the proxy real/fake dataset (not DeepFake faces).")
 @click.option("--out", type=PathArg, required=True, help="New folder to write real/ and fake/ into.")
 @click.option("--count", type=int, default=4000, show_default=True, help="Total images (half real).")
 @click.option("--seed", type=int, default=0, show_default=True, help="A different seed gives a fresh set.")
@@ -91,14 +94,20 @@ def data_group() -> None:
 def synth_cmd(out: Path, count: int, seed: int, size: int) -> None:
     """Write the PROXY dataset: crops of bundled photographs (real) and the same kind of crops
     regenerated through random transposed-conv generators (fake). Not DeepFake faces."""
-    from secdfd.common.ml.synth import SynthConfig, synthesize
+    from secdfd.common.ml.synth import SynthConfig, prepare, synthesize
 
-    with user_errors(), click.progressbar(length=count, label="synthesizing") as bar:
-        manifest = synthesize(out, SynthConfig(count=count, seed=seed, size=size), bar.update)
+    cfg = SynthConfig(count=count, seed=seed, size=size)
+    with user_errors():
+        photos, source = prepare(out, cfg)  # refuses a non-empty --out before anything is printed
+    if source != "scikit-image":
+        instead = ("scikit-learn's two sample photographs" if source == "scikit-learn"
+                   else "procedural 1/f-noise images")
+        click.echo(f"note: scikit-image is not installed, so the 'real' images are crops of {instead}, not the "
+                   "model card's set; for that: pip install 'secdfd[data]' (in a checkout: pip install -e '.[data]')",
+                   err=True)
+    with user_errors(), click.progressbar(length=count, label="synthesizing", file=sys.stderr) as bar:
+        manifest = synthesize(out, cfg, bar.update, (photos, source))
     click.echo(f"wrote {count} images to {out} (photos from {manifest['source']})")
-    if manifest["source"] == "procedural":
-        click.echo("note: scikit-image is not installed, so 'real' images are procedural 1/f noise; "
-                   "pip install 'secdfd[data]' for photographs", err=True)
 
 
 @click.command("train")
@@ -106,8 +115,10 @@ def synth_cmd(out: Path, count: int, seed: int, size: int) -> None:
 @click.option("--stream", type=click.Choice(["rgb", "ycbcr"]), required=True, help="Colour stream to train.")
 @click.option("--model", "arch", default="dfdnet-s", show_default=True, help="dfdnet-s or dfdnet.")
 @click.option("--size", type=int, default=128, show_default=True, help="Input size (128 or 256).")
-@click.option("--epochs", type=int, default=8, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Passes over the training split.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per optimiser step.")
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (one-cycle).")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Held-out share of files.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initialisation and shuffling seed.")
@@ -135,7 +146,7 @@ def train_cmd(data: Path, stream: str, arch: str, size: int, epochs: int, batch_
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s")
 
 
-@click.command("export")
+@click.command("export", short_help="Write a deployable model file (DFDNet or your own).")
 @click.option("--rgb", type=PathArg, default=None, help="Trained RGB stream (from `secdfd train`).")
 @click.option("--ycbcr", type=PathArg, default=None, help="Trained YCbCr stream (from `secdfd train`).")
 @click.option("--factory", metavar="FILE.py:FACTORY", default=None,
@@ -153,12 +164,19 @@ def train_cmd(data: Path, stream: str, arch: str, size: int, epochs: int, batch_
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage precision of the weights (loaded as float32 either way).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (file, checksum, plan, calibration).")
+@click.option("--force", is_flag=True,
+              help="Allow --out in the installed package's models folder (replaces the embedded model).")
 def export_cmd(rgb: Path | None, ycbcr: Path | None, factory: str | None, weights: Path | None, size: int | None,
                outputs: str | None, fake_index: int, name: str | None, calibrate: Path | None, out: Path, dtype: str,
-               as_json: bool) -> None:
+               as_json: bool, force: bool) -> None:
     """Write one checksummed deployable file: DFDNet from two trained streams (--rgb, --ycbcr; BatchNorm
     and the YCbCr map folded, streams fused), or your own model (--factory, --weights, --size,
-    --outputs): its secure plan, checked on calibration images, and its folded weights."""
+    --outputs): its secure plan, checked on calibration images, and its folded weights.
+
+    Serve it with `secdfd up --model OUT`. OUT is refused inside the installed package's models folder
+    (the embedded model that `secdfd up` serves by default) unless --force.
+    """
+    _refuse_packaged(out, force)
     if factory is not None:
         if rgb is not None or ycbcr is not None:
             raise click.UsageError("give either --factory (your own model) or --rgb and --ycbcr (DFDNet)")
@@ -186,6 +204,18 @@ def export_cmd(rgb: Path | None, ycbcr: Path | None, factory: str | None, weight
     click.echo(f"wrote {out} ({meta_rgb['arch']}, {meta_rgb['size']}x{meta_rgb['size']}, sha256 {digest})")
 
 
+def _refuse_packaged(out: Path, force: bool) -> None:
+    """Refuse to write into the package's models folder: that would silently replace the embedded model."""
+    from secdfd.common.ml.export import MODELS_DIR
+
+    if force or not out.resolve().is_relative_to(MODELS_DIR.resolve()):
+        return
+    raise click.UsageError(f"{out} is in the installed package's models folder ({MODELS_DIR}), where it would "
+                           "replace the embedded model that `secdfd up` serves by default; write it elsewhere "
+                           "(e.g. --out runs/model.pt, then `secdfd up --model runs/model.pt`), or add --force to "
+                           "replace the embedded model")
+
+
 def _export_custom(factory: str, weights: Path | None, size: int, outputs: str, fake_index: int, name: str | None,
                    calibrate: Path | None, out: Path, dtype: str, as_json: bool) -> None:
     from secdfd.common.service.custom import UserModel, estimate, export_model
@@ -207,12 +237,13 @@ def _export_custom(factory: str, weights: Path | None, size: int, outputs: str, 
     click.echo(f"next: secdfd share {done.path} --out DIR")
 
 
-@click.command("eval")
+@click.command("eval", short_help="Accuracy, AUC, confusion matrix on a real/fake folder.")
 @click.option("--data", type=PathArg, required=True, help="Folder with real/ and fake/.")
 @model_file_option
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
               help="Which files: the held-out split of the training folder, or all (for a fresh set).")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
+              help="Held-out share of files, as given to `secdfd train` (the split is a hash of each path).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (fused accuracy and auc at the top level).")
 @threads_option
 def eval_cmd(data: Path, model_path: Path | None, split: str, val_fraction: float, as_json: bool,
@@ -244,33 +275,79 @@ def eval_cmd(data: Path, model_path: Path | None, split: str, val_fraction: floa
                    f"confusion [real->real {tn}, real->fake {fp}; fake->real {fn}, fake->fake {tp}]")
 
 
-@click.command("detect")
-@click.argument("image", type=PathArg)
-@click.option("--plain", is_flag=True, help="Run the plaintext fused model locally (the reference).")
+@click.command("detect", short_help="The plaintext reference of `secdfd-client detect` (files, folders).")
+@click.argument("paths", metavar="FILE|FOLDER...", nargs=-1, required=True, type=PathArg)
+@click.option("--plain", is_flag=True, hidden=True, help="Accepted for older scripts; this command is plaintext.")
 @model_file_option
-@click.option("--json", "as_json", is_flag=True, help="Print JSON with keys verdict and p_fake.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per file (JSON Lines), the fields of `secdfd-client detect --json`.")
+@click.option("--no-crop", is_flag=True,
+              help="Each image is a face crop already: detect the whole image once (no face search).")
+@click.option("--margin", type=click.FloatRange(min=1.0), default=MARGIN, show_default=True,
+              help="Face crop: a square of MARGIN x the face box's larger side around its centre.")
+@click.option("--min-face", type=click.IntRange(min=12), default=MIN_FACE, show_default=True,
+              help="Smallest face searched for (pixels); smaller images are refused.")
+@click.option("--face-score", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=SCORE,
+              show_default=True, help="Face detector probability needed to report a face.")
+@click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Frames per video, evenly spaced.")
 @threads_option
-def detect_cmd(image: Path, plain: bool, model_path: Path | None, as_json: bool, threads: int) -> None:
-    """Fake probability of one face image with the plaintext model (`--plain`).
+def detect_cmd(paths: tuple[Path, ...], plain: bool, model_path: Path | None, as_json: bool, no_crop: bool,
+               margin: float, min_face: int, face_score: float, frames: int, threads: int) -> None:
+    """The plaintext reference of `secdfd-client detect`: the same files, folders, face search, crops
+    and output, with the model run here in plaintext (the model file's owner sees the images).
 
-    Private detection, where no server sees the image, is `secdfd-client detect`.
+    Results agree with the private detection within its error (1e-3 on the fake probability). The
+    secure figures (seconds online, bytes, rounds) are 0: nothing is sent. Private detection, where
+    no server sees the image, is `secdfd-client detect`. Exit status 1 if any file failed.
     """
-    from secdfd.common.ml.data import load_image
+    from secdfd.common.ml.analyse import Settings, collect
+    from secdfd.common.ml.report import human
     from secdfd.common.service.custom import load_reference
 
-    if not plain:
-        raise click.UsageError("this command runs the plaintext reference only: add --plain; "
-                               "for private detection use `secdfd-client detect`")
+    del plain  # the command is plaintext either way
     set_threads(threads)
     with user_errors():
         model, _, size = load_reference(model_path)  # DFDNet, or a user's model as its plan
-        x = load_image(image, size)
+    files, refused = collect(paths)
+    analyser = Analyser(_plaintext(model), size, Settings(not no_crop, margin, min_face, face_score, frames))
+    failed = 0
+    for r in _results(analyser, files, refused):  # printed as each file is done
+        if "error" in r:
+            failed += 1
+            why, name = str(r["error"]), str(r["file"])
+            click.echo(f"Error: {why}" if why.startswith(name) else f"Error: {name}: {why}", err=True)
+        if as_json:
+            click.echo(json.dumps(r))
+        elif "error" not in r:
+            for line in human(r, figures=False):
+                click.echo(line)
+    if failed:
+        sys.exit(1)
+
+
+def _results(analyser: Analyser, files: list[Path], refused: list[tuple[Path, str]]) -> Iterator[dict[str, Any]]:
+    """The refused paths as {file, error}, then each file's result (or {file, error})."""
+    for path, why in refused:
+        yield {"file": str(path), "error": why}
+    for path in files:
+        try:
+            yield analyser.file(path)
+        except SecDFDError as e:
+            yield {"file": str(path), "error": str(e)}
+
+
+def _plaintext(model: torch.nn.Module) -> Callable[[torch.Tensor, str], dict[str, Any]]:
+    """The plaintext model behind the secure step's interface: the same fields as
+    `Client.detect_tensor`, its figures 0 (no server, no bytes, no rounds)."""
+
+    def detect(x: torch.Tensor, name: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
         with torch.no_grad():
             p_fake = float(model(x).reshape(-1)[0])
-    verdict = roster.verdict(p_fake)
-    if as_json:
-        click.echo(json.dumps({"verdict": verdict, "p_fake": p_fake, "image": str(image)}))
-    else:
-        click.echo(f"{image}: {verdict} (p_fake {p_fake:.4f})")
+        return {"file": name, "verdict": roster.verdict(p_fake), "p_fake": p_fake,
+                "seconds": time.perf_counter() - t0, "online_seconds": 0.0, "bytes_per_server": [0, 0], "rounds": 0,
+                "offline_seconds": 0.0, "dealer_seconds": 0.0, "prepare_seconds": [0.0, 0.0], "dealer_bytes": 0,
+                "request": None}
 
-
+    return detect

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from secdfd.common import roster
+from secdfd.common.cli.envvars import show_envvars
 from secdfd.common.errors import ModelError
 from secdfd.common.service import deployment
 from secdfd.common.service.server import ServerBase, ServerConfig
@@ -52,7 +53,7 @@ def server_command(role: type[ServerBase]) -> click.Command:
     @click.option("--max-pending-per-client", type=click.IntRange(min=1), default=2, show_default=True,
                   help="Requests one client key may have held at once; beyond: Busy.")
     @click.option("--threads", type=int, default=0, envvar=["SECDFD_SERVER_THREADS", "SECDFD_THREADS"],
-                  help="CPU threads for torch (env SECDFD_THREADS) [default: every core; `secdfd up` uses 1].")
+                  help="CPU threads for torch [default: every core; `secdfd up` uses 1].")
     @click.option("--device", default="cpu", show_default=True, help="Where the ring arithmetic runs: cpu or cuda.")
     @click.option("--limbs", is_flag=True, default=None,
                   help="Use float64 limb ring products on CPU too (always on with CUDA).")
@@ -72,7 +73,7 @@ def server_command(role: type[ServerBase]) -> click.Command:
         sys.exit(run_process(me.name, threads, role(cfg).run))
 
     command.help = f"Run {me.name}: {'the leader' if me.role == 0 else 'the follower'} of the two servers."
-    return command
+    return show_envvars(command)
 
 
 def main() -> None:

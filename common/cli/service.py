@@ -25,7 +25,7 @@ _STATE = click.option("--state", "state", type=click.Path(path_type=Path), defau
                       help="State folder of the local deployment (keys, shares, ledgers, logs).")
 
 
-@click.group("keys", invoke_without_command=True)
+@click.group("keys", invoke_without_command=True, short_help="Make CURVE keypairs; admit and revoke peers.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path(".secdfd/keys"), show_default=True,
               help="Folder for the keys; each party gets its own subfolder.")
 @click.option("--force", is_flag=True, help="Replace existing keys (every party then needs its new folder).")
@@ -56,7 +56,7 @@ def keys_cmd(ctx: click.Context, out: Path, force: bool, as_json: bool) -> None:
     click.echo(f"public keys: {out / 'public'}")
 
 
-@keys_cmd.command("new")
+@keys_cmd.command("new", short_help="Make one party's keypair on its own machine.")
 @click.argument("party", type=click.Choice(list(PARTIES)))
 @click.option("--out", "home", type=click.Path(path_type=Path), required=True,
               help="This party's key folder on its own machine (give the process --keys FOLDER).")
@@ -71,7 +71,7 @@ def keys_new_cmd(party: str, home: Path, force: bool) -> None:
     click.echo(f"{party} keys in {home}; hand {public} to the operators of the parties it talks to")
 
 
-@keys_cmd.command("admit")
+@keys_cmd.command("admit", short_help="Admit a peer's public key into this party's folder.")
 @click.argument("public_key", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--keys", "home", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="This party's key folder (from `secdfd keys new`).")
@@ -103,7 +103,7 @@ def keys_revoke_cmd(name: str, home: Path) -> None:
         click.echo(f"removed {f}")
 
 
-@click.command("share")
+@click.command("share", short_help="Split a deployable model into two weight shares.")
 @click.argument("model", type=click.Path(path_type=Path), required=False, envvar="SECDFD_SHARE_MODEL")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path(".secdfd/shares"), show_default=True,
               help="Folder for server_a.weights, server_b.weights and model.json.")
@@ -158,7 +158,7 @@ def _endpoint_options(f: Any) -> Any:
     return f
 
 
-@click.command("up")
+@click.command("up", short_help="Start dealer and both servers on this machine.")
 @_STATE
 @click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Deployable model to serve (from `secdfd export`); if another one is served, its shares are "
@@ -212,6 +212,8 @@ def _up(layout: local.Layout, endpoints: local.Endpoints, options: local.Options
     if reshare and running:
         click.echo(f"stopping {', '.join(local.stop(running))}: a new model is to be served")
         running = []
+    if not running:  # all three start afresh: refuse taken ports before any key or share is made
+        _refuse_taken_ports(endpoints)
     if not (layout.keys / "client" / "client.key_secret").is_file():
         make_keys(layout.keys)
         click.echo(f"keys made in {layout.keys}")
@@ -233,10 +235,6 @@ def _up(layout: local.Layout, endpoints: local.Endpoints, options: local.Options
         local.write_processes(layout, started)
         local.wait_ready(started, layout.keys, wait)
         return started
-    taken = local.ports_in_use(endpoints)
-    if taken:
-        raise DeploymentError(f"port in use: {', '.join(taken)}; stop what holds it (an earlier `secdfd up` "
-                              "with another --state?) or choose other --dealer/--server-a/--server-b/--peer")
     started = local.start(layout, local.launches(layout, endpoints, options))
     try:
         local.wait_ready(started, layout.keys, wait)
@@ -245,6 +243,13 @@ def _up(layout: local.Layout, endpoints: local.Endpoints, options: local.Options
         layout.processes.unlink(missing_ok=True)
         raise
     return started
+
+
+def _refuse_taken_ports(endpoints: local.Endpoints) -> None:
+    taken = local.ports_in_use(endpoints)
+    if taken:
+        raise DeploymentError(f"port in use: {', '.join(taken)}; stop what holds it (an earlier `secdfd up` "
+                              "with another --state?) or choose other --dealer/--server-a/--server-b/--peer")
 
 
 def _file_digest(path: Path | None) -> str:
@@ -299,7 +304,7 @@ def down_cmd(state: Path) -> None:
     click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 
-@click.command("status")
+@click.command("status", short_help="Processes, model served, bundles, requests.")
 @_STATE
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the model served and each party's state.")
 def status_cmd(state: Path, as_json: bool) -> None:

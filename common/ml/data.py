@@ -217,11 +217,17 @@ def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
 
 
 def batches(data: ImageSet, batch_size: int, rng: np.random.Generator | None = None,
-            augment: Augment = NO_AUGMENT) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches, x float32 in [0, 1]; shuffled and augmented when `rng` is given."""
+            augment: Augment = NO_AUGMENT, drop_lone: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches, x float32 in [0, 1]; shuffled and augmented when `rng` is given.
+
+    `drop_lone` (training) leaves a lone last image out of this pass: BatchNorm cannot train on one
+    value per channel, which is what one image gives at the 1x1 maps of small inputs.
+    """
     order = rng.permutation(len(data)) if rng is not None else np.arange(len(data))
     for start in range(0, len(order), batch_size):
         idx = torch.from_numpy(order[start:start + batch_size].copy())
+        if drop_lone and len(idx) == 1 and len(order) > 1:
+            return
         if rng is None:
             x = data.images[idx].float() / 255.0
         else:

@@ -177,18 +177,26 @@ def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def synthesize(out: str | Path, cfg: SynthConfig,
-               progress: Callable[[int], None] | None = None) -> dict[str, object]:
-    """Write cfg.count images (half real, half fake) under OUT/real and OUT/fake, and a manifest.
-
-    Returns the manifest (also written to OUT/synth.json): the config and the photo source.
-    """
+def prepare(out: str | Path, cfg: SynthConfig) -> tuple[list[np.ndarray], str]:
+    """Check cfg and that OUT is new (or empty), then load the source photos: (photos, source), where
+    source is "scikit-image", "scikit-learn" or "procedural". DataError before anything is written."""
     if cfg.count < 2:
         raise DataError(f"count must be at least 2 (one real, one fake), got {cfg.count}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not empty; choose a new folder")
-    photos, source = photographs()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not an empty folder; choose a new folder")
+    return photographs()
+
+
+def synthesize(out: str | Path, cfg: SynthConfig, progress: Callable[[int], None] | None = None,
+               prepared: tuple[list[np.ndarray], str] | None = None) -> dict[str, object]:
+    """Write cfg.count images (half real, half fake) under OUT/real and OUT/fake, and a manifest.
+
+    `prepared` is `prepare(out, cfg)`'s result, if the caller already has it. Returns the manifest
+    (also written to OUT/synth.json): the config and the photo source.
+    """
+    out = Path(out)
+    photos, source = prepared if prepared is not None else prepare(out, cfg)
     root_seq = np.random.SeedSequence(cfg.seed)
     gen_seq, sample_seq = root_seq.spawn(2)
     generators = [Generator(np.random.default_rng(s), cfg) for s in gen_seq.spawn(cfg.generators)]

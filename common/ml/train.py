@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepHook | None = Non
         model.train()
         rng = np.random.default_rng([cfg.seed, epoch])
         seen, loss_sum, correct = 0, 0.0, 0
-        for x, y in batches(train_set, cfg.batch_size, rng, cfg.augment):
+        for x, y in batches(train_set, cfg.batch_size, rng, cfg.augment, drop_lone=True):
             logits = model(stream_input(x, cfg.stream))
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)

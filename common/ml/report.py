@@ -1,5 +1,5 @@
-"""How `secdfd-client detect` shows its results: lines for people, a CSV or JSON Lines file, and an
-annotated copy of an image (each face's box with its verdict and probability)."""
+"""How `secdfd-client detect` (and `secdfd detect`) show their results: lines for people, a CSV or
+JSON Lines file, and an annotated copy of an image (each face's box with its verdict and probability)."""
 
 from __future__ import annotations
 
@@ -27,25 +27,30 @@ def _box(b: list[int]) -> str:
     return f"{b[0]},{b[1]}-{b[2]},{b[3]}"
 
 
-def human(r: dict[str, Any]) -> list[str]:
-    """Lines for a terminal: the file's verdict, then one line per face or frame."""
+def human(r: dict[str, Any], figures: bool = True) -> list[str]:
+    """Lines for a terminal: the file's verdict, then one line per face or frame; `figures=False`
+    leaves out the secure figures (time online, bytes, rounds: the plaintext reference has none)."""
     name = r["file"]
+
+    def fig(text: str) -> str:
+        return text if figures else ""
+
     if "kind" not in r:  # one inference on the whole image (no face search)
-        return [f"{name}: {r['verdict']} (p_fake {r['p_fake']:.4f}), {_figures(r)}"]
+        return [f"{name}: {r['verdict']} (p_fake {r['p_fake']:.4f})" + fig(f", {_figures(r)}")]
     if r["kind"] == "image":
         n = len(r["faces"])
         if not n:
             return [f"{name}: no face found ({r['detect_seconds']:.2f} s to search)"]
-        head = (f"{name}: {r['verdict']} (p_fake {r['p_fake']:.4f}, the highest of {n} face{'s' * (n > 1)}), "
-                f"{_figures(r)}")
-        return [head] + [f"  face {i} at {_box(f['box'])}: {f['verdict']} (p_fake {f['p_fake']:.4f}), "
-                         f"{f['online_seconds']:.2f} s online" for i, f in enumerate(r["faces"], 1)]
+        head = (f"{name}: {r['verdict']} (p_fake {r['p_fake']:.4f}, the highest of {n} face{'s' * (n > 1)})"
+                + fig(f", {_figures(r)}"))
+        return [head] + [f"  face {i} at {_box(f['box'])}: {f['verdict']} (p_fake {f['p_fake']:.4f})"
+                         + fig(f", {f['online_seconds']:.2f} s online") for i, f in enumerate(r["faces"], 1)]
     total = len(r["frames"])
     if r["p_fake"] is None:
         head = f"{name}: no face found in {total} frames"
     else:
         head = (f"{name}: {r['verdict']} (mean p_fake {r['p_fake']:.4f} over {r['frames_scored']} of {total} frames, "
-                f"{r['fake_share']:.0%} of them fake), {_figures(r)}")
+                f"{r['fake_share']:.0%} of them fake)" + fig(f", {_figures(r)}"))
     lines = [head]
     for f in r["frames"]:
         where = f"face at {_box(f['box'])}: " if f.get("box") else ""

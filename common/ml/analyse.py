@@ -1,4 +1,5 @@
-"""What the client does with each file before and after the secure detections.
+"""What a detection does with each file before and after the model: `secdfd-client detect` (one
+secure inference per crop) and `secdfd detect` (the plaintext reference) run the same steps.
 
 The client owns the image, so it finds the faces in plaintext and shares only the crops:
 
@@ -12,7 +13,7 @@ The client owns the image, so it finds the faces in plaintext and shares only th
   the face was found, `fake_share` the share of those frames called fake.
 
 The secure step is any function (tensor, name) -> `Client.detect_tensor`'s dict, so this module
-runs against the servers or, in tests, against the plaintext model.
+runs against the servers or against the plaintext model (`secdfd detect`, tests).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from secdfd.common.ml.data import image_input, load_image, open_rgb
 
 SecureDetect = Callable[[torch.Tensor, str], dict[str, Any]]
 
-# Suffixes of the files taken from a folder (files named on the command line are tried whatever
-# their suffix; videos by theirs, see `ml.video.SUFFIXES`).
+# Suffixes of the files taken from a folder (a file named on the command line is also taken if its
+# header is an image's; videos by their suffix, see `ml.video.SUFFIXES`).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                             ".ppm", ".pgm", ".pbm", ".pnm"})
 NO_FACE = "no face"
@@ -59,21 +60,40 @@ class Settings:
             raise ValueError(f"at least one frame per video, got {self.frames}")
 
 
-def collect(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
-    """The files to detect: files as given; for a folder, the image files below it (recursively,
-    sorted, hidden ones skipped). Also one error line per folder that holds no image."""
+def collect(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files to detect, and (path, reason) for each path refused before any detection.
+
+    A folder gives the image files below it (recursively, sorted, hidden ones skipped), or a refusal
+    if it holds none. A named file is taken if its suffix is an image's or a video's, or if Pillow
+    recognises its header (an image without a suffix); a missing file or any other file is refused
+    here, on this machine, so that nothing is sent for it.
+    """
     files: list[Path] = []
-    errors: list[str] = []
+    refused: list[tuple[Path, str]] = []
     for p in paths:
-        if not p.is_dir():
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            if not found:
+                refused.append((p, "no image files in this folder"))
+            files += found
+        elif not p.exists():
+            refused.append((p, "no such file"))
+        elif p.suffix.lower() in IMAGE_SUFFIXES or video.is_video(p) or _image_header(p):
             files.append(p)
-            continue
-        found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()
-                       and not any(part.startswith(".") for part in q.relative_to(p).parts))
-        if not found:
-            errors.append(f"{p}: no image files in this folder")
-        files += found
-    return files, errors
+        else:
+            refused.append((p, "not an image or a video (images: " + " ".join(sorted(IMAGE_SUFFIXES))
+                            + "; videos: " + " ".join(sorted(video.SUFFIXES)) + ")"))
+    return files, refused
+
+
+def _image_header(path: Path) -> bool:
+    """Whether Pillow recognises the file's header as an image (it reads the header only)."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def _sums(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
