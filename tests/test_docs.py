@@ -81,6 +81,8 @@ SIZES: tuple[tuple[str, str, str], ...] = (
     ("README.md", "--model dfdnet-s --size 128 --images 3", "--model dfdnet-s --size 64 --images 1"),
     ("README.md", "--model dfdnet --size 128 --images 2", "--model dfdnet-s --size 64 --images 1"),
     ("README.md", "--images 3", "--images 1"),
+    ("README.md", "--clients 4 --requests 16", "--clients 2 --requests 2 --size 32"),
+    ("README.md", "--clients 4 --duration 10m", "--clients 2 --duration 20s --size 32"),
     ("MODEL.md", "--count 4000", "--count 40 --size 64"),
     ("MODEL.md", "--epochs 5", "--epochs 1 --size 64 --batch-size 8"),
 )
