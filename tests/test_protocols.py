@@ -141,6 +141,29 @@ def test_reduce_max_exact(run2, fp, n):
     assert fig["rounds"] == sum(4 if k == 2 else 5 for k in pool.reduce_plan(n))
 
 
+@pytest.mark.parametrize("n", [6, 8])
+def test_max_wide_exact_bytes_and_rounds(run2, fp, n):
+    """One layer of max-of-n: n(n-1)/2 pairs per row, each an 8-byte opening plus its 21 tree bits,
+    then n-2 selector bits per pair (the fan-in AND opens every pair bit once) and n-1 injected bits."""
+    rows = 128
+    x = fp.encode(torch.randn(rows, n) * 100)
+    x[1] = 5  # all equal
+    x[2, 1] = x[2, 3] = x[2].max() + 1  # a tie at the top
+    out, fig = run2(lambda s: pool.deal_reduce_max(s, rows, n, L), lambda c, R, v: pool.reduce_max(c, v, R), x)
+    assert torch.equal(out.reshape(rows), x.max(-1).values)
+    npairs = n * (n - 1) // 2
+    assert fig["rounds"] == 5
+    # bits travel packed, 64 to a word: rows // 8 bytes per bit-per-row
+    bits = npairs * compare.tree_bits(L) + npairs + (n - 1)
+    assert fig["bytes_per_party"][0] == 8 * rows * npairs + rows // 8 * bits
+
+
+def test_reduce_plan_fewest_layers():
+    assert pool.reduce_plan(728) == [2, 6, 8, 8]  # 19 rounds instead of 25 with max-of-4 layers
+    assert pool.reduce_plan(64) == [8, 8]  # 10 rounds instead of 15
+    assert pool.reduce_plan(3) == [3] and pool.reduce_plan(2) == [2]
+
+
 def test_sigmoid_error_bound(run2, fp):
     x = torch.cat([torch.linspace(-60, 60, 120_001, dtype=torch.float64),
                    torch.tensor([1e4, -1e4, 0.0, 10.0, -10.0, 1e-5], dtype=torch.float64)])

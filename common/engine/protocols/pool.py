@@ -7,10 +7,13 @@ rounds), the one-hot selectors
 are one fan-in-(n-1) AND round (none for n = 2), and
     max = x_(n-1) + sum_{i < n-1} sel_i * (x_i - x_(n-1))
 is one bit-injection round that reuses each difference's opening as its mask. So max of 2 takes 4
-rounds, max of 3 or 4 takes 5.
+rounds, max of 3 to 8 takes 5.
 
 Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
-repeats an edge element, which never changes a maximum. Global maxima reduce by 4 per layer.
+repeats an edge element, which never changes a maximum. Global maxima reduce by up to 8 per layer:
+any arity above 2 costs the same 5 rounds, so `reduce_plan` takes the fewest layers (then the
+fewest compared pairs); the price of arity k is (k-1)/2 openings per input and a fan-in-(k-1) AND
+whose 2^(k-1) monomials the dealer deals offline. max of 5 .. 8 also takes 5 rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.protocols.compare import CmpRand, InjectRand, deal_compare, deal_inject, inject, sign
 from secdfd.common.engine.randomness import Source
 
-MAX_ARITY = 4
+MAX_ARITY = 8  # a selector is a fan-in-(k-1) AND: 2^(k-1) dealer monomials per row
 
 
 @cache
@@ -55,7 +58,7 @@ class MaxRand:
 
 
 def deal_max(src: Source, rows: int, n: int, L: int) -> MaxRand:
-    """Randomness for the max over the last axis (size n <= 4) of `rows` rows."""
+    """Randomness for the max over the last axis (size n <= MAX_ARITY) of `rows` rows."""
     rows_p = words_for(rows) * 64
     npairs = len(_pairs(n))
     mask = deal_mask(src, npairs * rows_p, 0, L + 1)
@@ -78,7 +81,7 @@ def _slice_mask(mask: MaskRand, pairs: list[int], rows_p: int) -> MaskRand:
 
 
 def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand) -> Proto[torch.Tensor]:
-    """Shares of x.max(-1) for x (..., n), n <= 4."""
+    """Shares of x.max(-1) for x (..., n), n <= MAX_ARITY."""
     lead, n = x.shape[:-1], x.shape[-1]
     rows = x[..., 0].numel()
     if n == 1:
@@ -126,14 +129,36 @@ def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Ten
 # Windows and reductions.
 
 
+def layer_rounds(k: int) -> int:
+    """Rounds of one max-of-k layer: open, 2 tree rounds, (selector AND if k > 2), inject."""
+    return 4 if k == 2 else 5
+
+
+@cache
+def _best_plan(n: int) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """((rounds, pairs per row), arities) of the cheapest reduction of n values to one: fewest
+    rounds first, then fewest compared pairs (each pair costs one masked opening and its tree)."""
+    if n <= 1:
+        return (0, 0), ()
+    best: tuple[tuple[int, int], tuple[int, ...]] | None = None
+    for k in range(2, min(n, MAX_ARITY) + 1):
+        m = (n + k - 1) // k
+        (r, p), rest = _best_plan(m)
+        cand = ((r + layer_rounds(k), p + m * k * (k - 1) // 2), (k, *rest))
+        if best is None or cand[0] < best[0]:
+            best = cand
+    assert best is not None
+    return best
+
+
 def reduce_plan(n: int) -> list[int]:
-    """Arity of each layer that reduces n values to one, MAX_ARITY at a time."""
-    out = []
-    while n > 1:
-        k = MAX_ARITY if n > MAX_ARITY else n
-        out.append(k)
-        n = (n + k - 1) // k
-    return out
+    """Arity of each layer that reduces n values to one (at most MAX_ARITY per layer).
+
+    A layer costs the same rounds for any arity above 2, so the plan takes the fewest layers, and
+    among those the fewest compared pairs: 728 channels go 4, 6, 6, 6 (four layers, 20 rounds)
+    instead of 4, 4, 4, 4, 3 (25 rounds); an 8 x 8 map goes 8, 8 (10 rounds instead of 15).
+    """
+    return list(_best_plan(n)[1])
 
 
 def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -154,7 +179,7 @@ def deal_reduce_max(src: Source, rows: int, n: int, L: int) -> list[MaxRand]:
 
 
 def reduce_max(ctx: Ctx, x: torch.Tensor, R: list[MaxRand]) -> Proto[torch.Tensor]:
-    """Max over the last axis of any size, by layers of max-of-4."""
+    """Max over the last axis of any size, by the layers of `reduce_plan`."""
     for k, r in zip(reduce_plan(x.shape[-1]), R, strict=True):
         x = yield from max_lastaxis(ctx, _pad_last(x, k), r)
     return x[..., 0] if x.dim() and x.shape[-1] == 1 else x
