@@ -138,7 +138,7 @@ def test_reduce_max_exact(run2, fp, n):
     x[1] = 5  # all equal
     out, fig = run2(lambda s: pool.deal_reduce_max(s, 3, n, L), lambda c, R, v: pool.reduce_max(c, v, R), x)
     assert torch.equal(out.reshape(3), x.max(-1).values)
-    assert fig["rounds"] == sum(4 if k == 2 else 5 for k in pool.reduce_plan(n))
+    assert fig["rounds"] == sum(4 if k == 2 else 5 for k in pool.reduce_plan(n, 3))
 
 
 @pytest.mark.parametrize("n", [6, 8])
@@ -158,10 +158,19 @@ def test_max_wide_exact_bytes_and_rounds(run2, fp, n):
     assert fig["bytes_per_party"][0] == 8 * rows * npairs + rows // 8 * bits
 
 
-def test_reduce_plan_fewest_layers():
-    assert pool.reduce_plan(728) == [2, 6, 8, 8]  # 19 rounds instead of 25 with max-of-4 layers
-    assert pool.reduce_plan(64) == [8, 8]  # 10 rounds instead of 15
-    assert pool.reduce_plan(3) == [3] and pool.reduce_plan(2) == [2]
+def test_reduce_plan_weighs_bytes_against_rounds():
+    # CBAM in a middle block of DFDNet at 128 px: the spatial max (728 rows of 64) and the channel max
+    # (64 rows of 728); max-of-4 layers took 15 and 25 rounds
+    assert pool.reduce_plan(64, 728) == [2, 4, 8]  # 14 rounds, 0.86 MB instead of 1.00 MB
+    assert pool.reduce_plan(728, 64) == [2, 6, 8, 8]  # 19 rounds
+    assert pool.reduce_plan(3, 63488) == [3] and pool.reduce_plan(2) == [2]
+    for rows, n in ((728, 64), (64, 728), (3, 700)):
+        ks = pool.reduce_plan(n, rows)
+        b, r, m = 0, 0, n
+        for k in ks:
+            lb, lr = pool.layer_cost(rows, m, k)
+            b, r, m = b + lb, r + lr, (m + k - 1) // k
+        assert m == 1 and pool._best_plan(rows, n)[0][1:] == (b, r)
 
 
 def test_sigmoid_error_bound(run2, fp):

@@ -1,6 +1,6 @@
 """SecMaxPool and maximum reductions (no argmax: inference needs only the maximum).
 
-Max of n <= 4 values in one comparison layer: all pairwise differences x_i - x_j (i < j) are masked
+Max of n <= MAX_ARITY (8) values in one comparison layer: all pairwise differences x_i - x_j (i < j) are masked
 and opened together (one round), their signs c_ij = [x_i >= x_j] come from the comparison tree (2
 rounds), the one-hot selectors
     sel_i = prod_{j > i} c_ij * prod_{j < i} NOT c_ji        (the first maximal index wins ties)
@@ -11,9 +11,8 @@ rounds, max of 3 to 8 takes 5.
 
 Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
 repeats an edge element, which never changes a maximum. Global maxima reduce by up to 8 per layer:
-any arity above 2 costs the same 5 rounds, so `reduce_plan` takes the fewest layers (then the
-fewest compared pairs); the price of arity k is (k-1)/2 openings per input and a fan-in-(k-1) AND
-whose 2^(k-1) monomials the dealer deals offline. max of 5 .. 8 also takes 5 rounds.
+any arity above 2 costs the same 5 rounds, but arity k opens (k-1)/2 differences per input and needs a
+fan-in-(k-1) AND whose 2^(k-1) monomials the dealer deals offline; `reduce_plan` weighs the two.
 """
 
 from __future__ import annotations
@@ -27,7 +26,15 @@ import torch
 from secdfd.common.engine.bits import ONES, Form, Products, words_for
 from secdfd.common.engine.protocols.arith import Masked, MaskRand, deal_mask, mask_open
 from secdfd.common.engine.protocols.base import Ctx, Proto
-from secdfd.common.engine.protocols.compare import CmpRand, InjectRand, deal_compare, deal_inject, inject, sign
+from secdfd.common.engine.protocols.compare import (
+    CmpRand,
+    InjectRand,
+    deal_compare,
+    deal_inject,
+    inject,
+    sign,
+    tree_bits,
+)
 from secdfd.common.engine.randomness import Source
 
 MAX_ARITY = 8  # a selector is a fan-in-(k-1) AND: 2^(k-1) dealer monomials per row
@@ -129,36 +136,49 @@ def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Ten
 # Windows and reductions.
 
 
+COMPARE_BITS = 40  # the comparison width the cost model assumes (ctx.cmp_bits by default)
+
+
 def layer_rounds(k: int) -> int:
     """Rounds of one max-of-k layer: open, 2 tree rounds, (selector AND if k > 2), inject."""
     return 4 if k == 2 else 5
 
 
+ROUND_BYTES = 200_000  # one round weighs as much as 200 kB per server: 1 Gbit/s at 1.6 ms RTT
+
+
+def layer_cost(rows: int, n: int, k: int) -> tuple[int, int]:
+    """(bytes per server, rounds) of one max-of-k layer over `rows` rows of n values: per pair an
+    8-byte opening and its tree bits, then the selector bits (k > 2) and k - 1 injected bits, all
+    bit-packed over rows padded to a multiple of 64."""
+    rp = words_for(rows * ((n + k - 1) // k)) * 64
+    p = k * (k - 1) // 2
+    return 8 * rp * p + rp // 8 * (p * tree_bits(COMPARE_BITS) + (p if k > 2 else 0) + k - 1), layer_rounds(k)
+
+
 @cache
-def _best_plan(n: int) -> tuple[tuple[int, int], tuple[int, ...]]:
-    """((rounds, pairs per row), arities) of the cheapest reduction of n values to one: fewest
-    rounds first, then fewest compared pairs (each pair costs one masked opening and its tree)."""
+def _best_plan(rows: int, n: int) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    """((weighted cost, bytes, rounds), arities) of the cheapest reduction of n values to one."""
     if n <= 1:
-        return (0, 0), ()
-    best: tuple[tuple[int, int], tuple[int, ...]] | None = None
+        return (0, 0, 0), ()
+    cands = []
     for k in range(2, min(n, MAX_ARITY) + 1):
-        m = (n + k - 1) // k
-        (r, p), rest = _best_plan(m)
-        cand = ((r + layer_rounds(k), p + m * k * (k - 1) // 2), (k, *rest))
-        if best is None or cand[0] < best[0]:
-            best = cand
-    assert best is not None
-    return best
+        b, r = layer_cost(rows, n, k)
+        (t, bb, rr), rest = _best_plan(rows, (n + k - 1) // k)
+        cands.append(((t + b + ROUND_BYTES * r, bb + b, rr + r), (k, *rest)))
+    return min(cands)
 
 
-def reduce_plan(n: int) -> list[int]:
-    """Arity of each layer that reduces n values to one (at most MAX_ARITY per layer).
+def reduce_plan(n: int, rows: int = 1) -> list[int]:
+    """Arity of each layer that reduces n values (in each of `rows` rows) to one.
 
-    A layer costs the same rounds for any arity above 2, so the plan takes the fewest layers, and
-    among those the fewest compared pairs: 728 channels go 4, 6, 6, 6 (four layers, 20 rounds)
-    instead of 4, 4, 4, 4, 3 (25 rounds); an 8 x 8 map goes 8, 8 (10 rounds instead of 15).
+    Any arity above 2 costs the same 5 rounds, but arity k opens (k-1)/2 differences per input. The
+    plan minimises bytes + ROUND_BYTES * rounds (exactly, over all arity sequences up to MAX_ARITY):
+    small reductions take wide layers (an 8 x 8 map over 728 channels: 8, 8, 10 rounds instead of
+    15), large ones stay narrow where bytes dominate. Over DFDNet this cuts both the bytes and the
+    rounds of the max-of-4 layers it replaces.
     """
-    return list(_best_plan(n)[1])
+    return list(_best_plan(rows, n)[1])
 
 
 def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -172,7 +192,7 @@ def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def deal_reduce_max(src: Source, rows: int, n: int, L: int) -> list[MaxRand]:
     out = []
-    for i, k in enumerate(reduce_plan(n)):
+    for i, k in enumerate(reduce_plan(n, rows)):
         n = (n + k - 1) // k
         out.append(deal_max(src.child(f"r{i}"), rows * n, k, L))
     return out
@@ -180,7 +200,7 @@ def deal_reduce_max(src: Source, rows: int, n: int, L: int) -> list[MaxRand]:
 
 def reduce_max(ctx: Ctx, x: torch.Tensor, R: list[MaxRand]) -> Proto[torch.Tensor]:
     """Max over the last axis of any size, by the layers of `reduce_plan`."""
-    for k, r in zip(reduce_plan(x.shape[-1]), R, strict=True):
+    for k, r in zip(reduce_plan(x.shape[-1], x[..., 0].numel()), R, strict=True):
         x = yield from max_lastaxis(ctx, _pad_last(x, k), r)
     return x[..., 0] if x.dim() and x.shape[-1] == 1 else x
 
