@@ -138,7 +138,39 @@ def test_reduce_max_exact(run2, fp, n):
     x[1] = 5  # all equal
     out, fig = run2(lambda s: pool.deal_reduce_max(s, 3, n, L), lambda c, R, v: pool.reduce_max(c, v, R), x)
     assert torch.equal(out.reshape(3), x.max(-1).values)
-    assert fig["rounds"] == sum(4 if k == 2 else 5 for k in pool.reduce_plan(n))
+    assert fig["rounds"] == sum(4 if k == 2 else 5 for k in pool.reduce_plan(n, 3))
+
+
+@pytest.mark.parametrize("n", [6, 8])
+def test_max_wide_exact_bytes_and_rounds(run2, fp, n):
+    """One layer of max-of-n: n(n-1)/2 pairs per row, each an 8-byte opening plus its 21 tree bits,
+    then n-2 selector bits per pair (the fan-in AND opens every pair bit once) and n-1 injected bits."""
+    rows = 128
+    x = fp.encode(torch.randn(rows, n) * 100)
+    x[1] = 5  # all equal
+    x[2, 1] = x[2, 3] = x[2].max() + 1  # a tie at the top
+    out, fig = run2(lambda s: pool.deal_reduce_max(s, rows, n, L), lambda c, R, v: pool.reduce_max(c, v, R), x)
+    assert torch.equal(out.reshape(rows), x.max(-1).values)
+    npairs = n * (n - 1) // 2
+    assert fig["rounds"] == 5
+    # bits travel packed, 64 to a word: rows // 8 bytes per bit-per-row
+    bits = npairs * compare.tree_bits(L) + npairs + (n - 1)
+    assert fig["bytes_per_party"][0] == 8 * rows * npairs + rows // 8 * bits
+
+
+def test_reduce_plan_weighs_bytes_against_rounds():
+    # CBAM in a middle block of DFDNet at 128 px: the spatial max (728 rows of 64) and the channel max
+    # (64 rows of 728); max-of-4 layers took 15 and 25 rounds
+    assert pool.reduce_plan(64, 728) == [2, 4, 8]  # 14 rounds, 0.86 MB instead of 1.00 MB
+    assert pool.reduce_plan(728, 64) == [2, 6, 8, 8]  # 19 rounds
+    assert pool.reduce_plan(3, 63488) == [3] and pool.reduce_plan(2) == [2]
+    for rows, n in ((728, 64), (64, 728), (3, 700)):
+        ks = pool.reduce_plan(n, rows)
+        b, r, m = 0, 0, n
+        for k in ks:
+            lb, lr = pool.layer_cost(rows, m, k)
+            b, r, m = b + lb, r + lr, (m + k - 1) // k
+        assert m == 1 and pool._best_plan(rows, n)[0][1:] == (b, r)
 
 
 def test_sigmoid_error_bound(run2, fp):

@@ -1,16 +1,18 @@
 """SecMaxPool and maximum reductions (no argmax: inference needs only the maximum).
 
-Max of n <= 4 values in one comparison layer: all pairwise differences x_i - x_j (i < j) are masked
+Max of n <= MAX_ARITY (8) values in one comparison layer: all pairwise differences x_i - x_j (i < j) are masked
 and opened together (one round), their signs c_ij = [x_i >= x_j] come from the comparison tree (2
 rounds), the one-hot selectors
     sel_i = prod_{j > i} c_ij * prod_{j < i} NOT c_ji        (the first maximal index wins ties)
 are one fan-in-(n-1) AND round (none for n = 2), and
     max = x_(n-1) + sum_{i < n-1} sel_i * (x_i - x_(n-1))
 is one bit-injection round that reuses each difference's opening as its mask. So max of 2 takes 4
-rounds, max of 3 or 4 takes 5.
+rounds, max of 3 to 8 takes 5.
 
 Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
-repeats an edge element, which never changes a maximum. Global maxima reduce by 4 per layer.
+repeats an edge element, which never changes a maximum. Global maxima reduce by up to 8 per layer:
+any arity above 2 costs the same 5 rounds, but arity k opens (k-1)/2 differences per input and needs a
+fan-in-(k-1) AND whose 2^(k-1) monomials the dealer deals offline; `reduce_plan` weighs the two.
 """
 
 from __future__ import annotations
@@ -24,10 +26,18 @@ import torch
 from secdfd.common.engine.bits import ONES, Form, Products, words_for
 from secdfd.common.engine.protocols.arith import Masked, MaskRand, deal_mask, mask_open
 from secdfd.common.engine.protocols.base import Ctx, Proto
-from secdfd.common.engine.protocols.compare import CmpRand, InjectRand, deal_compare, deal_inject, inject, sign
+from secdfd.common.engine.protocols.compare import (
+    CmpRand,
+    InjectRand,
+    deal_compare,
+    deal_inject,
+    inject,
+    sign,
+    tree_bits,
+)
 from secdfd.common.engine.randomness import Source
 
-MAX_ARITY = 4
+MAX_ARITY = 8  # a selector is a fan-in-(k-1) AND: 2^(k-1) dealer monomials per row
 
 
 @cache
@@ -55,7 +65,7 @@ class MaxRand:
 
 
 def deal_max(src: Source, rows: int, n: int, L: int) -> MaxRand:
-    """Randomness for the max over the last axis (size n <= 4) of `rows` rows."""
+    """Randomness for the max over the last axis (size n <= MAX_ARITY) of `rows` rows."""
     rows_p = words_for(rows) * 64
     npairs = len(_pairs(n))
     mask = deal_mask(src, npairs * rows_p, 0, L + 1)
@@ -78,7 +88,7 @@ def _slice_mask(mask: MaskRand, pairs: list[int], rows_p: int) -> MaskRand:
 
 
 def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand) -> Proto[torch.Tensor]:
-    """Shares of x.max(-1) for x (..., n), n <= 4."""
+    """Shares of x.max(-1) for x (..., n), n <= MAX_ARITY."""
     lead, n = x.shape[:-1], x.shape[-1]
     rows = x[..., 0].numel()
     if n == 1:
@@ -126,14 +136,49 @@ def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Ten
 # Windows and reductions.
 
 
-def reduce_plan(n: int) -> list[int]:
-    """Arity of each layer that reduces n values to one, MAX_ARITY at a time."""
-    out = []
-    while n > 1:
-        k = MAX_ARITY if n > MAX_ARITY else n
-        out.append(k)
-        n = (n + k - 1) // k
-    return out
+COMPARE_BITS = 40  # the comparison width the cost model assumes (ctx.cmp_bits by default)
+
+
+def layer_rounds(k: int) -> int:
+    """Rounds of one max-of-k layer: open, 2 tree rounds, (selector AND if k > 2), inject."""
+    return 4 if k == 2 else 5
+
+
+ROUND_BYTES = 200_000  # one round weighs as much as 200 kB per server: 1 Gbit/s at 1.6 ms RTT
+
+
+def layer_cost(rows: int, n: int, k: int) -> tuple[int, int]:
+    """(bytes per server, rounds) of one max-of-k layer over `rows` rows of n values: per pair an
+    8-byte opening and its tree bits, then the selector bits (k > 2) and k - 1 injected bits, all
+    bit-packed over rows padded to a multiple of 64."""
+    rp = words_for(rows * ((n + k - 1) // k)) * 64
+    p = k * (k - 1) // 2
+    return 8 * rp * p + rp // 8 * (p * tree_bits(COMPARE_BITS) + (p if k > 2 else 0) + k - 1), layer_rounds(k)
+
+
+@cache
+def _best_plan(rows: int, n: int) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    """((weighted cost, bytes, rounds), arities) of the cheapest reduction of n values to one."""
+    if n <= 1:
+        return (0, 0, 0), ()
+    cands = []
+    for k in range(2, min(n, MAX_ARITY) + 1):
+        b, r = layer_cost(rows, n, k)
+        (t, bb, rr), rest = _best_plan(rows, (n + k - 1) // k)
+        cands.append(((t + b + ROUND_BYTES * r, bb + b, rr + r), (k, *rest)))
+    return min(cands)
+
+
+def reduce_plan(n: int, rows: int = 1) -> list[int]:
+    """Arity of each layer that reduces n values (in each of `rows` rows) to one.
+
+    Any arity above 2 costs the same 5 rounds, but arity k opens (k-1)/2 differences per input. The
+    plan minimises bytes + ROUND_BYTES * rounds (exactly, over all arity sequences up to MAX_ARITY):
+    small reductions take wide layers (an 8 x 8 map over 728 channels: 8, 8, 10 rounds instead of
+    15), large ones stay narrow where bytes dominate. Over DFDNet this cuts both the bytes and the
+    rounds of the max-of-4 layers it replaces.
+    """
+    return list(_best_plan(rows, n)[1])
 
 
 def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -147,15 +192,15 @@ def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def deal_reduce_max(src: Source, rows: int, n: int, L: int) -> list[MaxRand]:
     out = []
-    for i, k in enumerate(reduce_plan(n)):
+    for i, k in enumerate(reduce_plan(n, rows)):
         n = (n + k - 1) // k
         out.append(deal_max(src.child(f"r{i}"), rows * n, k, L))
     return out
 
 
 def reduce_max(ctx: Ctx, x: torch.Tensor, R: list[MaxRand]) -> Proto[torch.Tensor]:
-    """Max over the last axis of any size, by layers of max-of-4."""
-    for k, r in zip(reduce_plan(x.shape[-1]), R, strict=True):
+    """Max over the last axis of any size, by the layers of `reduce_plan`."""
+    for k, r in zip(reduce_plan(x.shape[-1], x[..., 0].numel()), R, strict=True):
         x = yield from max_lastaxis(ctx, _pad_last(x, k), r)
     return x[..., 0] if x.dim() and x.shape[-1] == 1 else x
 
