@@ -55,13 +55,7 @@ class DealerService:
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop`; the health file (STATE/status.json) follows every state."""
-        self.health.update(force=True, state="starting")
-        try:
-            self._run(stop)
-        except BaseException as e:
-            self.health.update(force=True, state="failed", last_error=f"{type(e).__name__}: {e}"[:500])
-            raise
-        self.health.update(force=True, state="stopped")
+        self.health.follow(lambda: self._run(stop))
 
     def _run(self, stop: threading.Event) -> None:
         cfg = self.config

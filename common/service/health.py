@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,17 @@ class HealthFile:
         self._last = 0.0
         self._lock = threading.Lock()
         self._warned = False
+
+    def follow(self, run: Callable[[], None], **when_stopped: Any) -> None:
+        """Call `run` while this file says starting, then failed (with the error, which is re-raised)
+        or stopped (with `when_stopped`)."""
+        self.update(force=True, state="starting")
+        try:
+            run()
+        except BaseException as e:
+            self.update(force=True, state="failed", last_error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        self.update(force=True, state="stopped", **when_stopped)
 
     def update(self, force: bool = False, **changes: Any) -> None:
         with self._lock:

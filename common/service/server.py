@@ -115,13 +115,7 @@ class ServerBase:
 
     def run(self, stop: threading.Event) -> None:
         """Start up and serve until `stop`; the health file follows every state."""
-        self.health.update(force=True, state="starting")
-        try:
-            self._run(stop)
-        except BaseException as e:
-            self.health.update(force=True, state="failed", last_error=f"{type(e).__name__}: {e}"[:500])
-            raise
-        self.health.update(force=True, state="stopped", bundles_ready=0, prepared=False)
+        self.health.follow(lambda: self._run(stop), bundles_ready=0, prepared=False)
 
     def _run(self, stop: threading.Event) -> None:
         cfg = self.config
