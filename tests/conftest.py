@@ -64,6 +64,26 @@ def write_tiny_model(path: Path, size: int = 32) -> Path:
     return path
 
 
+def start_tiny_deployment(root: Path, options, size: int = 32):
+    """Keys, the shares of a tiny model (`write_tiny_model`) and dealer, server_a and server_b as
+    processes on free loopback ports, all ready: (layout, endpoints, started). Stop with local.stop."""
+    from secdfd.common.net.keys import make_keys
+    from secdfd.common.service import deployment, local
+
+    layout = local.Layout(root)
+    write_tiny_model(root / "model.pt", size)
+    make_keys(layout.keys)
+    deployment.share_model(root / "model.pt", layout.shares)
+    eps = local.Endpoints.free()
+    started = local.start(layout, local.launches(layout, eps, options))
+    try:
+        local.wait_ready(started, layout.keys, 180)
+    except BaseException:
+        local.stop(started)
+        raise
+    return layout, eps, started
+
+
 def assert_failed_record(out: str, path: str | None = None) -> dict:
     """`secdfd-client detect --json` for one file that failed: stdout is exactly one JSON object with
     an `error` and no verdict (machines see the failure in the same stream as results)."""

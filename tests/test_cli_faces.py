@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_tiny_model
+from conftest import start_tiny_deployment
 from PIL import Image
 from test_client_faces import clip
 from test_faces import FACE, FACE_BOX, face_image, scene, two_faces
@@ -23,8 +23,7 @@ from secdfd.common import roster
 from secdfd.common.ml import faces
 from secdfd.common.ml.data import image_input, open_rgb
 from secdfd.common.ml.export import load_deployable
-from secdfd.common.net.keys import make_keys
-from secdfd.common.service import deployment, local
+from secdfd.common.service import local
 
 pytestmark = pytest.mark.processes
 
@@ -35,14 +34,8 @@ SIZE = 32
 def deploy(tmp_path_factory):
     """Dealer, server_a, server_b as processes on free loopback ports; yields (layout, endpoints, model)."""
     root = tmp_path_factory.mktemp("svc")
-    layout = local.Layout(root)
-    write_tiny_model(root / "model.pt", SIZE)
-    make_keys(layout.keys)
-    deployment.share_model(root / "model.pt", layout.shares)
-    eps = local.Endpoints.free()
-    started = local.start(layout, local.launches(layout, eps, local.Options(timeout=10.0, depth=4)))
+    layout, eps, started = start_tiny_deployment(root, local.Options(timeout=10.0, depth=4), SIZE)
     try:
-        local.wait_ready(started, layout.keys, 180)
         yield layout, eps, load_deployable(root / "model.pt")
     finally:
         local.stop(started)

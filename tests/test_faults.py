@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_model
+from conftest import start_tiny_deployment
 from PIL import Image
 
 from secdfd.common.errors import RandomnessError
-from secdfd.common.net.keys import make_keys
-from secdfd.common.service import deployment, health, local
+from secdfd.common.service import health, local
 from secdfd.common.service.client import Client, ClientConfig
 from secdfd.common.service.supply import IdLedger
 
@@ -35,13 +34,7 @@ class Deployment:
     """Dealer and both servers as processes on loopback, one state folder."""
 
     def __init__(self, root: Path, options: local.Options) -> None:
-        self.layout = local.Layout(root)
-        write_tiny_model(root / "model.pt", SIZE)
-        make_keys(self.layout.keys)
-        deployment.share_model(root / "model.pt", self.layout.shares)
-        self.eps = local.Endpoints.free()
-        self.started = local.start(self.layout, local.launches(self.layout, self.eps, options))
-        local.wait_ready(self.started, self.layout.keys, 180)
+        self.layout, self.eps, self.started = start_tiny_deployment(root, options, SIZE)
 
     def client(self, timeout: float = 60) -> Client:
         return Client(ClientConfig(self.layout.keys, self.eps.server_a, self.eps.server_b, timeout))

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from conftest import write_tiny_model
+from conftest import start_tiny_deployment
 from PIL import Image
 
 from secdfd.common.errors import Busy, PeerLost, PeerTimeout
-from secdfd.common.net.keys import admit, load_party, make_keys, make_party_keys
+from secdfd.common.net.keys import admit, load_party, make_party_keys
 from secdfd.common.net.transport import Node, Requester
 from secdfd.common.net.wire import Message, pack, unpack
-from secdfd.common.service import deployment, local
+from secdfd.common.service import local
 from secdfd.common.service.client import Client, ClientConfig
 from secdfd.common.service.supply import IdLedger
 
@@ -38,15 +38,9 @@ CLIENT_WAIT = 4.0
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    layout = local.Layout(root)
-    write_tiny_model(root / "model.pt", SIZE)
-    make_keys(layout.keys)
-    deployment.share_model(root / "model.pt", layout.shares)
-    eps = local.Endpoints.free()
     options = local.Options(timeout=20.0, extra=("--client-wait", str(CLIENT_WAIT), "--max-pending-per-client", "2"))
-    started = local.start(layout, local.launches(layout, eps, options))
+    layout, eps, started = start_tiny_deployment(root, options, SIZE)
     try:
-        local.wait_ready(started, layout.keys, 180)
         alice = root / "alice"
         public = make_party_keys(alice, "client")  # a second client, admitted by both servers
         for server in ("server_a", "server_b"):

@@ -19,7 +19,7 @@ import pytest
 import torch
 import zmq
 from click.testing import CliRunner
-from conftest import write_tiny_model
+from conftest import start_tiny_deployment, write_tiny_model
 from PIL import Image
 
 from secdfd.client.main import main as client_main
@@ -39,15 +39,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory):
     """Dealer, server_a, server_b as processes on free loopback ports; yields (layout, endpoints, started)."""
-    root = tmp_path_factory.mktemp("svc")
-    layout = local.Layout(root)
-    write_tiny_model(root / "model.pt", SIZE)
-    make_keys(layout.keys)
-    deployment.share_model(root / "model.pt", layout.shares)
-    eps = local.Endpoints.free()
-    started = local.start(layout, local.launches(layout, eps, local.Options(timeout=10.0)))
+    layout, eps, started = start_tiny_deployment(tmp_path_factory.mktemp("svc"), local.Options(timeout=10.0), SIZE)
     try:
-        local.wait_ready(started, layout.keys, 180)
         yield layout, eps, started
     finally:
         local.stop(started)

@@ -29,10 +29,9 @@ _OWN = ("lan", "lan_rtt_ms", "report", "as_json")
 
 def check_model_name(model: str) -> None:
     """A registered architecture or an existing file: anything else is a usage error naming both."""
-    from secdfd.common.bench.e2e import is_model_file
     from secdfd.common.ml.dfdnet import MODELS
 
-    if model not in MODELS and not (is_model_file(model) and Path(model).is_file()):
+    if model not in MODELS and not Path(model).is_file():
         known = ", ".join(sorted(MODELS))
         raise click.BadParameter(f"{model!r} is neither a known model ({known}) nor a model file", param_hint="--model")
 
