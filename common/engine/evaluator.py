@@ -53,6 +53,13 @@ class Party:
         self._shares = weight_shares
         self._provision = provision
         self.weights: Weights | None = None
+        self._plans = {1: plan}
+
+    def plan_at(self, batch: int) -> Plan:
+        """The plan widened to `batch` inputs at once (kept: both `prepare` and `run` need it)."""
+        if batch not in self._plans:
+            self._plans[batch] = self.plan.batched(batch)
+        return self._plans[batch]
 
     def setup(self) -> None:
         """Open F = W - B for every weight once (one round); keep F and this party's mask share."""
@@ -68,18 +75,19 @@ class Party:
         weights = Weights({}, fc_layout(self.plan, wb), fc_layout(self.plan, F), bias)
         self.weights = to_device(weights, self.device)  # setup() may run again after a peer restarts
 
-    def prepare(self, bundle: Bundle) -> list[Any]:
+    def prepare(self, bundle: Bundle) -> Rands:
         """Expand this party's randomness for every step and fold in what is input-independent."""
         if self.weights is None:
             raise RuntimeError("setup() must run before inference")
         if bundle.role != self.role:
             raise ValueError("the bundle belongs to the other party")
+        plan = self.plan_at(bundle.batch)
         bundle.consume()
-        rands: list[Any] = []
-        for step in self.plan.steps:
+        rands = Rands(bundle.batch)
+        for step in plan.steps:
             kind = STEP_KINDS[step.op]
             src = bundle.source(step.index)
-            R = kind.deal(src, step, self.plan, self.ctx, self.weights)
+            R = kind.deal(src, step, plan, self.ctx, self.weights)
             src.finish()
             R = to_device(R, self.device)
             if kind.prepare is not None:
@@ -87,19 +95,21 @@ class Party:
             rands.append(R)
         return rands
 
-    def run(self, x_share: torch.Tensor, rands: list[Any]) -> tuple[torch.Tensor, Report]:
-        """The online phase (the randomness already prepared): this party's share of the output."""
+    def run(self, x_share: torch.Tensor, rands: Rands) -> tuple[torch.Tensor, Report]:
+        """The online phase (the randomness already prepared): this party's share of the output. The
+        input holds `rands.batch` inputs along its first dimension, each evaluated on its own."""
         if self.weights is None:
             raise RuntimeError("setup() must run before inference")
-        if tuple(x_share.shape) != self.plan.input_shape:
-            raise ValueError(f"input share has shape {tuple(x_share.shape)}, the plan expects {self.plan.input_shape}")
+        plan = self.plan_at(rands.batch)
+        if tuple(x_share.shape) != plan.input_shape:
+            raise ValueError(f"input share has shape {tuple(x_share.shape)}, the bundle is for {plan.input_shape}")
         weights = self.weights
         t0 = time.perf_counter()
         b0, r0 = self.channel.stats.bytes, self.channel.stats.rounds
-        steps = self.plan.steps
+        steps = plan.steps
         role = self.role
         figures = [StepFigures(s.index, s.name, s.op) for s in steps]
-        flow = _Dataflow(self.plan)
+        flow = _Dataflow(plan)
 
         def timed(idx: int, seconds: float) -> None:
             figures[idx] = dataclasses.replace(figures[idx], seconds=figures[idx].seconds + seconds)
@@ -139,7 +149,15 @@ class Party:
             rounds=self.channel.stats.rounds - r0,
             steps=figures,
         )
-        return flow.values[self.plan.output].cpu(), report
+        return flow.values[plan.output].cpu(), report
+
+
+class Rands(list[Any]):
+    """One party's prepared randomness, per plan step, for an inference of `batch` inputs."""
+
+    def __init__(self, batch: int = 1) -> None:
+        super().__init__()
+        self.batch = batch
 
 
 class _Dataflow:
@@ -204,6 +222,7 @@ class Dealer:
         self._prov_seeds = provision_seeds or (new_seed(), new_seed())
         self._masks: dict[str, torch.Tensor] | None = None
         self._used: set[str] = set()
+        self._plans = {1: plan}
 
     @property
     def provision_seeds(self) -> tuple[bytes, bytes]:
@@ -220,17 +239,20 @@ class Dealer:
             })
         return Weights(self._masks, {}, {}, {})
 
-    def bundle(self, bundle_id: str) -> tuple[Bundle, Bundle]:
-        """Fresh correlated randomness for one inference; an id is dealt once."""
+    def bundle(self, bundle_id: str, batch: int = 1) -> tuple[Bundle, Bundle]:
+        """Fresh correlated randomness for one inference of `batch` inputs; an id is dealt once."""
         if bundle_id in self._used:
             raise RandomnessError(f"bundle id {bundle_id} was already dealt")
+        if batch not in self._plans:
+            self._plans[batch] = self.plan.batched(batch)
+        plan = self._plans[batch]
         self._used.add(bundle_id)
         seeds = (new_seed(), new_seed())
         w = self._weights()
         corrections: dict[int, list[torch.Tensor]] = {}
-        for step in self.plan.steps:
+        for step in plan.steps:
             src = Source.dealer(seeds, f"bundle/{step.index}")
-            STEP_KINDS[step.op].deal(src, step, self.plan, self.ctx, w)
+            STEP_KINDS[step.op].deal(src, step, plan, self.ctx, w)
             if src.corrections:
                 corrections[step.index] = src.corrections
-        return Bundle(bundle_id, 0, seeds[0]), Bundle(bundle_id, 1, seeds[1], corrections)
+        return Bundle(bundle_id, 0, seeds[0], batch=batch), Bundle(bundle_id, 1, seeds[1], corrections, batch)

@@ -39,6 +39,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from secdfd.common.engine.protocols import piecewise
+from secdfd.common.engine.randomness import MAX_BATCH
 from secdfd.common.errors import PlanError
 
 MEAN_BITS = 24  # fractional bits of the public 1/k multiplier of means and average pools
@@ -300,6 +301,40 @@ class Plan:
         """Keys of the biases (kept at 2f fractional bits: they are added to products)."""
         return {a.bias_key for a in self.linear_layers() if a.bias}
 
+    def batch_refusal(self) -> str | None:
+        """Why this plan cannot evaluate several inputs in one pass (None when it can).
+
+        A plan lowered at batch 1 runs N inputs at once when its leading dimension is the batch all
+        the way through: every step's shape starts with 1, and no step reduces, concatenates,
+        permutes, repeats, expands or slices along it. Widening it then changes only shapes; each
+        input's values go through exactly the steps they would alone.
+        """
+        if not self.input_shape or self.input_shape[0] != 1:
+            return f"its input shape {list(self.input_shape)} has no leading batch dimension of 1"
+        for s in self.steps:
+            why = _batch_refusal(self, s)
+            if why is not None:
+                return f"step {s.name} ({s.op}) {why}"
+        return None
+
+    def batched(self, n: int) -> Plan:
+        """The same plan for `n` inputs at once (n = 1: this plan). PlanError if it cannot run batched
+        (`batch_refusal`) or n is outside 1..MAX_BATCH."""
+        if not 1 <= n <= MAX_BATCH:
+            raise PlanError(f"a batch holds 1 to {MAX_BATCH} inputs, not {n}")
+        if n == 1:
+            return self
+        why = self.batch_refusal()
+        if why is not None:
+            raise PlanError(f"this model cannot run several inputs at once: {why}")
+        steps = []
+        for s in self.steps:
+            attrs = s.attrs
+            if isinstance(attrs, IndexAttrs):
+                attrs = replace(attrs, stops=(n, *attrs.stops[1:]))
+            steps.append(replace(s, shape=(n, *s.shape[1:]), attrs=attrs))
+        return replace(self, steps=tuple(steps), input_shape=(n, *self.input_shape[1:]))
+
     def describe(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for s in self.steps:
@@ -331,6 +366,30 @@ class Plan:
         from secdfd.common.engine.plancodec import decode_plan
 
         return decode_plan(data)
+
+
+def _batch_refusal(plan: Plan, s: Step) -> str | None:
+    """Why step `s` would mix the inputs of a batch (None: it treats each on its own)."""
+    if not s.shape or s.shape[0] != 1:
+        return f"has shape {list(s.shape)}: the batch dimension does not stay in front"
+    ins = [plan.steps[i].shape for i in s.inputs]
+    rank = len(ins[0]) if ins else len(s.shape)
+    a = s.attrs
+    if isinstance(a, ReduceAttrs | MeanAttrs) and any(d % rank == 0 for d in a.dims):
+        return "reduces over the batch dimension"
+    if isinstance(a, CatAttrs) and a.dim % len(s.shape) == 0:
+        return "concatenates along the batch dimension"
+    if isinstance(a, PermuteAttrs) and a.dims[0] % len(a.dims) != 0:
+        return "moves the batch dimension"
+    if isinstance(a, RepeatAttrs) and (len(a.reps) != rank or a.reps[0] != 1):
+        return "repeats along (or in front of) the batch dimension"
+    if isinstance(a, IndexAttrs) and (a.starts[0], a.steps[0]) != (0, 1):
+        return "slices the batch dimension"
+    if s.op == "expand" and rank != len(s.shape):
+        return "adds dimensions in front of the batch dimension"
+    if s.op in ("mul", "add") and any(len(shape) != len(s.shape) for shape in ins):
+        return "broadcasts an operand of another rank over the batch dimension"
+    return None
 
 
 def _plain(v: Any) -> Any:

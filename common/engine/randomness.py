@@ -29,6 +29,7 @@ from secdfd.common.engine.prng import Stream
 from secdfd.common.errors import RandomnessError
 
 Shape = tuple[int, ...]
+MAX_BATCH = 64  # the most inputs one inference ever runs at once (`Plan.batched`): bounds a bundle's size
 
 
 _DTYPES = {"i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64}
@@ -143,6 +144,7 @@ class Bundle:
     role: int
     seed: bytes
     corrections: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    batch: int = 1  # the number of inputs the inference it serves runs at once (`Plan.batched`)
     _consumed: bool = False
 
     def consume(self) -> Bundle:
@@ -160,7 +162,8 @@ class Bundle:
     def to_bytes(self) -> bytes:
         """msgpack header (id, role, seed, per step the correction shapes) + raw int64 data."""
         steps = [[k, [[_NAMES[t.dtype], list(t.shape)] for t in ts]] for k, ts in sorted(self.corrections.items())]
-        head = msgpack.packb({"v": 2, "id": self.bundle_id, "role": self.role, "seed": self.seed, "steps": steps})
+        head = msgpack.packb({"v": 2, "id": self.bundle_id, "role": self.role, "seed": self.seed, "steps": steps,
+                              "batch": self.batch})
         body = [t.contiguous().numpy().tobytes() for _, ts in sorted(self.corrections.items()) for t in ts]
         return bytes(struct.pack("<I", len(head)) + head + b"".join(body))
 
@@ -169,7 +172,9 @@ class Bundle:
         try:
             (n,) = struct.unpack_from("<I", data, 0)
             head = msgpack.unpackb(data[4 : 4 + n])
-            if head["v"] != 2 or head["role"] not in (0, 1) or len(head["seed"]) != 32:
+            batch = head.get("batch", 1)
+            if (head["v"] != 2 or head["role"] not in (0, 1) or len(head["seed"]) != 32 or type(batch) is not int
+                    or not 1 <= batch <= MAX_BATCH):
                 raise ValueError("header")
             pos = 4 + n
             corr: dict[int, list[torch.Tensor]] = {}
@@ -190,7 +195,7 @@ class Bundle:
                 corr[int(step)] = ts
             if pos != len(data):
                 raise ValueError("trailing data")
-            return cls(str(head["id"]), int(head["role"]), bytes(head["seed"]), corr)
+            return cls(str(head["id"]), int(head["role"]), bytes(head["seed"]), corr, batch)
         except Exception as e:  # noqa: BLE001 - any decoding failure is a malformed bundle
             raise RandomnessError(f"malformed bundle ({type(e).__name__})") from None
 

@@ -86,10 +86,11 @@ class TwoParty:
         self._count = 0
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, EvalReport]:
-        """Secure evaluation on a float input; returns the decoded float64 output and the report."""
+        """Secure evaluation on a float input (its first dimension: inputs evaluated at once, each on its
+        own); returns the decoded float64 output and the report."""
         self._count += 1
         t0 = time.perf_counter()
-        b0, b1 = self.dealer.bundle(f"local-{self._count}")
+        b0, b1 = self.dealer.bundle(f"local-{self._count}", int(x.shape[0]))
         dealer_s = time.perf_counter() - t0
         dealer_bytes = b0.nbytes() + b1.nbytes()
         x0, x1 = share(self.fp.encode(x))
