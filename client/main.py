@@ -88,8 +88,8 @@ def detect(paths: tuple[Path, ...], keys: Path, server_a: str, server_b: str, ti
             report_failure(bar, sink, as_json, path, why)
         failed = len(refused)
         if client is not None:
-            failed += _run(files, Analyser(client.detect_tensor, client.info.size, settings), bar, sink, as_json,
-                           annotate_to)
+            analyser = Analyser(client.detect_tensor, client.info.size, settings, client.detect_crops)
+            failed += _run(files, analyser, bar, sink, as_json, annotate_to)
     finally:
         bar.close()
         if client is not None:

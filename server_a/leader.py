@@ -5,7 +5,8 @@ Busy beyond that). When server_b announces that it holds the other share (`have`
 paired; between sessions the leader runs the next paired request, fairly across clients: it makes
 sure server_b is connected (within a short grace, before any bundle is claimed), takes the oldest
 prepared bundle, records its id as used, starts the session and waits for server_b's `ready`, then
-runs the online phase. If server_b cannot get that bundle, the next one is used. A request whose
+runs the online phase. If server_b cannot get that bundle, the next one is used. A request of several
+face crops runs as one session on a batch bundle, made by the dealer when the session starts. A request whose
 other share never arrives is answered with a timeout, one that waited too long in the queue with
 Busy; if server_b restarts, the requests it had announced are answered at once (it lost its shares)
 and set-up runs again.
@@ -107,8 +108,44 @@ class Leader(ServerBase):
             log_failure("set-up with server_b failed; it runs again when server_b asks again", e)
 
     def _session(self, req: Request, ahead: PrepareAhead) -> None:
-        cfg = self.config
         request = secrets.token_hex(8)  # what logs and the client call this request; says nothing else
+        crops = int(req.message.tensors[0].shape[0])
+        if crops > 1:
+            self._batch_session(req, crops, request)
+        else:
+            self._one_session(req, ahead, request)
+
+    def _batch_session(self, req: Request, crops: int, request: str) -> None:
+        """A request of several crops: a batch bundle made for it now, claimed before it is announced,
+        then prepared here while server_b fetches and prepares its half."""
+        try:
+            self._wait_for_peer(min(self.config.timeout, PEER_GRACE))  # before a bundle is made
+            prep = self.batch_bundle("batch_request", {"batch": crops}, crops)
+            self.batch_ledger.claim(prep.bundle_id)
+            self.link.start(prep.bundle_id, req.message.sid, req.key, request, crops)
+            try:
+                self.link.wait_ready(self.config.bundle_wait)
+            except PeerLost:
+                self._peer_restarted()
+                raise
+            self.online(req, prep, request)
+        except Exception as e:  # noqa: BLE001 - one failed session must never stop the server
+            self.fail(e, req, request)
+
+    def _peer_restarted(self) -> None:
+        """After PeerLost while server_b got ready: if it restarted (it asks for set-up), set up again
+        and raise PeerLost for the client (server_b's share is gone); otherwise return."""
+        start = self.link.stashed
+        if start is None or not asks_for_setup(start):
+            return
+        log.info("server_b asks for set-up")
+        self.link.next_start(0)
+        self._server_b_restarted()
+        self._set_up_safely()
+        raise PeerLost("server_b restarted during this request and lost its share; send the image again") from None
+
+    def _one_session(self, req: Request, ahead: PrepareAhead, request: str) -> None:
+        cfg = self.config
         attempts = cfg.depth + 3  # a restarted server_b lost the bundles it held: skip those ids
         try:
             for attempt in range(attempts):
@@ -123,15 +160,8 @@ class Leader(ServerBase):
                     if attempt == attempts - 1:
                         raise
                 except PeerLost:  # server_b restarted: its shares are gone; set up again
-                    start = self.link.stashed
-                    if start is None or not asks_for_setup(start):
-                        raise
-                    log.info("server_b asks for set-up")
-                    self.link.next_start(0)
-                    self._server_b_restarted()
-                    self._set_up_safely()
-                    raise PeerLost("server_b restarted during this request and lost its share; send the image "
-                                   "again") from None
+                    self._peer_restarted()
+                    raise
                 self.idle.set()  # let the next bundle be prepared
             self.online(req, prep, request)
         except Exception as e:  # noqa: BLE001 - one failed session must never stop the server

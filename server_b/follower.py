@@ -5,8 +5,9 @@ Busy beyond that), and server_a is told (`have`). When server_a starts the sessi
 takes the held share and the announced bundle at once, records the bundle id as used, answers
 `ready` and runs the online phase; a session for a share it does not hold (expired, cancelled, or
 lost in a restart) is refused at once, never waited for. If server_b cannot get the bundle, the
-share stays held for server_a's next one. When server_a starts again, its set-up is joined; if
-set-up fails, server_b keeps asking for it.
+share stays held for server_a's next one. A session of several crops names a batch bundle that
+server_b fetches from the dealer (once) and prepares before it answers `ready`. When server_a
+starts again, its set-up is joined; if set-up fails, server_b keeps asking for it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ class Follower(ServerBase):
             return
         try:
             bundle_id = int(msg.meta["bundle"])
+            crops = int(msg.meta.get("batch", 1))
+            if crops != entry.request.message.tensors[0].shape[0]:
+                raise ProtocolError(f"the client sent server_a {crops} crops and server_b "
+                                    f"{entry.request.message.tensors[0].shape[0]}; send the image again")
+            if crops > 1:  # a batch bundle server_a just had made: fetch this server's half of it
+                prep = self.batch_bundle("batch_fetch", {"bundle": bundle_id, "batch": crops}, crops)
+                self.batch_ledger.claim(bundle_id)
+                self.link.ready()
+                self.online(entry.request, prep, request)
+                return
             try:
                 prep = ahead.take(bundle_id, cfg.bundle_wait)
             except RandomnessError as e:  # server_a retries this request with its next bundle

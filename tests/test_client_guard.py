@@ -60,7 +60,7 @@ def fake_servers(keys) -> Iterator[Callable[[Answer], tuple[str, str]]]:
                     continue
                 if req.message.kind == "info":
                     front.reply(req, "info_reply", {"party": name, "model": "dfdnet-s", "input_size": SIZE,
-                                                    "frac_bits": 16})
+                                                    "frac_bits": 16, "max_batch": 1})
                 else:
                     meta, tensors = holder["answer"](role, req)
                     front.reply(req, "result", meta, tensors)

@@ -108,7 +108,7 @@ def test_request_reply_and_remote_errors(keys):
                 if req.message.kind == "info":
                     assert req.sender == "client"
                     srv.reply(req, "info_reply", {"party": "a", "model": "m", "input_size": 128,
-                                                  "frac_bits": 16})
+                                                  "frac_bits": 16, "max_batch": 1})
                 else:
                     srv.reply_error(req, RandomnessError("no bundle ready within 1 s"))
 

@@ -16,6 +16,7 @@ import click
 
 from secdfd.common import roster
 from secdfd.common.cli.envvars import show_envvars
+from secdfd.common.engine.randomness import MAX_BATCH
 from secdfd.common.errors import ModelError
 from secdfd.common.service import deployment
 from secdfd.common.service.server import ServerBase, ServerConfig
@@ -52,6 +53,9 @@ def server_command(role: type[ServerBase]) -> click.Command:
                   help="Requests held at once, all clients together; beyond: Busy.")
     @click.option("--max-pending-per-client", type=click.IntRange(min=1), default=2, show_default=True,
                   help="Requests one client key may have held at once; beyond: Busy.")
+    @click.option("--max-batch", type=click.IntRange(1, MAX_BATCH), default=4, show_default=True,
+                  help="The most face crops one request may hold; they run as one secure session (the rounds "
+                       "shared) on a batch bundle the dealer makes then. The dealer's --max-batch also bounds it.")
     @click.option("--threads", type=int, default=0, envvar=["SECDFD_SERVER_THREADS", "SECDFD_THREADS"],
                   help="CPU threads for torch [default: every core; `secdfd up` uses 1].")
     @click.option("--device", default="cpu", show_default=True, help="Where the ring arithmetic runs: cpu or cuda.")
@@ -59,7 +63,7 @@ def server_command(role: type[ServerBase]) -> click.Command:
                   help="Use float64 limb ring products on CPU too (always on with CUDA).")
     def command(party: str, keys: Path, weights: Path, state: Path, listen: str, peer: str, dealer: str,
                 depth: int, timeout: float, client_wait: float, queue_wait: float, max_pending: int,
-                max_pending_per_client: int, threads: int, device: str, limbs: bool | None) -> None:
+                max_pending_per_client: int, max_batch: int, threads: int, device: str, limbs: bool | None) -> None:
         try:
             deployment.check_device(device)
         except ModelError as e:
@@ -69,7 +73,7 @@ def server_command(role: type[ServerBase]) -> click.Command:
         cfg = ServerConfig(party=party, keys=keys, weights=weights, state=state, listen=listen, peer=peer,
                            dealer=dealer, depth=depth, timeout=timeout, client_wait=client_wait,
                            queue_wait=queue_wait, max_pending_per_client=max_pending_per_client,
-                           max_pending=max_pending, device=device, limbs=limbs or None)
+                           max_pending=max_pending, max_batch=max_batch, device=device, limbs=limbs or None)
         sys.exit(run_process(me.name, threads, role(cfg).run))
 
     command.help = f"Run {me.name}: {'the leader' if me.role == 0 else 'the follower'} of the two servers."

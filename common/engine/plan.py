@@ -375,21 +375,19 @@ def _batch_refusal(plan: Plan, s: Step) -> str | None:
     ins = [plan.steps[i].shape for i in s.inputs]
     rank = len(ins[0]) if ins else len(s.shape)
     a = s.attrs
-    if isinstance(a, ReduceAttrs | MeanAttrs) and any(d % rank == 0 for d in a.dims):
-        return "reduces over the batch dimension"
-    if isinstance(a, CatAttrs) and a.dim % len(s.shape) == 0:
-        return "concatenates along the batch dimension"
-    if isinstance(a, PermuteAttrs) and a.dims[0] % len(a.dims) != 0:
-        return "moves the batch dimension"
-    if isinstance(a, RepeatAttrs) and (len(a.reps) != rank or a.reps[0] != 1):
-        return "repeats along (or in front of) the batch dimension"
-    if isinstance(a, IndexAttrs) and (a.starts[0], a.steps[0]) != (0, 1):
-        return "slices the batch dimension"
-    if s.op == "expand" and rank != len(s.shape):
-        return "adds dimensions in front of the batch dimension"
-    if s.op in ("mul", "add") and any(len(shape) != len(s.shape) for shape in ins):
-        return "broadcasts an operand of another rank over the batch dimension"
-    return None
+    checks = (
+        (isinstance(a, ReduceAttrs | MeanAttrs) and any(d % rank == 0 for d in a.dims),
+         "reduces over the batch dimension"),
+        (isinstance(a, CatAttrs) and a.dim % len(s.shape) == 0, "concatenates along the batch dimension"),
+        (isinstance(a, PermuteAttrs) and a.dims[0] % len(a.dims) != 0, "moves the batch dimension"),
+        (isinstance(a, RepeatAttrs) and (len(a.reps) != rank or a.reps[0] != 1),
+         "repeats along (or in front of) the batch dimension"),
+        (isinstance(a, IndexAttrs) and (a.starts[0], a.steps[0]) != (0, 1), "slices the batch dimension"),
+        (s.op == "expand" and rank != len(s.shape), "adds dimensions in front of the batch dimension"),
+        (s.op in ("mul", "add") and any(len(shape) != len(s.shape) for shape in ins),
+         "broadcasts an operand of another rank over the batch dimension"),
+    )
+    return next((why for bad, why in checks if bad), None)
 
 
 def _plain(v: Any) -> Any:

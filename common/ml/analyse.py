@@ -4,7 +4,8 @@ secure inference per crop) and `secdfd detect` (the plaintext reference) run the
 The client owns the image, so it finds the faces in plaintext and shares only the crops:
 
 - an image: EXIF orientation applied, faces found (MTCNN, `ml.faces`), each face cropped (a square
-  of `margin` x the box's larger side) and detected on its own, one secure inference per face. The
+  of `margin` x the box's larger side) and detected on its own; the client sends the crops of an
+  image in requests of several crops, each request one secure session (the rounds shared). The
   image is fake if any face is; its `p_fake` is the highest of its faces'. No face is a result.
 - with `crop=False` the whole image is the model's input (it is a face crop already), as before:
   the result is exactly `Client.detect_tensor`'s.
@@ -33,6 +34,7 @@ from secdfd.common.ml import faces, video
 from secdfd.common.ml.data import image_input, load_image, open_rgb
 
 SecureDetect = Callable[[torch.Tensor, str], dict[str, Any]]
+SecureCrops = Callable[[list[torch.Tensor], str], list[dict[str, Any]]]  # several crops, one result each
 
 # Suffixes of the files taken from a folder (a file named on the command line is also taken if its
 # header is an image's; videos by their suffix, see `ml.video.SUFFIXES`).
@@ -98,7 +100,16 @@ def _image_header(path: Path) -> bool:
 
 def _sums(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The secure figures of several inferences added up (what the client waited, the servers'
-    online time, the bytes each server sent, the rounds)."""
+    online time, the bytes each server sent, the rounds); the crops of one request (one `request`
+    id, a batch) count once."""
+    seen: set[str] = set()
+    once = []
+    for p in parts:
+        if p.get("request") not in seen:
+            once.append(p)
+        if p.get("request") is not None:
+            seen.add(p["request"])
+    parts = once
     return {
         "seconds": sum(p["seconds"] for p in parts),
         "online_seconds": sum(p["online_seconds"] for p in parts),
@@ -110,8 +121,12 @@ def _sums(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class Analyser:
     """Detect files one at a time; `file(path)` -> one result dict (see the module docstring)."""
 
-    def __init__(self, secure: SecureDetect, size: int, settings: Settings | None = None) -> None:
+    def __init__(self, secure: SecureDetect, size: int, settings: Settings | None = None,
+                 secure_crops: SecureCrops | None = None) -> None:
+        """`secure` detects one input; `secure_crops`, if given, several crops at once (the client:
+        the faces of an image, the frames of a video, in requests of several crops)."""
         self.secure, self.size = secure, size
+        self.secure_crops = secure_crops or (lambda xs, name: [secure(x, name) for x in xs])
         self.settings = settings or Settings()
         s = self.settings
         self.detector = faces.FaceDetector(s.min_face, s.face_score) if s.crop else None
@@ -134,19 +149,21 @@ class Analyser:
                             "px on the shorter side); add --no-crop if the image is a face crop already")
         return self.detector.detect(img)
 
-    def _face(self, img: Image.Image, face: faces.Face, name: str) -> dict[str, Any]:
-        """One secure detection of one face's crop, with where the face and the crop are."""
-        crop = faces.crop_box(face.box, img.width, img.height, self.settings.margin)
-        r = self.secure(faces.crop_face(img, face.box, self.size, self.settings.margin), name)
-        r = {k: v for k, v in r.items() if k != "file"}
-        return {"box": face.rounded(), "score": round(face.score, 4), "crop": list(crop), **r}
+    def _faces(self, shots: Sequence[tuple[Image.Image, faces.Face]], name: str) -> list[dict[str, Any]]:
+        """Secure detections of the faces' crops (all at once: the client sends them in requests of
+        several crops), each with where the face and the crop are."""
+        m = self.settings.margin
+        results = self.secure_crops([faces.crop_face(img, f.box, self.size, m) for img, f in shots], name)
+        return [{"box": f.rounded(), "score": round(f.score, 4), "crop": list(faces.crop_box(f.box, img.width,
+                 img.height, m)), **{k: v for k, v in r.items() if k != "file"}}
+                for (img, f), r in zip(shots, results, strict=True)]
 
     def faces_in(self, img: Image.Image, name: str) -> dict[str, Any]:
         """Every face of one image, each detected securely; the image is fake if any face is."""
         t0 = time.perf_counter()
         found = self.find(img, name)
         detect_s = time.perf_counter() - t0
-        results = [self._face(img, f, name) for f in found]
+        results = self._faces([(img, f) for f in found], name)
         p = max((r["p_fake"] for r in results), default=None)
         return {"file": name, "kind": "image", "verdict": NO_FACE if p is None else roster.verdict(p), "p_fake": p,
                 "faces": results, "width": img.width, "height": img.height, "detect_seconds": detect_s,
@@ -158,22 +175,30 @@ class Analyser:
         frames: list[dict[str, Any]] = []
         detect_s = 0.0
         tracker = faces.Tracker()
+        shots: list[tuple[dict[str, Any], Image.Image, faces.Face | None]] = []  # found first, then detected
         with video.Video(path) as v:
             info = v.info
             for fr in v.sample(self.settings.frames):
                 entry: dict[str, Any] = {"index": fr.index, "time": round(fr.time, 3)}
-                if self.detector is None:
-                    entry.update(box=None, **self.secure(image_input(fr.image, self.size), name))
-                else:
-                    t0 = time.perf_counter()
-                    face = tracker.update(self.find(fr.image, name))
-                    detect_s += time.perf_counter() - t0
-                    if face is None:
-                        entry.update(box=None, verdict=NO_FACE, p_fake=None)
-                    else:
-                        entry.update(self._face(fr.image, face, name))
-                entry.pop("file", None)
                 frames.append(entry)
+                if self.detector is None:
+                    shots.append((entry, fr.image, None))
+                    continue
+                t0 = time.perf_counter()
+                face = tracker.update(self.find(fr.image, name))
+                detect_s += time.perf_counter() - t0
+                if face is None:
+                    entry.update(box=None, verdict=NO_FACE, p_fake=None)
+                else:
+                    shots.append((entry, fr.image, face))
+        if self.detector is None:
+            whole = self.secure_crops([image_input(img, self.size) for _, img, _ in shots], name)
+            for (entry, _, _), r in zip(shots, whole, strict=True):
+                entry.update(box=None, **{k: v for k, v in r.items() if k != "file"})
+        else:
+            found = [(img, f) for _, img, f in shots if f is not None]
+            for (entry, _, _), r in zip(shots, self._faces(found, name), strict=True):
+                entry.update(r)
         scored = [f for f in frames if f["p_fake"] is not None]
         mean = sum(f["p_fake"] for f in scored) / len(scored) if scored else None
         share = sum(f["verdict"] == "fake" for f in scored) / len(scored) if scored else None

@@ -128,8 +128,8 @@ MESSAGE_KINDS = MessageKinds(
              max_tensors=1 << 30, dtypes=_RING | _BYTES),  # bounded by Limits.max_tensors
         MessageKind("session", "server_a -> server_b: start session `sid` with bundle `bundle` for the "
              "client session `client` of the client with public key `key` (bundle -1: the set-up session), "
-             "known in logs and replies as `request`",
-             meta={"bundle": _INT, "client": _STR, "key": _STR, "request": _STR}),
+             "known in logs and replies as `request`; `batch` crops (> 1: `bundle` is a batch bundle)",
+             meta={"bundle": _INT, "client": _STR, "key": _STR, "request": _STR, "batch": _INT}),
         MessageKind("have", "server_b -> server_a, outside any session: server_b holds its share of client "
              "session `client` of the client with public key `key`",
              meta={"client": _STR, "key": _STR}),
@@ -138,9 +138,10 @@ MESSAGE_KINDS = MessageKinds(
                     meta={"share": _STR, "model": _STR}),
         # client <-> server
         MessageKind("info", "ask a server what it serves"),
-        MessageKind("info_reply", "model name, input size, fixed-point format and party of a server",
-             meta={"party": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT}),
-        MessageKind("detect", "client -> server: this server's share of one image",
+        MessageKind("info_reply", "model name, input size, fixed-point format, party of a server and the most "
+             "crops one request may hold",
+             meta={"party": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT, "max_batch": _INT}),
+        MessageKind("detect", "client -> server: this server's share of one image (or of several crops, one session)",
              min_tensors=1, max_tensors=1, dtypes=_RING),
         MessageKind("cancel", "client -> server: drop the request of this client session (best effort)"),
         MessageKind("cancelled", "server -> client: the request is dropped (or was not held)"),
@@ -150,11 +151,15 @@ MESSAGE_KINDS = MessageKinds(
         MessageKind("provision_request", "server -> dealer: provisioning material for the weight masks"),
         MessageKind("provision", "dealer -> server: serialised provisioning material and the model it deals for",
              meta={"epoch": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT, "split": _STR,
-                   "digest": _STR},
+                   "digest": _STR, "max_batch": _INT},
              min_tensors=1, max_tensors=1, dtypes=_BYTES),
         MessageKind("bundle_request", "server -> dealer: the next correlated-randomness bundle"),
-        MessageKind("bundle", "dealer -> server: one serialised bundle with its id, in consecutive frames",
-             meta={"bundle": _INT, "epoch": _STR, "seconds": _NUM},
+        MessageKind("batch_request", "server_a -> dealer: a new bundle for a batch of `batch` crops",
+             meta={"batch": _INT}),
+        MessageKind("batch_fetch", "server_b -> dealer: its half of batch bundle `bundle` (announced by server_a)",
+             meta={"bundle": _INT, "batch": _INT}),
+        MessageKind("bundle", "dealer -> server: one serialised bundle with its id and batch size, in consecutive "
+             "frames", meta={"bundle": _INT, "batch": _INT, "epoch": _STR, "seconds": _NUM},
              min_tensors=1, max_tensors=1 << 14, dtypes=_BYTES),  # frames of <= 1 MiB (see dealer)
         # any direction
         MessageKind("error", "the sender failed: exception class name and a one-line message",

@@ -51,12 +51,12 @@ class ServerReport:
                                 "both servers run this SecDFD release") from None
 
 
-def _output_share(reply: Message, server: str) -> torch.Tensor:
-    """A server's share of the fused probability: one ring element."""
+def _output_share(reply: Message, server: str, crops: int) -> torch.Tensor:
+    """A server's share of the fused probabilities: one ring element per crop."""
     t = reply.tensors[0]
-    if t.dtype != torch.int64 or t.numel() != 1:
-        raise ProtocolError(f"{server} sent an output share of shape {list(t.shape)}, expected one ring element; "
-                            "check that both servers run this SecDFD release")
+    if t.dtype != torch.int64 or t.numel() != crops:
+        raise ProtocolError(f"{server} sent an output share of shape {list(t.shape)}, expected {crops} ring "
+                            "element(s); check that both servers run this SecDFD release")
     return t
 
 
@@ -87,6 +87,8 @@ class Client:
             raise ProtocolError(f"server_a serves {a[0]} at {a[1]}, server_b {b[0]} at {b[1]}; "
                                 "both must be provisioned from the same model")
         self.info = deployment.ModelInfo(a[0], a[1], a[2])
+        # crops one request may hold: the smaller of the two servers' bounds
+        self.max_batch = max(1, min(int(i["max_batch"]) for i in infos))
 
     def close(self) -> None:
         self.node.close()
@@ -103,22 +105,42 @@ class Client:
         the bundle, done before the request. With `breakdown`, `steps` lists each plan step's
         bytes per server, rounds and seconds.
         """
+        return self.detect_batch(x, name, breakdown)[0]
+
+    def detect_crops(self, crops: list[torch.Tensor], name: str = "") -> list[dict[str, Any]]:
+        """The verdicts of several crops (each (1, 3, size, size)), in requests of up to `max_batch`
+        crops: the crops of one request run as one secure session. One dict per crop, in order."""
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(crops), self.max_batch):
+            out += self.detect_batch(torch.cat(crops[i : i + self.max_batch]), name)
+        return out
+
+    def detect_batch(self, x: torch.Tensor, name: str = "", breakdown: bool = False) -> list[dict[str, Any]]:
+        """The verdicts of the n crops of x, (n, 3, size, size) with n <= max_batch, as one request:
+        one secure session, its rounds shared. One dict per crop (see `detect_tensor`); each carries
+        the whole request's figures and `batch` = n (the same `request` id tells they were one)."""
+        crops = int(x.shape[0])
+        if not 1 <= crops <= self.max_batch:
+            raise ProtocolError(f"{crops} crops in one request: the servers take 1 to {self.max_batch} in one "
+                                "request (their --max-batch); send more in several requests (`detect_crops`)")
         x0, x1 = deployment.share_image(x, self.info)
         sid = secrets.token_hex(16)
         t0 = time.perf_counter()
         replies = self._request((x0, x1), sid)
         seconds = time.perf_counter() - t0
-        shares = [_output_share(r, server) for r, server in zip(replies, roster.SERVERS, strict=True)]
-        p_fake = deployment.fake_probability(shares[0], shares[1], self.info)
+        shares = [_output_share(r, server, crops) for r, server in zip(replies, roster.SERVERS, strict=True)]
+        ps = deployment.fake_probabilities(shares[0], shares[1], self.info)
         reports = [ServerReport.read(r, server) for r, server in zip(replies, roster.SERVERS, strict=True)]
         if reports[0].request != reports[1].request:
             raise ProtocolError("server_a and server_b answered for different requests; try again")
+        figures = self._figures(reports, seconds, breakdown)
+        return [{"file": name, "verdict": roster.verdict(p), "p_fake": p, **figures, "batch": crops} for p in ps]
+
+    @staticmethod
+    def _figures(reports: list[ServerReport], seconds: float, breakdown: bool) -> dict[str, Any]:
         dealer_s = max(r.dealer_seconds for r in reports)  # the first to ask waited for both halves
         prepare_s = [r.figures.prepare_seconds for r in reports]
         out: dict[str, Any] = {
-            "file": name,
-            "verdict": roster.verdict(p_fake),
-            "p_fake": p_fake,
             "seconds": seconds,
             "online_seconds": max(r.figures.seconds for r in reports),
             "bytes_per_server": [r.figures.bytes for r in reports],

@@ -321,8 +321,14 @@ def provision_bytes(dealer: Dealer) -> tuple[bytes, bytes]:
     return p0.to_bytes(), p1.to_bytes()
 
 
-def bundle_bytes(dealer: Dealer, bundle_id: int) -> tuple[bytes, bytes]:
-    b0, b1 = dealer.bundle(str(bundle_id))
+def bundle_name(bundle_id: int, batch: int = 1) -> str:
+    """What a bundle is called inside: one-input bundles by their id, batch bundles (ids of their own
+    ledger) as batch-ID."""
+    return str(bundle_id) if batch == 1 else f"batch-{bundle_id}"
+
+
+def bundle_bytes(dealer: Dealer, bundle_id: int, batch: int = 1) -> tuple[bytes, bytes]:
+    b0, b1 = dealer.bundle(bundle_name(bundle_id, batch), batch)
     return b0.to_bytes(), b1.to_bytes()
 
 
@@ -347,12 +353,13 @@ def make_party(role: int, info: ModelInfo, weights: dict[str, torch.Tensor], pro
                  channel, info.cmp_bits, device, limbs)
 
 
-def load_bundle(data: bytes, role: int, bundle_id: int) -> Bundle:
-    """Decode a bundle and check it is the one announced, for this party."""
+def load_bundle(data: bytes, role: int, bundle_id: int, batch: int = 1) -> Bundle:
+    """Decode a bundle and check it is the one announced, for this party and batch size."""
     bundle = Bundle.from_bytes(data)
-    if bundle.role != role or bundle.bundle_id != str(bundle_id):
-        raise RandomnessError(f"the dealer sent bundle {bundle.bundle_id} for party {bundle.role}, "
-                              f"expected {bundle_id} for party {role}")
+    want = bundle_name(bundle_id, batch)
+    if bundle.role != role or bundle.bundle_id != want or bundle.batch != batch:
+        raise RandomnessError(f"the dealer sent bundle {bundle.bundle_id} (batch {bundle.batch}) for party "
+                              f"{bundle.role}, expected {want} (batch {batch}) for party {role}")
     return bundle
 
 
@@ -360,7 +367,7 @@ def load_bundle(data: bytes, role: int, bundle_id: int) -> Bundle:
 
 
 def share_image(x: torch.Tensor, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 3, size, size) floats in [0, 1] -> two ring shares of its fixed-point encoding."""
+    """(n, 3, size, size) floats in [0, 1] (n crops) -> two ring shares of their fixed-point encoding."""
     return share(FixedPoint(info.frac).encode(x))
 
 
@@ -373,10 +380,17 @@ P_TOLERANCE = 1e-3
 def fake_probability(y0: torch.Tensor, y1: torch.Tensor, info: ModelInfo) -> float:
     """The fused fake probability from the servers' two output shares, clamped to [0, 1]; RangeError
     if it is further than P_TOLERANCE outside (never a verdict from such a value)."""
-    p = float(FixedPoint(info.frac).decode(reconstruct(y0, y1)).reshape(-1)[0])
-    if not -P_TOLERANCE <= p <= 1.0 + P_TOLERANCE:
-        limit = 2 ** (info.cmp_bits - info.frac)
-        raise RangeError(f"the secure result is out of range ({p:.4g} is not a probability): a value inside "
-                         f"the model left the comparison range of +-{limit:g} on this input, so no verdict can "
-                         "be given; check that the image is a face crop like the model's training data")
-    return min(1.0, max(0.0, p))
+    return fake_probabilities(y0, y1, info)[0]
+
+
+def fake_probabilities(y0: torch.Tensor, y1: torch.Tensor, info: ModelInfo) -> list[float]:
+    """`fake_probability` of each crop of a batch (one output element per crop, in order)."""
+    ps = [float(p) for p in FixedPoint(info.frac).decode(reconstruct(y0, y1)).reshape(-1)]
+    for i, p in enumerate(ps):
+        if not -P_TOLERANCE <= p <= 1.0 + P_TOLERANCE:
+            which = f"crop {i + 1} of {len(ps)}" if len(ps) > 1 else "this input"
+            limit = 2 ** (info.cmp_bits - info.frac)
+            raise RangeError(f"the secure result is out of range ({p:.4g} is not a probability): a value inside "
+                             f"the model left the comparison range of +-{limit:g} on {which}, so no verdict can "
+                             "be given; check that the image is a face crop like the model's training data")
+    return [min(1.0, max(0.0, p)) for p in ps]

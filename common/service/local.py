@@ -146,6 +146,7 @@ class Options:
     device: str = "cpu"
     limbs: bool = False
     timeout: float = 120.0  # one protocol round
+    max_batch: int = 4  # face crops per request (dealer and servers)
     extra: tuple[str, ...] = ()  # further server options, e.g. ("--client-wait", "5")
 
 
@@ -155,7 +156,8 @@ def launches(layout: Layout, endpoints: Endpoints, options: Options = Options())
     py = sys.executable
     dealer = Launch("dealer", (py, "-m", "secdfd.dealer", "--keys", str(layout.keys / "dealer"),
                                "--state", str(layout.state("dealer")), "--listen", endpoints.dealer,
-                               "--model", str(layout.model_info)), env, endpoints.dealer,
+                               "--model", str(layout.model_info), "--max-batch", str(options.max_batch)),
+                    env, endpoints.dealer,
                     str(layout.state("dealer")))
     out = [dealer]
     for srv, listen in ((roster.server(roster.SERVER_A), endpoints.server_a),
@@ -164,7 +166,8 @@ def launches(layout: Layout, endpoints: Endpoints, options: Options = Options())
         argv = [py, "-m", srv.module, "--keys", str(layout.keys / name),
                 "--weights", str(layout.shares / f"{name}.weights"), "--state", str(layout.state(name)),
                 "--listen", listen, "--peer", endpoints.peer, "--dealer", endpoints.dealer,
-                "--depth", str(options.depth), "--timeout", f"{options.timeout:g}", "--device", options.device]
+                "--depth", str(options.depth), "--timeout", f"{options.timeout:g}", "--device", options.device,
+                "--max-batch", str(options.max_batch)]
         if options.limbs:
             argv.append("--limbs")
         argv += options.extra

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import zmq
 from secdfd.common import roster
 from secdfd.common.engine.evaluator import Party
 from secdfd.common.engine.figures import Report
+from secdfd.common.engine.plan import Plan
 from secdfd.common.errors import Busy, ModelError, ProtocolError, RandomnessError, SecDFDError
 from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Requester, Responder, ZmqChannel
@@ -66,6 +68,7 @@ class ServerConfig:
     max_pending_per_client: int = 2  # requests one client key may have held at once
     max_pending: int = 32  # requests held at once, all clients together
     startup: float = 300.0  # how long start-up waits for the dealer and the peer
+    max_batch: int = 4  # face crops one request may hold (one secure session); the dealer's bound also holds
     device: str = "cpu"
     limbs: bool | None = None  # float64 limb ring products: None = on CUDA only
 
@@ -98,6 +101,8 @@ class ServerBase:
         self.idle = threading.Event()  # clear while a session is online: background work waits
         self.idle.set()
         self.health = HealthFile(config.state, config.name)
+        self.max_batch = 1  # set at start-up: the smaller of this server's and the dealer's bound
+        self._dealer: Requester | None = None
 
     # --- what each role does ------------------------------------------------------------------
 
@@ -129,11 +134,14 @@ class ServerBase:
             raise ModelError(f"{cfg.weights} was made for another definition of {self.info.arch} than this "
                              "release's; share the model again with this release")
         self.ledger = IdLedger(Path(cfg.state) / f"{cfg.name}.used")
+        self.batch_ledger = IdLedger(Path(cfg.state) / f"{cfg.name}.batch.used")
         with Node(keys) as node:
+            self.node = node
             dealer = Requester(node, cfg.dealer, roster.DEALER, timeout=cfg.startup)
             prov = dealer.request("provision_request")
             self._check_dealer(prov)
             self.epoch = str(prov.meta["epoch"])
+            self.max_batch = self._batch_limit(plan, int(prov.meta["max_batch"]))
             provision = bytes(prov.tensors[0].numpy())
             self.channel = self.open_channel(node)
             self.link = SessionLink(self.channel, cfg.name, SplitId(self.info.split, share.digest))
@@ -148,7 +156,7 @@ class ServerBase:
             queue = BundleQueue(self._fetcher(node), max(1, cfg.depth - 1), cfg.name, idle=self.idle).start()
             ahead = PrepareAhead(queue, self.party.prepare, self.idle, cfg.name).start()
             try:
-                self.front = Responder(node, cfg.listen, "clients", client_limits(self.info))
+                self.front = Responder(node, cfg.listen, "clients", client_limits(self.info, self.max_batch))
                 self.endpoint = self.front.endpoint
                 self.ready.set()
                 self.health.update(force=True, state="serving")
@@ -168,6 +176,19 @@ class ServerBase:
                              f"{self.info.describe()}; start the dealer with --model DIR/model.json from the "
                              "same `secdfd share` run as the servers' shares")
 
+    def _batch_limit(self, plan: Plan, dealers: int) -> int:
+        """The most crops one request may hold: this server's --max-batch, the dealer's, and 1 for a
+        model whose plan mixes the inputs of a batch."""
+        limit = min(self.config.max_batch, dealers)
+        why = plan.batch_refusal() if limit > 1 else None
+        if why is not None:
+            log.info("%s serves one crop per request: this model cannot run several at once (%s)",
+                     self.config.name, why)
+            return 1
+        if limit < self.config.max_batch:
+            log.info("%s serves at most %d crops per request (the dealer's --max-batch)", self.config.name, limit)
+        return limit
+
     def _fetcher(self, node: Node) -> Callable[[], Ready]:
         cfg = self.config
         holder: dict[str, Requester] = {}
@@ -176,29 +197,53 @@ class ServerBase:
             # runs in the queue's thread, which owns this socket
             if "r" not in holder:
                 holder["r"] = Requester(node, cfg.dealer, roster.DEALER, timeout=cfg.timeout)
-            reply = holder["r"].request("bundle_request", link_wait=DEALER_LINK_WAIT)
-            bundle_id = int(reply.meta["bundle"])
-            if reply.meta["epoch"] != self.epoch:
-                raise RandomnessError("the dealer was re-provisioned since this server started; "
-                                      "restart both servers")
-            data = b"".join(t.numpy().tobytes() for t in reply.tensors)  # the dealer's frames, in order
-            bundle = deployment.load_bundle(data, cfg.role, bundle_id)
-            return Ready(bundle_id, str(reply.meta["epoch"]), bundle, float(reply.meta["seconds"]), len(data))
+            return self._bundle_reply(holder["r"].request("bundle_request", link_wait=DEALER_LINK_WAIT), 1)
 
         return fetch
+
+    def _bundle_reply(self, reply: Message, batch: int) -> Ready:
+        """The bundle in a dealer's reply, checked: this server's half, of this provisioning, the id
+        and batch size announced."""
+        bundle_id = int(reply.meta["bundle"])
+        if reply.meta["epoch"] != self.epoch:
+            raise RandomnessError("the dealer was re-provisioned since this server started; restart both servers")
+        data = b"".join(t.numpy().tobytes() for t in reply.tensors)  # the dealer's frames, in order
+        bundle = deployment.load_bundle(data, self.config.role, bundle_id, batch)
+        return Ready(bundle_id, str(reply.meta["epoch"]), bundle, float(reply.meta["seconds"]), len(data))
+
+    def batch_bundle(self, kind: str, meta: dict[str, Any], batch: int) -> Prepared:
+        """A batch bundle from the dealer (server_a: `batch_request`, a new one; server_b: `batch_fetch`,
+        the id server_a announced), prepared now. Background work waits meanwhile (`idle` cleared):
+        the caller's session is as good as online."""
+        self.idle.clear()
+        if self._dealer is None:  # the serving thread's own socket (the queue's belongs to its thread)
+            self._dealer = Requester(self.node, self.config.dealer, roster.DEALER, timeout=self.config.timeout)
+        ready = self._bundle_reply(self._dealer.request(kind, meta, link_wait=DEALER_LINK_WAIT), batch)
+        if kind == "batch_fetch" and ready.bundle_id != meta["bundle"]:
+            raise RandomnessError(f"the dealer sent batch bundle {ready.bundle_id}, not {meta['bundle']}")
+        t0 = time.perf_counter()
+        rands = self.party.prepare(ready.bundle)
+        return Prepared(ready, rands, time.perf_counter() - t0)
 
     # --- serving ----------------------------------------------------------------------------
 
     def answer_info(self, req: Request, queue: BundleQueue, ahead: PrepareAhead) -> None:
         """What a client may know: the model served and the number format (no service-wide counters)."""
         self.front.reply(req, "info_reply", {"party": self.config.name, "model": self.info.arch,
-                                             "input_size": self.info.size, "frac_bits": self.info.frac})
+                                             "input_size": self.info.size, "frac_bits": self.info.frac,
+                                             "max_batch": self.max_batch})
 
     def check_share(self, req: Request) -> None:
+        """A share of 1 to max_batch crops of the served size, or ProtocolError (before anything is held)."""
         x = req.message.tensors[0]
-        if tuple(x.shape) != self.info.input_shape:
+        one = self.info.input_shape
+        if x.dim() != len(one) or tuple(x.shape[1:]) != one[1:] or x.shape[0] < 1:
             raise ProtocolError(f"the image share has shape {list(x.shape)}, {self.config.name} serves "
-                                f"{list(self.info.input_shape)}; resize the image to {self.info.size}")
+                                f"{list(one)}; resize the image to {self.info.size}")
+        if x.shape[0] > self.max_batch:
+            raise ProtocolError(f"the request holds {x.shape[0]} crops, {self.config.name} takes at most "
+                                f"{self.max_batch} in one request (its --max-batch and the dealer's); send them "
+                                "in several requests")
 
     def take_requests(self, held: RequestQueue, queue: BundleQueue, ahead: PrepareAhead) -> None:
         """Every client request waiting now: `info` is answered, `detect` held (or refused: a share of
@@ -273,12 +318,12 @@ class ServerBase:
             log.info("request %s: failed (%s)", request or "-", type(err).__name__)
 
 
-def client_limits(info: deployment.ModelInfo) -> Limits:
-    """What a client may send a server: one tensor, an image share of the served size (int64), and a
-    small envelope. A larger frame drops the client's connection before it is buffered; more
-    frames or bytes in one message are refused when it is read."""
-    share = 8
-    for d in info.input_shape:
+def client_limits(info: deployment.ModelInfo, max_batch: int = 1) -> Limits:
+    """What a client may send a server: one tensor, an image share of up to `max_batch` crops of the
+    served size (int64), and a small envelope. A larger frame drops the client's connection before it
+    is buffered; more frames or bytes in one message are refused when it is read."""
+    share = 8 * max_batch
+    for d in info.input_shape[1:]:
         share *= d
     return Limits(max_tensors=1, max_bytes=share, max_envelope=1 << 16)
 

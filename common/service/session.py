@@ -7,8 +7,10 @@ under its own id; this module says what they are. Messages (kinds of `secdfd.com
                                the follower holds its share of client session `client` of the
                                client with public key `key`. Only such requests are started.
     session {bundle, client,   seq 0 of a conversation. Leader -> follower: start the inference of
-             key, request}     the client session `client` of client `key` with bundle `bundle`
-                               (one message); both servers call it `request` in logs and replies.
+             key, request,     the client session `client` of client `key` with bundle `bundle`
+             batch}            (one message); both servers call it `request` in logs and replies.
+                               batch > 1: the request holds that many crops, and `bundle` is a batch
+                               bundle the leader just had made (the follower fetches its half).
                                Bundle SETUP (-1): the set-up session. Follower -> leader with
                                bundle SETUP: "run set-up with me" (a set-up request).
     ready                      follower -> leader: the client's share and the bundle are in hand.
@@ -63,7 +65,7 @@ SETUP = -1  # the bundle of a set-up session
 ASK_EVERY = 2.0  # how often server_b repeats its request for set-up while it waits
 STEP = "session"  # the step label of the session protocol's own messages
 MAX_NOTICES = 4096  # `have` notices kept until the leader takes them
-_SETUP_META = {"bundle": SETUP, "client": "", "key": "", "request": ""}
+_SETUP_META = {"bundle": SETUP, "client": "", "key": "", "request": "", "batch": 1}
 
 
 @dataclass(frozen=True)
@@ -169,12 +171,13 @@ class SessionLink:
 
     # --- an inference ---------------------------------------------------------------------------
 
-    def start(self, bundle_id: int, client_sid: str, key: bytes, request: str) -> None:
+    def start(self, bundle_id: int, client_sid: str, key: bytes, request: str, batch: int = 1) -> None:
         """Leader: start the inference of client `key`'s session `client_sid` with bundle
-        `bundle_id`; both servers call it `request` (an opaque id) in their logs and replies."""
-        self.begin(f"b{bundle_id}")
+        `bundle_id` (a batch bundle of `batch` crops when batch > 1: ids of their own ledger); both
+        servers call it `request` (an opaque id) in their logs and replies."""
+        self.begin(f"b{bundle_id}" if batch == 1 else f"n{bundle_id}")
         self.channel.send("session", STEP, {"bundle": bundle_id, "client": client_sid, "key": key.decode(),
-                                            "request": request})
+                                            "request": request, "batch": batch})
 
     def wait_ready(self, timeout: float) -> None:
         """Leader: wait for the follower's `ready` (an `error` from it is raised as its exception)."""

@@ -135,6 +135,44 @@ class BundleBook:
         return self._bytes[party]
 
 
+class BatchBook:
+    """Dealer side: bundles for a batch of several inputs, made when server_a asks for one.
+
+    A batch bundle is as large as that many bundles, so none is kept ready: server_a asks for the
+    batch size its request holds, gets its half and a fresh id (from a ledger of its own, so the
+    one-input bundles' ids are never skipped), and announces the id to server_b, which asks for its
+    half of that id once. At most `cap` halves wait for server_b; beyond that the oldest is dropped.
+    """
+
+    def __init__(self, make: Callable[[int, int], tuple[Any, Any]], ledger: IdLedger, cap: int = 4) -> None:
+        self._make = make
+        self._ledger = ledger
+        self._cap = cap
+        self._waiting: dict[int, Any] = {}
+
+    def make(self, batch: int) -> tuple[int, Any]:
+        """A new batch bundle: (id, server_a's half); server_b's half waits for `take(id)`."""
+        bundle_id = self._ledger.next()
+        half_a, half_b = self._make(bundle_id, batch)
+        self._waiting[bundle_id] = half_b
+        while len(self._waiting) > self._cap:
+            dropped = min(self._waiting)
+            del self._waiting[dropped]
+            log.warning("dropping batch bundle %d for server_b: it did not ask for it", dropped)
+        return bundle_id, half_a
+
+    def take(self, bundle_id: int) -> Any:
+        """server_b's half of batch bundle `bundle_id`, once."""
+        half = self._waiting.pop(bundle_id, None)
+        if half is None:
+            raise RandomnessError(f"the dealer holds no half of batch bundle {bundle_id} for server_b (handed out "
+                                  "already, dropped, or made before the dealer restarted)")
+        return half
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+
 @dataclass(frozen=True)
 class Ready:
     """A bundle ready for use: its id, the dealer run it belongs to, and the party's half."""
