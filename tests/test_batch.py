@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_zoo import ZOO, zoo_model
 from torch import nn
 
 from secdfd.common.engine.evaluator import Dealer
@@ -13,7 +14,6 @@ from secdfd.common.engine.plan import build_plan
 from secdfd.common.engine.randomness import MAX_BATCH, Bundle
 from secdfd.common.engine.twoparty import TwoParty
 from secdfd.common.errors import PlanError, RandomnessError
-from test_zoo import ZOO, zoo_model
 
 
 def _tiny_dfdnet(size: int = 32) -> nn.Module:

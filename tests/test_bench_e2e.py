@@ -22,7 +22,7 @@ def test_e2e_figures_and_wrapped_launch(tmp_path):
         return spawn_local(launch, log)
 
     eps = Endpoints.free()
-    res = run_e2e("dfdnet-s", 32, 2, work=tmp_path, launcher=Launcher(spawn, eps))
+    res = run_e2e("dfdnet-s", 32, 2, work=tmp_path, launcher=Launcher(spawn, eps), batches=(1, 3))
     assert [s.name for s in seen] == ["dealer", "server_a", "server_b"]
     assert seen[1].endpoint == eps.server_a and "--peer" in seen[2].argv and eps.peer in seen[2].argv
     assert all(s.env["SECDFD_THREADS"] == "1" for s in seen)
@@ -39,6 +39,16 @@ def test_e2e_figures_and_wrapped_launch(tmp_path):
     assert max(s["rounds"] for s in steps) <= res["rounds"]
     assert {"linear", "relu", "sigmoid"} <= {s["op"] for s in steps}
     assert not list(tmp_path.iterdir())  # the scratch deployment is removed
+    assert "--max-batch" in seen[0].argv and seen[0].argv[seen[0].argv.index("--max-batch") + 1] == "3"
+    one, three = res["batches"]
+    assert (one["batch"], three["batch"], three["sessions"]) == (1, 3, 2)
+    for b in (one, three):
+        assert b["abs_error"] <= 1e-3 and b["verdicts_equal"]
+        assert b["online_seconds_per_crop"] == pytest.approx(b["online_seconds"] / b["batch"])
+        assert b["bytes_per_crop"][0] == pytest.approx(b["bytes_per_server"][0] / b["batch"])
+    # the rounds of one crop, shared by three; no more bytes per crop than alone
+    assert three["rounds"] == one["rounds"] == res["rounds"]
+    assert three["bytes_per_crop"][0] <= one["bytes_per_crop"][0] == res["bytes_per_server"][0]
 
 
 def test_e2e_command_refuses_nonsense():
@@ -46,3 +56,6 @@ def test_e2e_command_refuses_nonsense():
     assert r.exit_code == 2 and "--images" in r.output
     r = CliRunner().invoke(main, ["bench", "e2e", "--model", "resnet"])
     assert r.exit_code == 2 and "dfdnet-s" in r.output
+    for bad, why in (("0", "batch sizes are 1 to 64, not 0"), ("1,x", "comma-separated")):
+        r = CliRunner().invoke(main, ["bench", "e2e", "--batch", bad])
+        assert r.exit_code == 2 and why in r.output

@@ -101,7 +101,7 @@ def test_detect_matches_plaintext_and_ids_are_fresh(deployment_dir, parties):
     try:
         assert client.info == deployment.ModelInfo("dfdnet-s", SIZE)  # the client is not told the split
         for server in client.servers:  # nothing service-wide: no bundle counts, no other clients' requests
-            assert set(server.request("info").meta) == {"party", "model", "input_size", "frac_bits"}
+            assert set(server.request("info").meta) == {"party", "model", "input_size", "frac_bits", "max_batch"}
         r1 = client.detect(d / "face.png")
         r2 = client.detect(d / "face.png")
     finally:
@@ -129,9 +129,15 @@ def test_user_errors_leave_servers_serving(deployment_dir, parties):
         bad = torch.zeros(1, 3, SIZE - 1, SIZE - 1, dtype=torch.int64)
         with pytest.raises(ProtocolError, match="resize the image to 32"):
             client.servers[0].request("detect", tensors=[bad])
-        # and one larger than a share of the served size is refused before its shape is even read
-        big = torch.zeros(1, 3, SIZE + 1, SIZE + 1, dtype=torch.int64)
-        with pytest.raises(ProtocolError, match="tensor payload exceeds 24576 bytes"):
+        # a share of the wrong size that fits the frame limit of 4 crops is refused by its shape
+        wide = torch.zeros(1, 3, SIZE + 1, SIZE + 1, dtype=torch.int64)
+        with pytest.raises(ProtocolError, match="resize the image to 32"):
+            client.servers[1].request("detect", tensors=[wide])
+        # one a little larger than shares of 4 crops (the default --max-batch) is refused before its
+        # shape is read; a frame well over that drops the connection (test_batch_processes)
+        limit = 4 * 3 * SIZE * SIZE * 8
+        big = torch.zeros(limit // 8 + 16, dtype=torch.int64)
+        with pytest.raises(ProtocolError, match=f"tensor payload exceeds {limit} bytes"):
             client.servers[1].request("detect", tensors=[big])
         assert client.detect(d / "face.png")["verdict"] in ("real", "fake")
     finally:

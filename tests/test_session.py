@@ -23,12 +23,12 @@ def test_session_start_and_stale_messages(servers):
     lb = SessionLink(b, "server_b", SPLIT)
     # an aborted session leaves its start and one opening in b's queue
     a.begin("old")
-    a.send("session", "session", {"bundle": 1, "client": "c1", "key": "", "request": "r1"})
+    a.send("session", "session", {"bundle": 1, "client": "c1", "key": "", "request": "r1", "batch": 1})
     a.sock.send_multipart(pack(Message("open", "old", 1, "open/1", tensors=[torch.tensor([99])])))
 
     def fa():
         a.begin("new")
-        a.send("session", "session", {"bundle": 9, "client": "c2", "key": "", "request": "r2"})
+        a.send("session", "session", {"bundle": 9, "client": "c2", "key": "", "request": "r2", "batch": 1})
         a.recv("ready", "session")
         a.sock.send_multipart(pack(Message("open", "old", 2, "open/1", tensors=[torch.tensor([98])])))
         return a.exchange("open/1", [torch.tensor([5])])
@@ -37,7 +37,8 @@ def test_session_start_and_stale_messages(servers):
         first = lb.next_start(2.0)
         assert (first.sid, first.meta["bundle"]) == ("old", 1)
         msg = lb.next_start(2.0)  # drops the old opening, adopts "new"
-        assert (msg.sid, dict(msg.meta)) == ("new", {"bundle": 9, "client": "c2", "key": "", "request": "r2"})
+        assert (msg.sid, dict(msg.meta)) == ("new", {"bundle": 9, "client": "c2", "key": "", "request": "r2",
+                                                     "batch": 1})
         b.send("ready", "session")
         return b.exchange("open/1", [torch.tensor([6])])  # drops the late opening of "old"
 
@@ -51,12 +52,12 @@ def test_a_session_started_by_the_peer_ends_the_current_one(servers):
     a, b = servers
     la = SessionLink(a, "server_a", SPLIT)
     b.begin("b-1")
-    b.send("session", "session", {"bundle": 7, "client": "", "key": "", "request": ""})
+    b.send("session", "session", {"bundle": 7, "client": "", "key": "", "request": "", "batch": 1})
     assert la.next_start(2.0).meta["bundle"] == 7
     a.send("ready", "session")
     b.recv("ready", "session")
     b.begin("b-2")  # server_b gives b-1 up and starts over
-    b.send("session", "session", {"bundle": -1, "client": "", "key": "", "request": ""})
+    b.send("session", "session", {"bundle": -1, "client": "", "key": "", "request": "", "batch": 1})
     with pytest.raises(PeerLost, match="server_b started a new session during step session"):
         a.recv("ready", "session")
     assert la.stashed is not None and la.stashed.sid == "b-2"
@@ -65,7 +66,7 @@ def test_a_session_started_by_the_peer_ends_the_current_one(servers):
     # the same start message, declared stale, is dropped: the session goes on to its deadline
     la.begin("a-3", stale=lambda m: m.meta.get("bundle") == -1)
     b.begin("b-3")
-    b.send("session", "session", {"bundle": -1, "client": "", "key": "", "request": ""})
+    b.send("session", "session", {"bundle": -1, "client": "", "key": "", "request": "", "batch": 1})
     with pytest.raises(PeerTimeout):
         a.recv("ready", "session", timeout=0.5)
     assert la.stashed is None

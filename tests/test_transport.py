@@ -255,7 +255,7 @@ def test_peer_gone_mid_session_is_lost_at_once(keys):
         nb2 = Node(load_party(keys, "server_b"))
         b2 = ZmqChannel.connect(nb2, a.endpoint, timeout=20.0)
         b2.begin("t")
-        b2.send("session", "session", {"bundle": 3, "client": "", "key": "", "request": ""})
+        b2.send("session", "session", {"bundle": 3, "client": "", "key": "", "request": "", "batch": 1})
         first = a.next_message(5.0)
         assert first is not None and first.sid == "t"
         a.begin(first.sid, received=1)
@@ -268,7 +268,7 @@ def test_peer_gone_mid_session_is_lost_at_once(keys):
         a.timeout = 0.4
         a.begin("u")
         with pytest.raises(PeerTimeout, match="server_b"):
-            a.send("session", "session", {"bundle": 4, "client": "", "key": "", "request": ""})
+            a.send("session", "session", {"bundle": 4, "client": "", "key": "", "request": "", "batch": 1})
 
 
 def test_messages_of_another_conversation_are_dropped_or_claimed(servers):
@@ -277,12 +277,12 @@ def test_messages_of_another_conversation_are_dropped_or_claimed(servers):
     a, b = servers
     a.begin("x")
     b.begin("y")
-    b.send("session", "session", {"bundle": 1, "client": "", "key": "", "request": ""})
+    b.send("session", "session", {"bundle": 1, "client": "", "key": "", "request": "", "batch": 1})
     with pytest.raises(PeerTimeout):
         a.recv("ready", "session", timeout=0.3)
     a.interrupt = lambda msg, step: PeerLost(f"claimed {msg.sid} at {step}")
     b.begin("z")
-    b.send("session", "session", {"bundle": 2, "client": "", "key": "", "request": ""})
+    b.send("session", "session", {"bundle": 2, "client": "", "key": "", "request": "", "batch": 1})
     t0 = time.monotonic()
     with pytest.raises(PeerLost, match="claimed z at session"):
         a.recv("ready", "session", timeout=2.0)

@@ -56,10 +56,11 @@ def test_round_trip_is_exact():
 
 
 def test_meta_round_trip_and_error_message():
-    m = Message("bundle", sid="x", seq=2, step="bundle", meta={"bundle": 41, "epoch": "e", "seconds": 0.25},
+    m = Message("bundle", sid="x", seq=2, step="bundle",
+                meta={"bundle": 41, "batch": 1, "epoch": "e", "seconds": 0.25},
                 tensors=[torch.arange(10, dtype=torch.uint8)])
     got = unpack(pack(m), "dealer")
-    assert dict(got.meta) == {"bundle": 41, "epoch": "e", "seconds": 0.25}
+    assert dict(got.meta) == {"bundle": 41, "batch": 1, "epoch": "e", "seconds": 0.25}
     err = unpack(pack(error_message(ProtocolError("bad thing\nsecond line"), "x", 3, "relu")), "server_a")
     assert dict(err.meta) == {"error": "ProtocolError", "message": "bad thing"}
 

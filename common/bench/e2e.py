@@ -15,11 +15,16 @@ Figures per inference: online_seconds (the servers' online phase), client_second
 waited), bytes_per_server, rounds, dealer_bytes, offline_seconds (dealer generation + preparation),
 plaintext_seconds, abs_error = |p_secure - p_plain|; `steps` is the per-layer breakdown of the last
 inference. Top-level figures are medians over the inferences.
+
+With batches (`--batch 1,4,16`): for each N, `images` requests of N crops, each one secure session
+on a batch bundle; `batches` lists per N the medians per session and per crop (online seconds,
+bytes per server, rounds), the largest |p_secure - p_plain| and whether every verdict matched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -31,6 +36,7 @@ from typing import Any
 
 import torch
 
+from secdfd.common import roster
 from secdfd.common.ml.dfdnet import FusedDFDNet
 from secdfd.common.service import local
 from secdfd.common.service.client import Client, ClientConfig
@@ -153,11 +159,14 @@ def bench_images(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
-def run_e2e(model: str = "dfdnet-s", size: int | None = 128, images: int = 3, work: Path | None = None,
+def run_e2e(model: str = "dfdnet-s", size: int | None = 128, images: int = 3, work: Path | None = None,  # noqa: PLR0913
             launcher: local.Launcher = local.ON_LOOPBACK, options: local.Options | None = None,
-            startup: float = 900.0,
-            echo: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Start the three parties, run `images` detections, return the figures (see the module doc)."""
+            startup: float = 900.0, echo: Callable[[str], None] = lambda _: None, *,
+            batches: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Start the three parties, run `images` detections, return the figures (see the module doc).
+    With `batches`, also `images` sessions of N crops for each N (`batches` in the result)."""
+    if batches:
+        options = dataclasses.replace(options or local.Options(), max_batch=max(max(batches), 2))
     plain, weights = bench_model(model, size)
     deployed: torch.nn.Module | Path = plain
     arch = model
@@ -184,6 +193,7 @@ def run_e2e(model: str = "dfdnet-s", size: int | None = 128, images: int = 3, wo
             echo(f"image {i}: online {r['online_seconds']:.2f} s, "
                  f"{r['bytes_per_server'][0] / 1e6:.1f} MB per server, {r['rounds']} rounds, "
                  f"|p_secure - p_plain| = {r['abs_error']:.2e}")
+        per_batch = [_batch_runs(dep, plain, n, images, size, echo) for n in batches]
         setup_s = dep.setup_seconds
     steps = runs[-1].pop("steps")
     for r in runs[:-1]:
@@ -191,7 +201,40 @@ def run_e2e(model: str = "dfdnet-s", size: int | None = 128, images: int = 3, wo
     return {"model": model, "size": size, "weights": weights, "images": images,
             "threads": (options or local.Options()).threads,
             "setup_seconds": setup_s, **{k: _median([r[k] for r in runs]) for k in FIGURES},
-            "inferences": runs, "steps": steps}
+            "inferences": runs, "steps": steps, **({"batches": per_batch} if batches else {})}
+
+
+BATCH_FIGURES = ("online_seconds", "client_seconds", "bytes_per_server", "rounds", "dealer_bytes",
+                 "offline_seconds")
+
+
+def _batch_runs(dep: Scratch, plain: torch.nn.Module, n: int, sessions: int, size: int,
+                echo: Callable[[str], None]) -> dict[str, Any]:
+    """`sessions` requests of n crops each (one secure session apiece): medians per session, and per
+    crop the online seconds and bytes (a batch bundle is made when the request starts, so the
+    client's wait includes the dealer's generation and the servers' preparation: `offline_seconds`)."""
+    xs = bench_images(n * sessions, size, seed=n)
+    runs = []
+    for j in range(sessions):
+        dep.idle()
+        x = torch.cat(xs[j * n : (j + 1) * n])
+        out = dep.client.detect_batch(x, f"batch {n}, session {j}")
+        with torch.no_grad():
+            p_plain = plain(x).reshape(-1).tolist()
+        r = {k: out[0]["seconds" if k == "client_seconds" else k] for k in BATCH_FIGURES}
+        r["abs_error"] = max(abs(o["p_fake"] - p) for o, p in zip(out, p_plain, strict=True))
+        r["verdicts_equal"] = all(o["verdict"] == roster.verdict(p) for o, p in zip(out, p_plain, strict=True))
+        runs.append(r)
+        echo(f"batch {n}, session {j}: online {r['online_seconds']:.2f} s ({r['online_seconds'] / n:.2f} s per crop), "
+             f"{r['bytes_per_server'][0] / n / 1e6:.1f} MB per crop per server, {r['rounds']} rounds, "
+             f"max |p_secure - p_plain| = {r['abs_error']:.2e}")
+    med = {k: _median([r[k] for r in runs]) for k in BATCH_FIGURES}
+    return {"batch": n, "sessions": sessions, **med,
+            "online_seconds_per_crop": med["online_seconds"] / n,
+            "bytes_per_crop": [b / n for b in med["bytes_per_server"]],
+            "rounds_per_crop": med["rounds"] / n,
+            "abs_error": max(r["abs_error"] for r in runs),
+            "verdicts_equal": all(r["verdicts_equal"] for r in runs)}
 
 
 def plaintext(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:

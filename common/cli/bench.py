@@ -19,6 +19,7 @@ from secdfd.common.bench.fidelity import check_fidelity, proxy_images
 from secdfd.common.bench.lan import LanError, parse_rate
 from secdfd.common.bench.protocols import bench_model, bench_protocols
 from secdfd.common.bench.report import write_report
+from secdfd.common.engine.randomness import MAX_BATCH
 from secdfd.common.errors import SecDFDError
 from secdfd.common.ml.export import load_deployable, read_deployable_meta
 from secdfd.common.ml.factory import load_factory
@@ -151,11 +152,14 @@ def model_cmd(factory: str, input_shape: str, seed: int, runs: int, threads: int
 @click.option("--depth", type=int, default=1, show_default=True, help="Bundles each server keeps ready.")
 @click.option("--work", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder for the scratch deployment [default: the system's temporary folder].")
+@click.option("--batch", "batches", default=None, metavar="N[,N...]",
+              help="Also run --images requests of N face crops each (one secure session per request, e.g. 1,4,16) "
+                   "and report per-crop online seconds, bytes and rounds for each N.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the per-layer breakdown).")
 @lan_options
 @click.pass_context
 def e2e(ctx: click.Context, model: str, size: int | None, images: int, threads: int, depth: int, work: Path | None,
-        as_json: bool, lan: str | None, lan_rtt_ms: float | None, report: Path | None) -> None:
+        batches: str | None, as_json: bool, lan: str | None, lan_rtt_ms: float | None, report: Path | None) -> None:
     """Dealer, server_a and server_b as separate processes on loopback; figures per inference.
 
     JSON keys: online_seconds, bytes_per_server, rounds, dealer_bytes, offline_seconds,
@@ -165,6 +169,7 @@ def e2e(ctx: click.Context, model: str, size: int | None, images: int, threads: 
     """
     if images < 1:
         raise click.BadParameter("run at least one image", param_hint="--images")
+    sizes = batch_sizes(batches)
     check_lan_options(lan, lan_rtt_ms)
     check_model_name(model)
     torch.set_num_threads(max(1, threads))
@@ -173,7 +178,7 @@ def e2e(ctx: click.Context, model: str, size: int | None, images: int, threads: 
             res = lan_e2e.run_in_lan(lan, lan_e2e.driver_argv(inner_command(ctx)), lan_rtt_ms)
         else:
             res = run_e2e(model, size, images, work, options=local.Options(threads=threads, depth=depth),
-                          echo=lambda s: click.echo(s, err=True), launcher=lan_e2e.launcher())
+                          echo=lambda s: click.echo(s, err=True), launcher=lan_e2e.launcher(), batches=sizes)
     except SecDFDError as e:
         raise click.ClickException(str(e)) from None
     if report is not None:
@@ -190,6 +195,24 @@ def e2e(ctx: click.Context, model: str, size: int | None, images: int, threads: 
         click.echo(f"  {k:18s} {v if not isinstance(v, float) else f'{v:.4g}'}")
     for line in lan_e2e.lan_lines(res):
         click.echo(line)
+    for b in res.get("batches", []):
+        click.echo(f"  batch {b['batch']:3d}: {b['online_seconds_per_crop']:.3g} s online per crop, "
+                   f"{b['bytes_per_crop'][0] / 1e6:.1f} MB per crop per server, {b['rounds']} rounds per session")
+
+
+def batch_sizes(text: str | None) -> tuple[int, ...]:
+    """`--batch 1,4,16` as (1, 4, 16); a usage error names what is wrong."""
+    if text is None:
+        return ()
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of batch sizes (e.g. 1,4,16)",
+                                 param_hint="--batch") from None
+    bad = [n for n in sizes if not 1 <= n <= MAX_BATCH]
+    if bad:
+        raise click.BadParameter(f"batch sizes are 1 to {MAX_BATCH}, not {bad[0]}", param_hint="--batch")
+    return sizes
 
 
 @bench.command("fidelity", short_help="Secure vs plaintext fake probability per image.")
