@@ -383,11 +383,13 @@ class Pending(NamedTuple):
 class Requester:
     """Requests to one server (client -> server, server -> dealer), one at a time, with deadlines."""
 
-    def __init__(self, node: Node, endpoint: str, server: str, timeout: float = 30.0) -> None:
+    def __init__(self, node: Node, endpoint: str, server: str, timeout: float = 30.0,
+                 limits: Limits | None = None) -> None:
+        """`limits` bounds the replies read (default: the node's); frames are bounded by the node's."""
         self.server = server
         self.endpoint = endpoint
         self.timeout = timeout
-        self.limits = node.limits
+        self.limits = limits or node.limits
         self.kinds = node.kinds
         self.sock, mon = node.connect(endpoint, server, zmq.DEALER, monitor=True)
         self._monitor: Socket = mon  # type: ignore[assignment]  # monitor=True always makes one

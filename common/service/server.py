@@ -47,6 +47,9 @@ from secdfd.common.service.supply import BundleQueue, IdLedger, PrepareAhead, Pr
 log = logging.getLogger(__name__)
 
 DEALER_LINK_WAIT = 3.0  # a bundle request gives up this soon when the dealer cannot be reached
+# what a server reads from the dealer: a bundle in frames of 1 MiB; a batch bundle of a wide model
+# passes 2 GiB (dfdnet-s at 128 px: about 217 MB per crop)
+DEALER_REPLIES = Limits(max_tensors=1 << 14, max_bytes=1 << 34, max_envelope=1 << 16)
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,7 @@ class ServerBase:
         def fetch() -> Ready:
             # runs in the queue's thread, which owns this socket
             if "r" not in holder:
-                holder["r"] = Requester(node, cfg.dealer, roster.DEALER, timeout=cfg.timeout)
+                holder["r"] = Requester(node, cfg.dealer, roster.DEALER, timeout=cfg.timeout, limits=DEALER_REPLIES)
             return self._bundle_reply(holder["r"].request("bundle_request", link_wait=DEALER_LINK_WAIT), 1)
 
         return fetch
@@ -217,7 +220,8 @@ class ServerBase:
         the caller's session is as good as online."""
         self.idle.clear()
         if self._dealer is None:  # the serving thread's own socket (the queue's belongs to its thread)
-            self._dealer = Requester(self.node, self.config.dealer, roster.DEALER, timeout=self.config.timeout)
+            self._dealer = Requester(self.node, self.config.dealer, roster.DEALER, timeout=self.config.timeout,
+                                     limits=DEALER_REPLIES)
         ready = self._bundle_reply(self._dealer.request(kind, meta, link_wait=DEALER_LINK_WAIT), batch)
         if kind == "batch_fetch" and ready.bundle_id != meta["bundle"]:
             raise RandomnessError(f"the dealer sent batch bundle {ready.bundle_id}, not {meta['bundle']}")
