@@ -154,14 +154,14 @@ FRAME_BYTES = 1 << 20  # a bundle travels in frames of at most 1 MiB
 REQUEST_LIMITS = Limits(max_tensors=0, max_bytes=0, max_envelope=1 << 16)  # servers' requests carry no tensor
 
 
-def _as_frames(data: bytes) -> list[torch.Tensor]:
+def _as_frames(data: bytes | bytearray) -> list[torch.Tensor]:
     """`data` as consecutive frames of at most FRAME_BYTES (views of one buffer, no copies).
 
     A ZMTP heartbeat is answered only between frames: one frame of hundreds of MB (a full-width
     bundle) would outlast the receiver's heartbeat timeout on a 1 Gbit/s link shared by both
     servers, and the connection would be dropped and the request retried forever.
     """
-    buf = bytearray(data)
+    buf = data if isinstance(data, bytearray) else bytearray(data)
     return [torch.frombuffer(buf, dtype=torch.uint8, offset=i, count=min(FRAME_BYTES, len(buf) - i))
             for i in range(0, len(buf), FRAME_BYTES)]
 

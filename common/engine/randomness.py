@@ -159,16 +159,26 @@ class Bundle:
     def nbytes(self) -> int:
         return len(self.seed) + sum(t.numel() * t.element_size() for ts in self.corrections.values() for t in ts)
 
-    def to_bytes(self) -> bytes:
-        """msgpack header (id, role, seed, per step the correction shapes) + raw int64 data."""
+    def to_bytes(self) -> bytearray:
+        """msgpack header (id, role, seed, per step the correction shapes) + the corrections' raw data,
+        written into one buffer (a batch bundle runs to gigabytes: no intermediate copies)."""
         steps = [[k, [[_NAMES[t.dtype], list(t.shape)] for t in ts]] for k, ts in sorted(self.corrections.items())]
         head = msgpack.packb({"v": 2, "id": self.bundle_id, "role": self.role, "seed": self.seed, "steps": steps,
                               "batch": self.batch})
-        body = [t.contiguous().numpy().tobytes() for _, ts in sorted(self.corrections.items()) for t in ts]
-        return bytes(struct.pack("<I", len(head)) + head + b"".join(body))
+        tensors = [t for _, ts in sorted(self.corrections.items()) for t in ts]
+        pos = 4 + len(head)
+        out = bytearray(pos + sum(t.numel() * t.element_size() for t in tensors))
+        struct.pack_into("<I", out, 0, len(head))
+        out[4:pos] = head
+        view = np.frombuffer(out, dtype=np.uint8)
+        for t in tensors:
+            raw = t.contiguous().numpy().reshape(-1).view(np.uint8)
+            view[pos : pos + raw.size] = raw
+            pos += raw.size
+        return out
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Bundle:
+    def from_bytes(cls, data: bytes | bytearray) -> Bundle:
         try:
             (n,) = struct.unpack_from("<I", data, 0)
             head = msgpack.unpackb(data[4 : 4 + n])

@@ -327,7 +327,7 @@ def bundle_name(bundle_id: int, batch: int = 1) -> str:
     return str(bundle_id) if batch == 1 else f"batch-{bundle_id}"
 
 
-def bundle_bytes(dealer: Dealer, bundle_id: int, batch: int = 1) -> tuple[bytes, bytes]:
+def bundle_bytes(dealer: Dealer, bundle_id: int, batch: int = 1) -> tuple[bytearray, bytearray]:
     b0, b1 = dealer.bundle(bundle_name(bundle_id, batch), batch)
     return b0.to_bytes(), b1.to_bytes()
 
@@ -353,7 +353,7 @@ def make_party(role: int, info: ModelInfo, weights: dict[str, torch.Tensor], pro
                  channel, info.cmp_bits, device, limbs)
 
 
-def load_bundle(data: bytes, role: int, bundle_id: int, batch: int = 1) -> Bundle:
+def load_bundle(data: bytes | bytearray, role: int, bundle_id: int, batch: int = 1) -> Bundle:
     """Decode a bundle and check it is the one announced, for this party and batch size."""
     bundle = Bundle.from_bytes(data)
     want = bundle_name(bundle_id, batch)
