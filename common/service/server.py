@@ -300,16 +300,24 @@ class ServerBase:
     def waiting(self, poller: zmq.Poller, busy: bool = False) -> tuple[bool, bool]:
         """Within 200 ms (at once when `busy`): whether a client request waits, and whether a peer
         message does."""
-        self.health.update(bundles_ready=len(self._queue) + int(self._ahead.ready), prepared=self._ahead.ready)
+        self._publish_supply()
         self.front.refresh_allow()
         events = dict(poller.poll(0 if busy or self.link.waiting() else 200))
         return self.front.sock in events, self.channel.sock in events or self.link.waiting()
 
+    def _publish_supply(self) -> None:
+        """Bundles ready and whether one is prepared, for the health file (written at most once a second
+        unless forced)."""
+        self.health.update(bundles_ready=len(self._queue) + int(self._ahead.ready), prepared=self._ahead.ready)
+
     def online(self, req: Request, prep: Prepared, request: str) -> None:
         """The online phase of one session, and the client's reply."""
         y, report = self.party.run(req.message.tensors[0], prep.rands)
-        self.front.reply(req, "result", {"report": self.report(report, prep, request)}, [y])
+        # the health file first: whoever hears the reply and looks finds this session's state (a
+        # benchmark waits for the next bundle to be prepared), not the one from before the session
+        self._publish_supply()
         self.health.served()
+        self.front.reply(req, "result", {"report": self.report(report, prep, request)}, [y])
         log.info("request %s: answered, %.2f s online", request, report.seconds)
 
     def report(self, report: Report, prep: Prepared, request: str) -> dict[str, Any]:
