@@ -19,9 +19,9 @@ import secrets
 import threading
 import time
 
-from secdfd.common.errors import Busy, PeerLost, PeerTimeout, RandomnessError
+from secdfd.common.errors import Busy, PeerLost, PeerTimeout, ProtocolError, RandomnessError
 from secdfd.common.net.transport import Node, Request, ZmqChannel
-from secdfd.common.service.queue import RequestQueue
+from secdfd.common.service.queue import Entry, RequestQueue
 from secdfd.common.service.server import ServerBase, ServerConfig, log_failure
 from secdfd.common.service.session import asks_for_setup
 from secdfd.common.service.supply import BundleQueue, PrepareAhead
@@ -65,14 +65,14 @@ class Leader(ServerBase):
             entry = self.held.next_ready()
             if entry is not None:
                 try:
-                    self._session(entry.request, ahead)
+                    self._session(entry, ahead)
                 finally:
                     self.idle.set()  # the session is over: background work resumes
 
     def _pair(self) -> None:
         """server_b's `have` notices pair the requests they name."""
         for msg in self.link.take_notices():
-            self.held.announce((str(msg.meta["key"]).encode(), str(msg.meta["client"])))
+            self.held.announce((str(msg.meta["key"]).encode(), str(msg.meta["client"])), int(msg.meta["crops"]))
 
     def _expire(self) -> None:
         cfg = self.config
@@ -107,10 +107,14 @@ class Leader(ServerBase):
         except Exception as e:  # noqa: BLE001 - server_b asks again; this server serves on
             log_failure("set-up with server_b failed; it runs again when server_b asks again", e)
 
-    def _session(self, req: Request, ahead: PrepareAhead) -> None:
+    def _session(self, entry: Entry, ahead: PrepareAhead) -> None:
+        req = entry.request
         request = secrets.token_hex(8)  # what logs and the client call this request; says nothing else
         crops = int(req.message.tensors[0].shape[0])
-        if crops > 1:
+        if crops != entry.peer_crops:  # before any bundle: a client cannot make the dealer work for nothing
+            self.answer_failure(req, ProtocolError(f"the client sent server_a {crops} crops and server_b "
+                                                   f"{entry.peer_crops} for one request; send the image again"))
+        elif crops > 1:
             self._batch_session(req, crops, request)
         else:
             self._one_session(req, ahead, request)
@@ -120,11 +124,12 @@ class Leader(ServerBase):
         then prepared here while server_b fetches and prepares its half."""
         try:
             self._wait_for_peer(min(self.config.timeout, PEER_GRACE))  # before a bundle is made
-            prep = self.batch_bundle("batch_request", {"batch": crops}, crops)
-            self.batch_ledger.claim(prep.bundle_id)
-            self.link.start(prep.bundle_id, req.message.sid, req.key, request, crops)
+            ready = self.batch_bundle("batch_request", {"batch": crops}, crops)
+            self.batch_ledger.claim(ready.bundle_id)
+            self.link.start(ready.bundle_id, req.message.sid, req.key, request, crops)
+            prep = self.prepare_now(ready)
             try:
-                self.link.wait_ready(self.config.bundle_wait)
+                self.link.wait_ready(self.config.bundle_wait * crops)  # server_b fetches and prepares N crops
             except PeerLost:
                 self._peer_restarted()
                 raise

@@ -68,7 +68,7 @@ class Follower(ServerBase):
     def held_request(self, req: Request) -> None:
         """A share is held: tell server_a, which pairs it with its own."""
         try:
-            self.link.announce(req.message.sid, req.key)
+            self.link.announce(req.message.sid, req.key, int(req.message.tensors[0].shape[0]))
         except SecDFDError as e:
             self.held.pop((req.key, req.message.sid))
             self.answer_failure(req, PeerLost(f"server_b cannot reach server_a ({e}); check that server_a runs"))
@@ -98,8 +98,9 @@ class Follower(ServerBase):
                 raise ProtocolError(f"the client sent server_a {crops} crops and server_b "
                                     f"{entry.request.message.tensors[0].shape[0]}; send the image again")
             if crops > 1:  # a batch bundle server_a just had made: fetch this server's half of it
-                prep = self.batch_bundle("batch_fetch", {"bundle": bundle_id, "batch": crops}, crops)
+                ready = self.batch_bundle("batch_fetch", {"bundle": bundle_id, "batch": crops}, crops)
                 self.batch_ledger.claim(bundle_id)
+                prep = self.prepare_now(ready)
                 self.link.ready()
                 self.online(entry.request, prep, request)
                 return

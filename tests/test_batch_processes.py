@@ -99,11 +99,15 @@ def test_more_crops_than_the_maximum_are_refused_before_any_bundle_is_made(deplo
 
 
 def test_different_crop_counts_to_the_two_servers_fail_that_request_only(deploy):
-    _, _, client, model = deploy
-    x0, _ = deployment.share_image(_crops(2, 5), client.info)
-    _, x1 = deployment.share_image(_crops(3, 5), client.info)
-    with pytest.raises(ProtocolError, match="crops"):
-        client._request((x0, x1), secrets.token_hex(16))
+    layout, _, client, model = deploy
+    made = _ledger(layout, roster.DEALER, "dealer.batch.ids")
+    for a, b in ((2, 3), (3, 1), (1, 2)):
+        x0, _ = deployment.share_image(_crops(a, 5), client.info)
+        _, x1 = deployment.share_image(_crops(b, 5), client.info)
+        with pytest.raises(ProtocolError, match=f"sent server_a {a} crops and server_b {b}"):
+            client._request((x0, x1), secrets.token_hex(16))
+    # refused when the shares were paired: the dealer made nothing for them
+    assert _ledger(layout, roster.DEALER, "dealer.batch.ids") == made
     x = _crops(2, 6)
     out = client.detect_batch(x)
     with torch.no_grad():

@@ -131,8 +131,8 @@ MESSAGE_KINDS = MessageKinds(
              "known in logs and replies as `request`; `batch` crops (> 1: `bundle` is a batch bundle)",
              meta={"bundle": _INT, "client": _STR, "key": _STR, "request": _STR, "batch": _INT}),
         MessageKind("have", "server_b -> server_a, outside any session: server_b holds its share of client "
-             "session `client` of the client with public key `key`",
-             meta={"client": _STR, "key": _STR}),
+             "session `client` of the client with public key `key`, a share of `crops` crops",
+             meta={"client": _STR, "key": _STR, "crops": _INT}),
         MessageKind("ready", "server_b -> server_a: the client's share and the bundle are in hand"),
         MessageKind("split", "either server, at set-up: the split id and architecture digest of its weight share",
                     meta={"share": _STR, "model": _STR}),

@@ -105,6 +105,9 @@ class Client:
         the bundle, done before the request. With `breakdown`, `steps` lists each plan step's
         bytes per server, rounds and seconds.
         """
+        if x.dim() != 4 or x.shape[0] != 1:
+            raise ValueError(f"detect_tensor takes one crop, shape (1, 3, size, size), not {list(x.shape)}; "
+                             "use detect_batch or detect_crops for several")
         return self.detect_batch(x, name, breakdown)[0]
 
     def detect_crops(self, crops: list[torch.Tensor], name: str = "") -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ class Entry:
     request: Request
     since: float = field(default_factory=time.monotonic)
     paired: bool = False  # server_a: server_b holds the other share
+    peer_crops: int = 0  # server_a: how many crops server_b's share holds (its `have` says)
 
     @property
     def ticket(self) -> Ticket:
@@ -49,7 +50,7 @@ class RequestQueue:
         self.total = total
         self._entries: OrderedDict[Ticket, Entry] = OrderedDict()
         # server_a: tickets server_b announced before this server got its own share (bounded)
-        self._announced: OrderedDict[Ticket, float] = OrderedDict()
+        self._announced: OrderedDict[Ticket, tuple[float, int]] = OrderedDict()  # -> (when, crops)
         self._announced_cap = announced_cap or 2 * total
         self._served: dict[bytes, int] = {}  # client key -> when it was last served (a counter)
         self._clock = itertools.count(1)
@@ -73,8 +74,9 @@ class RequestQueue:
             raise Busy(f"{self.owner} is busy: {len(self._entries)} requests are waiting (at most {self.total}); "
                        "retry in a few seconds")
         entry = Entry(req)
-        if self._announced.pop(ticket, None) is not None:
-            entry.paired = True
+        announced = self._announced.pop(ticket, None)
+        if announced is not None:
+            entry.paired, entry.peer_crops = True, announced[1]
         self._entries[ticket] = entry
         return entry
 
@@ -90,13 +92,14 @@ class RequestQueue:
         """Whether a paired request waits (the leader then does not sleep between polls)."""
         return any(e.paired for e in self._entries.values())
 
-    def announce(self, ticket: Ticket) -> None:
-        """server_a: server_b holds its share of `ticket` (before or after this server got its own)."""
+    def announce(self, ticket: Ticket, crops: int = 1) -> None:
+        """server_a: server_b holds its share of `ticket`, of `crops` crops (before or after this
+        server got its own)."""
         entry = self._entries.get(ticket)
         if entry is not None:
-            entry.paired = True
+            entry.paired, entry.peer_crops = True, crops
             return
-        self._announced[ticket] = time.monotonic()
+        self._announced[ticket] = (time.monotonic(), crops)
         while len(self._announced) > self._announced_cap:
             self._announced.popitem(last=False)
 
@@ -133,7 +136,7 @@ class RequestQueue:
         for e in old:
             del self._entries[e.ticket]
         cutoff = now - unpaired_after
-        for t, when in list(self._announced.items()):
+        for t, (when, _) in list(self._announced.items()):
             if when < cutoff:
                 del self._announced[t]
         return old

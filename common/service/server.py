@@ -222,17 +222,22 @@ class ServerBase:
         bundle = deployment.load_bundle(data, self.config.role, bundle_id, batch)
         return Ready(bundle_id, str(reply.meta["epoch"]), bundle, float(reply.meta["seconds"]), len(data))
 
-    def batch_bundle(self, kind: str, meta: dict[str, Any], batch: int) -> Prepared:
+    def batch_bundle(self, kind: str, meta: dict[str, Any], batch: int) -> Ready:
         """A batch bundle from the dealer (server_a: `batch_request`, a new one; server_b: `batch_fetch`,
-        the id server_a announced), prepared now. Background work waits meanwhile (`idle` cleared):
-        the caller's session is as good as online."""
-        self.idle.clear()
+        the id server_a announced). Background work stops first (`PrepareAhead.hold`): the caller's
+        session is as good as online. The dealer's time grows with the batch, and so does the wait."""
+        self._ahead.hold()
         if self._dealer is None:  # the serving thread's own socket (the queue's belongs to its thread)
             self._dealer = Requester(self.node, self.config.dealer, roster.DEALER, timeout=self.config.timeout,
                                      limits=DEALER_REPLIES)
-        ready = self._bundle_reply(self._dealer.request(kind, meta, link_wait=DEALER_LINK_WAIT), batch)
+        reply = self._dealer.request(kind, meta, link_wait=DEALER_LINK_WAIT, timeout=self.config.timeout * batch)
+        ready = self._bundle_reply(reply, batch)
         if kind == "batch_fetch" and ready.bundle_id != meta["bundle"]:
             raise RandomnessError(f"the dealer sent batch bundle {ready.bundle_id}, not {meta['bundle']}")
+        return ready
+
+    def prepare_now(self, ready: Ready) -> Prepared:
+        """Expand a bundle in the serving thread (a batch bundle, made for the session at hand)."""
         t0 = time.perf_counter()
         rands = self.party.prepare(ready.bundle)
         return Prepared(ready, rands, time.perf_counter() - t0)

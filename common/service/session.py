@@ -3,9 +3,10 @@
 The server-to-server channel (`secdfd.common.net.transport.ZmqChannel`) carries conversations, each
 under its own id; this module says what they are. Messages (kinds of `secdfd.common.net.wire`):
 
-    have {client, key}         follower -> leader, outside every conversation (session id ""):
-                               the follower holds its share of client session `client` of the
-                               client with public key `key`. Only such requests are started.
+    have {client, key, crops}  follower -> leader, outside every conversation (session id ""):
+                               the follower holds its share (of `crops` crops) of client session
+                               `client` of the client with public key `key`. Only such requests
+                               are started, and only when both shares hold as many crops.
     session {bundle, client,   seq 0 of a conversation. Leader -> follower: start the inference of
              key, request,     the client session `client` of client `key` with bundle `bundle`
              batch}            (one message); both servers call it `request` in logs and replies.
@@ -138,9 +139,10 @@ class SessionLink:
         out, self.notices = self.notices, []
         return out
 
-    def announce(self, client_sid: str, key: bytes) -> None:
-        """Follower: tell the leader that this server holds its share of the client's request."""
-        self.channel.notify("have", {"client": client_sid, "key": key.decode()})
+    def announce(self, client_sid: str, key: bytes, crops: int = 1) -> None:
+        """Follower: tell the leader that this server holds its share (of `crops` crops) of the
+        client's request."""
+        self.channel.notify("have", {"client": client_sid, "key": key.decode(), "crops": crops})
 
     def next_start(self, timeout: float) -> Message | None:
         """Wait for the peer to start a conversation; None at the deadline. Adopts its id; left-over

@@ -141,10 +141,11 @@ class BatchBook:
     A batch bundle is as large as that many bundles, so none is kept ready: server_a asks for the
     batch size its request holds, gets its half and a fresh id (from a ledger of its own, so the
     one-input bundles' ids are never skipped), and announces the id to server_b, which asks for its
-    half of that id once. At most `cap` halves wait for server_b; beyond that the oldest is dropped.
+    half of that id once. server_a runs one session at a time, so a half older than the newest has
+    lost its session: at most `cap` (1) halves wait for server_b, the oldest dropped beyond that.
     """
 
-    def __init__(self, make: Callable[[int, int], tuple[Any, Any]], ledger: IdLedger, cap: int = 4) -> None:
+    def __init__(self, make: Callable[[int, int], tuple[Any, Any]], ledger: IdLedger, cap: int = 1) -> None:
         self._make = make
         self._ledger = ledger
         self._cap = cap
@@ -348,6 +349,17 @@ class PrepareAhead(_Worker):
 
     def _work(self) -> None:
         self._run()
+
+    def hold(self, timeout: float = 600.0) -> None:
+        """A session goes online without a bundle of this queue (a batch): clear `idle` and wait for a
+        preparation under way to finish, so that none runs beside the session. The caller sets `idle`
+        again when its session ends."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._idle is not None:
+                self._idle.clear()
+            while self._preparing and not self._stop.is_set() and time.monotonic() < deadline:
+                self._cond.wait(0.5)
 
     @property
     def ready(self) -> bool:
