@@ -31,7 +31,7 @@ from secdfd.common.net.transport import Node, Request, Responder
 from secdfd.common.net.wire import Limits
 from secdfd.common.service import deployment
 from secdfd.common.service.health import HealthFile
-from secdfd.common.service.startup import run_process
+from secdfd.common.service.startup import run_process, trim_heap
 from secdfd.common.service.supply import BatchBook, BundleBook, IdLedger
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class DealerService:
             elif kind == "bundle_request":
                 t0 = time.perf_counter()
                 bundle_id, half = book.next_for(role)
+                trim_heap()  # making both halves allocated and freed the bundle's tensors
                 front.reply(req, "bundle", {"bundle": bundle_id, "batch": 1, "epoch": epoch,
                                             "seconds": time.perf_counter() - t0}, _as_frames(half))
                 self.health.served()

@@ -67,7 +67,7 @@ class Leader(ServerBase):
                 try:
                     self._session(entry, ahead)
                 finally:
-                    self.idle.set()  # the session is over: background work resumes
+                    self.session_over()
 
     def _pair(self) -> None:
         """server_b's `have` notices pair the requests they name."""

@@ -60,7 +60,7 @@ class Follower(ServerBase):
                     try:
                         self._session(msg, ahead)
                     finally:
-                        self.idle.set()
+                        self.session_over()
             after = self.config.queue_wait + self.config.client_wait  # server_a answers first
             for old in self.held.expired(after, after):
                 self.answer_failure(old.request, Busy("server_a did not start this request in time; retry later"))

@@ -42,6 +42,7 @@ from secdfd.common.service import deployment
 from secdfd.common.service.health import HealthFile
 from secdfd.common.service.queue import RequestQueue
 from secdfd.common.service.session import SessionLink, SplitId
+from secdfd.common.service.startup import trim_heap
 from secdfd.common.service.supply import BundleQueue, IdLedger, PrepareAhead, Prepared, Ready
 
 log = logging.getLogger(__name__)
@@ -309,6 +310,11 @@ class ServerBase:
         self.front.refresh_allow()
         events = dict(poller.poll(0 if busy or self.link.waiting() else 200))
         return self.front.sock in events, self.channel.sock in events or self.link.waiting()
+
+    def session_over(self) -> None:
+        """Between sessions: the heap's free memory back to the system, then background work resumes."""
+        trim_heap()
+        self.idle.set()
 
     def _publish_supply(self) -> None:
         """Bundles ready and whether one is prepared, for the health file (written at most once a second
