@@ -57,9 +57,7 @@ class Party:
 
     def plan_at(self, batch: int) -> Plan:
         """The plan widened to `batch` inputs at once (kept: both `prepare` and `run` need it)."""
-        if batch not in self._plans:
-            self._plans[batch] = self.plan.batched(batch)
-        return self._plans[batch]
+        return _widened(self._plans, batch)
 
     def setup(self) -> None:
         """Open F = W - B for every weight once (one round); keep F and this party's mask share."""
@@ -150,6 +148,13 @@ class Party:
             steps=figures,
         )
         return flow.values[plan.output].cpu(), report
+
+
+def _widened(plans: dict[int, Plan], batch: int) -> Plan:
+    """plans[batch], widened from plans[1] the first time it is asked for."""
+    if batch not in plans:
+        plans[batch] = plans[1].batched(batch)
+    return plans[batch]
 
 
 class Rands(list[Any]):
@@ -243,9 +248,7 @@ class Dealer:
         """Fresh correlated randomness for one inference of `batch` inputs; an id is dealt once."""
         if bundle_id in self._used:
             raise RandomnessError(f"bundle id {bundle_id} was already dealt")
-        if batch not in self._plans:
-            self._plans[batch] = self.plan.batched(batch)
-        plan = self._plans[batch]
+        plan = _widened(self._plans, batch)
         self._used.add(bundle_id)
         seeds = (new_seed(), new_seed())
         w = self._weights()

@@ -212,14 +212,9 @@ class ServerBase:
         if reply.meta["epoch"] != self.epoch:
             raise RandomnessError("the dealer was re-provisioned since this server started; restart both servers")
         frames = reply.tensors
-        data = bytearray(sum(t.numel() for t in frames))  # the dealer's frames, in order, in one buffer
-        view, pos = memoryview(data), 0
-        for t in frames:
-            view[pos : pos + t.numel()] = t.numpy().data
-            pos += t.numel()
+        data = bytearray().join(t.numpy().data for t in frames)  # the dealer's frames, in order, in one buffer
         if isinstance(frames, list):
             frames.clear()  # the frames are copied: a batch bundle runs to gigabytes
-        del view
         bundle = deployment.load_bundle(data, self.config.role, bundle_id, batch)
         return Ready(bundle_id, str(reply.meta["epoch"]), bundle, float(reply.meta["seconds"]), len(data))
 
