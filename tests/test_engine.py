@@ -74,3 +74,46 @@ def test_setup_can_run_again_after_a_peer_restart():
     y, _ = tp(x)
     with torch.no_grad():
         assert (y - m(x).double()).abs().max().item() <= 1e-3
+
+
+class _ConvGate(nn.Module):
+    """conv -> conv (a truncation feeds a linear layer) and x * sigmoid(mean x) (one feeds a product)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x))
+        return y * torch.sigmoid(y.mean(dim=(2, 3), keepdim=True))
+
+
+def test_layers_after_a_truncation_reuse_its_opening():
+    # The truncation of a's output is opened once (8 bytes per element); b and the product reuse it and
+    # open 2 bytes per element each (the low 16 bits of q m), not 8. The results match plaintext.
+    torch.manual_seed(3)
+    m = _ConvGate().eval()
+    tp = TwoParty(m, (1, 3, 8, 8))
+    x = torch.rand(1, 3, 8, 8)
+    y, rep = tp(x)
+    with torch.no_grad():
+        ref = m(x).double()
+    assert (y - ref).abs().max().item() <= 1e-3
+    by_step = {s.index: s for s in rep.steps}
+    ops = {s.index: s.op for s in tp.plan.steps}
+    fed = [s for s in tp.plan.steps if s.op in ("linear", "mul") and any(ops[i] == "trunc" for i in s.inputs)]
+    assert {s.op for s in fed} == {"linear", "mul"}
+    for s in fed:
+        t = next(i for i in s.inputs if ops[i] == "trunc")
+        n = _numel(tp.plan.steps[t].shape)
+        other = sum(8 * _numel(tp.plan.steps[i].shape) for i in s.inputs if i != t)
+        assert by_step[t].bytes_per_party[0] == 8 * n
+        assert by_step[s.index].bytes_per_party[0] == 2 * n + other
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -205,3 +205,86 @@ def test_gather_batches_rounds(run2):
 def test_logical_shift_helper():
     assert lshr(torch.tensor([-1]), 60).item() == 15
     assert FixedPoint(16).scale == 65536
+
+
+def _trunc_then(consumer_deal, consumer_run, x, k):
+    """Deal and run a truncation by k whose result a consumer reuses; the reconstructed output is the
+    truncation's value (flat) followed by the consumer's (flat)."""
+    n = x.numel()
+
+    def deal(s):
+        M = arith.deal_trunc(s.child("t"), n, k)
+        return M, consumer_deal(s.child("c"), M)
+
+    def proto(c, R, v):
+        M, Rc = R
+        t = yield from arith.trunc_kept(c, v, M, k)
+        z = yield from consumer_run(c, t, Rc)
+        return torch.cat([t.shares.reshape(-1), z.reshape(-1)])
+
+    return deal, proto
+
+
+@pytest.mark.parametrize("k", [16, 24])
+def test_linear_reusing_a_truncation_is_exact_and_opens_k_bits(run2, k):
+    # conv 3x3, depthwise and 1x1: the layer's output is exactly op(X, W) for the truncated X, and
+    # its input costs k/8 bytes per element (int16 for k = 16, int32 for 24) instead of 8.
+    from secdfd.common.engine.steps import depthwise
+
+    s = Stream(new_seed(), "w")
+    cases = [
+        ((1, 4, 9, 9), (6, 4, 3, 3), dict(stride=2, padding=1, groups=1)),
+        ((1, 4, 9, 9), (4, 1, 3, 3), dict(stride=1, padding=1, groups=4)),
+        ((2, 4, 5, 5), (8, 4, 1, 1), dict(stride=1, padding=0, groups=1)),
+    ]
+    for xshape, wshape, kw in cases:
+        x = (s.ring(xshape) >> 20)  # |x| < 2^43
+        W, B = s.ring(wshape), s.ring(wshape)
+        Fw, B0 = W - B, s.ring(wshape)
+        B1 = B - B0
+        if kw["groups"] > 1:
+            op = lambda a, w, kw=kw: depthwise(a, w, kw["stride"], kw["padding"], 1)  # noqa: E731
+        else:
+            op = lambda a, w, kw=kw: F.conv2d(a, w, **kw)  # noqa: E731
+        reduction = wshape[1] * wshape[2] * wshape[3]
+
+        def low(e, w, op=op, reduction=reduction):
+            if reduction << (2 * k) > 1 << 53:
+                return op(e, w)
+            return torch.round(op(e.double(), (w & ((1 << k) - 1)).double())).long()
+
+        out_shape = tuple(op(x, W).shape)
+
+        def cdeal(src, M, op=op, B=B, xshape=xshape, out_shape=out_shape):
+            return arith.deal_trunc_linear(src, M, xshape, out_shape, op, B if src.is_dealer else None)
+
+        def crun(c, t, R, op=op, low=low, B0=B0, B1=B1, Fw=Fw):
+            R = arith.prepare_trunc_linear(R, op, Fw)
+            return (yield from arith.trunc_linear(c, t, R, op, low, Fw + B0 if c.party == 0 else B1))
+
+        deal, proto = _trunc_then(cdeal, crun, x, k)
+        out, fig = run2(deal, proto, x)
+        X, Z = out[: x.numel()].reshape(xshape), out[x.numel():].reshape(out_shape)
+        d = X - (x >> k)
+        assert int(d.min()) >= 0 and int(d.max()) <= 1
+        assert torch.equal(Z, op(X, W))
+        assert fig["rounds"] == 2
+        assert fig["bytes_per_party"][0] == 8 * x.numel() + {16: 2, 24: 4}[k] * x.numel()
+
+
+def test_product_reusing_a_truncation_is_exact_and_opens_two_bytes(run2):
+    s = Stream(new_seed(), "p")
+    x = s.ring((2, 3, 4, 4)) >> 20
+    y = s.ring((2, 3, 1, 1))  # a gate broadcast over the feature map
+    k = 16
+
+    def crun(c, t, R):
+        yv = y if c.party == 0 else torch.zeros_like(y)
+        return (yield from arith.trunc_mul(c, t, yv, R))
+
+    deal, proto = _trunc_then(lambda src, M: arith.deal_trunc_mul(src, M, x.shape, y.shape), crun, x, k)
+    out, fig = run2(deal, proto, x)
+    X, Z = out[: x.numel()].reshape(x.shape), out[x.numel():].reshape(x.shape)
+    assert torch.equal(Z, X * y)
+    assert fig["rounds"] == 2
+    assert fig["bytes_per_party"][0] == 8 * x.numel() + 2 * x.numel() + 8 * y.numel()

@@ -45,10 +45,12 @@ def test_round_trip_is_exact():
         torch.tensor(-5, dtype=torch.int64),  # 0-d
         torch.zeros((0, 4), dtype=torch.int64),  # empty
         torch.arange(24, dtype=torch.int64).reshape(4, 6).t(),  # non-contiguous
+        torch.tensor([-(2**15), -1, 0, 2**15 - 1], dtype=torch.int16),  # openings mod 2^16
+        torch.tensor([-(2**31), -1, 0, 2**31 - 1], dtype=torch.int32),  # openings mod 2^k, k <= 32
     ]
     frames = pack(_open(*tensors))
     assert len(frames) == 1 + len(tensors)
-    assert [len(f) for f in frames[1:]] == [56, 840, 129, 8, 0, 192]
+    assert [len(f) for f in frames[1:]] == [56, 840, 129, 8, 0, 192, 8, 16]
     got = unpack(frames, "server_b")
     assert (got.kind, got.sid, got.seq, got.step, dict(got.meta)) == ("open", "s1", 7, "relu/3", {})
     for a, b in zip(tensors, got.tensors, strict=True):

@@ -22,7 +22,7 @@ from secdfd.common.engine.plan import Plan
 from secdfd.common.engine.prng import new_seed
 from secdfd.common.engine.protocols.base import Ctx
 from secdfd.common.engine.randomness import Bundle, Provision, Source, mask_purpose
-from secdfd.common.engine.steps import STEP_KINDS, Weights, fc_layout
+from secdfd.common.engine.steps import STEP_KINDS, Weights, fc_layout, kept_until, shares_of
 from secdfd.common.errors import ProtocolError, RandomnessError
 
 
@@ -82,12 +82,16 @@ class Party:
         plan = self.plan_at(bundle.batch)
         bundle.consume()
         rands = Rands(bundle.batch)
+        dealt: dict[int, Any] = {}
+        kept = kept_until(plan)
         for step in plan.steps:
             kind = STEP_KINDS[step.op]
             src = bundle.source(step.index)
-            R = kind.deal(src, step, plan, self.ctx, self.weights)
+            R = kind.deal(src, step, plan, self.ctx, self.weights, dealt)
             src.finish()
             R = to_device(R, self.device)
+            if step.index in kept:
+                dealt[step.index] = R
             if kind.prepare is not None:
                 R = kind.prepare(R, step, self.weights, self.ctx)
             rands.append(R)
@@ -127,8 +131,9 @@ class Party:
                 if step.op == "input":
                     flow.finish(idx, x_share.to(self.device))
                     continue
-                ins = [flow.values[i] for i in step.inputs]
-                running.add(idx, STEP_KINDS[step.op].run(self.ctx, step, ins, rands[idx], weights))
+                kind = STEP_KINDS[step.op]
+                ins = [flow.values[i] if kind.kept else shares_of(flow.values[i]) for i in step.inputs]
+                running.add(idx, kind.run(self.ctx, step, ins, rands[idx], weights))
             if not running:
                 break
             flat = running.openings()
@@ -147,7 +152,7 @@ class Party:
             rounds=self.channel.stats.rounds - r0,
             steps=figures,
         )
-        return flow.values[plan.output].cpu(), report
+        return shares_of(flow.values[plan.output]).cpu(), report
 
 
 def _widened(plans: dict[int, Plan], batch: int) -> Plan:
@@ -171,7 +176,7 @@ class _Dataflow:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.values: dict[int, torch.Tensor] = {}
+        self.values: dict[int, Any] = {}  # share tensors, or a truncation's `Truncated`
         self._users = [0] * len(plan.steps)
         self._waiting = {s.index: len(set(s.inputs)) for s in plan.steps}
         self._consumers: dict[int, list[int]] = {}
@@ -187,7 +192,7 @@ class _Dataflow:
         self.ready.sort()
         return self.ready.pop(0)
 
-    def finish(self, idx: int, value: torch.Tensor) -> None:
+    def finish(self, idx: int, value: Any) -> None:
         self.values[idx] = value
         for c in self._consumers.get(idx, []):
             self._waiting[c] -= 1
@@ -253,9 +258,18 @@ class Dealer:
         seeds = (new_seed(), new_seed())
         w = self._weights()
         corrections: dict[int, list[torch.Tensor]] = {}
+        dealt: dict[int, Any] = {}
+        kept = kept_until(plan)
+        last: dict[int, list[int]] = {}
+        for t, user in kept.items():
+            last.setdefault(user, []).append(t)
         for step in plan.steps:
             src = Source.dealer(seeds, f"bundle/{step.index}")
-            STEP_KINDS[step.op].deal(src, step, plan, self.ctx, w)
+            R = STEP_KINDS[step.op].deal(src, step, plan, self.ctx, w, dealt)
+            if step.index in kept:
+                dealt[step.index] = R
+            for t in last.get(step.index, ()):  # full values of a whole plan would not fit a batch
+                del dealt[t]
             if src.corrections:
                 corrections[step.index] = src.corrections
         return Bundle(bundle_id, 0, seeds[0], batch=batch), Bundle(bundle_id, 1, seeds[1], corrections, batch)

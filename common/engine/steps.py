@@ -4,7 +4,7 @@ rejects duplicates; an unknown op fails."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from secdfd.common.engine.protocols import arith, compare, piecewise, pool, sigm
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
 from secdfd.common.engine.ringops import ring_op
+from secdfd.common.errors import ProtocolError
 
 
 def fc_keys(plan: Plan) -> set[str]:
@@ -83,8 +84,12 @@ def depthwise(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilat
     return out
 
 
-def linear_op(step: Step, limbs: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The ring operator of a linear step; `limbs` selects float64 limb products (CUDA)."""
+LinOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bilinear(step: Step) -> tuple[LinOp, int, bool]:
+    """The operator of a linear step on any dtype, its reduction length, and whether it is
+    element-wise only (depthwise: int64 products everywhere)."""
     a = step.get(LinearAttrs)
     wshape = a.wshape
     reduction = 1
@@ -92,35 +97,87 @@ def linear_op(step: Step, limbs: bool = False) -> Callable[[torch.Tensor, torch.
         reduction *= d
     if a.kind == "fc":
         # fc weights are kept transposed, (in, out), contiguous: int64 x @ w is 4x faster that way
-        return ring_op(lambda x, w: x @ w, reduction, limbs)
+        return (lambda x, w: x @ w), reduction, False
     stride, padding, dilation, groups = a.stride, a.padding, a.dilation, a.groups
 
     def conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if groups > 1 and groups == x.shape[1] and w.shape[0] == groups and w.shape[1] == 1:
-            return depthwise(x, w, stride, padding, dilation)  # element-wise products: int64 everywhere
+            return depthwise(x, w, stride, padding, dilation)
         return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
-    depthwise_only = groups > 1 and wshape[1] == 1 and wshape[0] == groups
-    return ring_op(conv, reduction, limbs and not depthwise_only)
+    return conv, reduction, groups > 1 and wshape[1] == 1 and wshape[0] == groups
+
+
+def linear_op(step: Step, limbs: bool = False) -> LinOp:
+    """The ring operator of a linear step; `limbs` selects float64 limb products (CUDA)."""
+    op, reduction, elementwise = _bilinear(step)
+    return ring_op(op, reduction, limbs and not elementwise)
+
+
+def low_linear_op(step: Step, bits: int, limbs: bool = False) -> LinOp:
+    """op(e, w) mod 2^bits for e in [0, 2^bits): one float64 product where every output's sum of
+    products stays exact (reduction * 2^(2 bits) <= 2^53: bits = 16 up to 2^21 terms), else the ring
+    operator. Only the low `bits` bits of the result are meaningful."""
+    op, reduction, elementwise = _bilinear(step)
+    if reduction << (2 * bits) > 1 << 53:
+        return linear_op(step, limbs)
+    mask = (1 << bits) - 1
+
+    def low(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.round(op(e.to(torch.float64), (w & mask).to(torch.float64))).to(torch.int64)
+
+    return low
+
+
+def kept_until(plan: Plan) -> dict[int, int]:
+    """Truncation steps whose randomness a later step reuses -> the last such step (when the dealt
+    randomness can be let go)."""
+    last: dict[int, int] = {}
+    for step in plan.steps:
+        pos = kept_input(plan, step)
+        if pos is not None:
+            last[step.inputs[pos]] = step.index
+    return last
+
+
+def kept_input(plan: Plan, step: Step) -> int | None:
+    """Which input of a linear or product step comes straight from a truncation (whose opening it
+    reuses: `arith.trunc_linear`, `arith.trunc_mul`), or None. Dealer and parties decide alike."""
+    if step.op == "linear" or step.op == "mul":
+        for pos, i in enumerate(step.inputs):
+            if plan.steps[i].op == "trunc":
+                return pos
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Step kinds.
 
-Deal = Callable[[Source, Step, Plan, Ctx, Weights | None], Any]
-Run = Callable[[Ctx, Step, list[torch.Tensor], Any, Weights], Proto[torch.Tensor]]
+# `dealt`: the randomness already dealt for earlier truncation steps, by step index, that a later
+# step reuses (`kept_input`).
+Deal = Callable[[Source, Step, Plan, Ctx, Weights | None, Mapping[int, Any]], Any]
+Run = Callable[[Ctx, Step, list[Any], Any, Weights], Proto[Any]]
 
 
 @dataclass(frozen=True)
 class StepKind:
-    """How one op deals its randomness, folds what is input-independent (`prepare`) and runs."""
+    """How one op deals its randomness, folds what is input-independent (`prepare`) and runs.
+
+    Inputs arrive as share tensors; a kind with `kept` also gets a truncation's `arith.Truncated`
+    as it is (a truncation step returns one, the evaluator hands others its shares)."""
 
     deal: Deal
     run: Run
     prepare: Callable[[Any, Step, Weights, Ctx], Any] | None = None
+    kept: bool = False
 
 
-def _none(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> None:
+def shares_of(value: Any) -> torch.Tensor:
+    """The shares of a step's result (a truncation's result carries more)."""
+    return value.shares if isinstance(value, arith.Truncated) else value
+
+
+def _none(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> None:
     return None
 
 
@@ -147,18 +204,31 @@ def _in_shape(plan: Plan, step: Step, i: int = 0) -> tuple[int, ...]:
 # linear ------------------------------------------------------------------------------------
 
 
-def _deal_linear(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_linear(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     mask = w.mask[step.get(LinearAttrs).weight] if w is not None and src.is_dealer else torch.empty(0)
+    if kept_input(plan, step) is not None:
+        M = dealt[step.inputs[0]]
+        return arith.deal_trunc_linear(src, M, _in_shape(plan, step), step.shape, linear_op(step), mask)
     return arith.deal_linear(src, _in_shape(plan, step), step.shape, linear_op(step), mask)
 
 
 def _prepare_linear(R: Any, step: Step, w: Weights, ctx: Ctx) -> Any:
-    return arith.prepare_linear(R, linear_op(step, ctx.limbs), w.F[step.get(LinearAttrs).weight])
+    F_ = w.F[step.get(LinearAttrs).weight]
+    if isinstance(R, arith.TruncLinearRand):
+        return arith.prepare_trunc_linear(R, linear_op(step, ctx.limbs), F_)
+    return arith.prepare_linear(R, linear_op(step, ctx.limbs), F_)
 
 
-def _run_linear(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
+def _run_linear(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
     a = step.get(LinearAttrs)
-    y = yield from arith.linear(ctx, ins[0], R, linear_op(step, ctx.limbs), w.wb[a.weight])
+    op, wb = linear_op(step, ctx.limbs), w.wb[a.weight]
+    if isinstance(R, arith.TruncLinearRand):
+        x = ins[0]
+        if not isinstance(x, arith.Truncated):
+            raise ProtocolError(f"step {step.name}: randomness for a truncated input, got another")
+        y = yield from arith.trunc_linear(ctx, x, R, op, low_linear_op(step, x.shift, ctx.limbs), wb)
+    else:
+        y = yield from arith.linear(ctx, shares_of(ins[0]), R, op, wb)
     if a.bias:
         b = w.bias[a.bias_key]
         y = y + (b.view(1, -1, 1, 1) if a.kind == "conv" else b.view(1, -1))
@@ -168,8 +238,8 @@ def _run_linear(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weight
 # truncation and non-linear steps -------------------------------------------------------------
 
 
-def _run_trunc(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    return (yield from arith.trunc(ctx, ins[0], R, step.get(ShiftAttrs).shift))
+def _run_trunc(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[arith.Truncated]:
+    return (yield from arith.trunc_kept(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
 def _run_relu(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
@@ -202,7 +272,7 @@ def _reduce_layout(in_shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[li
     return keep + list(dims), rows, n
 
 
-def _deal_maxreduce(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_maxreduce(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     _, rows, n = _reduce_layout(_in_shape(plan, step), step.get(ReduceAttrs).dims)
     return pool.deal_reduce_max(src, rows, n, ctx.cmp_bits)
 
@@ -214,8 +284,14 @@ def _run_maxreduce(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Wei
     return y.reshape(step.shape)
 
 
-def _run_mul(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    return (yield from arith.mul(ctx, ins[0], ins[1], R))
+def _run_mul(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
+    if isinstance(R, arith.TruncMulRand):
+        pos = 0 if isinstance(ins[0], arith.Truncated) else 1
+        x, y = ins[pos], shares_of(ins[1 - pos])
+        if not isinstance(x, arith.Truncated):
+            raise ProtocolError(f"step {step.name}: randomness for a truncated input, got another")
+        return (yield from arith.trunc_mul(ctx, x, y, R))
+    return (yield from arith.mul(ctx, shares_of(ins[0]), shares_of(ins[1]), R))
 
 
 # local steps ----------------------------------------------------------------------------------
@@ -305,34 +381,38 @@ def _repeat(ctx: Ctx, step: Step, ins: list[torch.Tensor], w: Weights) -> torch.
     return ins[0].repeat(step.get(RepeatAttrs).reps)
 
 
-def _deal_trunc(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_trunc(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     return arith.deal_trunc(src, _numel(step.shape), step.get(ShiftAttrs).shift)
 
 
-def _deal_relu(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_relu(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     return compare.deal_relu(src, _numel(step.shape), step.get(ShiftAttrs).shift, ctx.cmp_bits)
 
 
-def _deal_sigmoid(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_sigmoid(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     return sigmoid.deal_sigmoid(src, _numel(step.shape), step.get(ShiftAttrs).shift, ctx.frac, ctx.cmp_bits)
 
 
-def _deal_spline(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_spline(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     a = step.get(SplineAttrs)
     return spline.deal_spline(src, _numel(step.shape), a.shift, ctx.frac, ctx.cmp_bits, spline.get(a.fn))
 
 
-def _deal_piecewise(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_piecewise(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     a = step.get(PiecewiseAttrs)
     return piecewise.deal_pieces(src, _numel(step.shape), a.shift, ctx.cmp_bits, len(a.breaks))
 
 
-def _deal_maxpool(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_maxpool(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     a = step.get(WindowAttrs)
     return pool.deal_maxpool(src, _in_shape(plan, step), a.k, a.s, a.p, ctx.cmp_bits)
 
 
-def _deal_mul(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None) -> Any:
+def _deal_mul(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
+    pos = kept_input(plan, step)
+    if pos is not None:
+        M = dealt[step.inputs[pos]]
+        return arith.deal_trunc_mul(src, M, _in_shape(plan, step, pos), _in_shape(plan, step, 1 - pos))
     return arith.deal_mul(src, _in_shape(plan, step, 0), _in_shape(plan, step, 1))
 
 
@@ -351,7 +431,7 @@ STEP_KINDS: dict[str, StepKind] = {
     "permute": _local(_permute),
     "expand": _local(_expand),
     "repeat": _local(_repeat),
-    "linear": StepKind(_deal_linear, _run_linear, _prepare_linear),
+    "linear": StepKind(_deal_linear, _run_linear, _prepare_linear, kept=True),
     "trunc": StepKind(_deal_trunc, _run_trunc),
     "relu": StepKind(_deal_relu, _run_relu),
     "sigmoid": StepKind(_deal_sigmoid, _run_sigmoid),
@@ -359,5 +439,5 @@ STEP_KINDS: dict[str, StepKind] = {
     "piecewise": StepKind(_deal_piecewise, _run_piecewise),
     "maxpool": StepKind(_deal_maxpool, _run_maxpool),
     "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce),
-    "mul": StepKind(_deal_mul, _run_mul),
+    "mul": StepKind(_deal_mul, _run_mul, kept=True),
 }

@@ -9,12 +9,13 @@ A message is one ZeroMQ multipart message::
                                   an inference, or the request number on a request socket
                    "step"   str   step label (<= 128 chars), e.g. the plan step a round opens
                    "kind"   str   a name from the registry `MESSAGE_KINDS` below
-                   "dtypes" [str] one per tensor frame: "int64" or "uint8"
+                   "dtypes" [str] one per tensor frame: "int64", "int32", "int16" or "uint8"
                    "shapes" [[int]] one per tensor frame: at most 8 dims, each >= 0
                    "meta"   map   the kind's fields, exactly as the kind declares them
     frame 1..n   tensor payloads, C order, little-endian, numel * itemsize bytes each
 
-Ring elements travel as int64, serialised bundles and bit strings as uint8. Tensor frames are sent
+Ring elements travel as int64, openings mod 2^k (k <= 32) as int32 or int16, serialised bundles and
+bit strings as uint8. Tensor frames are sent
 without copying (the tensor's memory is handed to ZeroMQ) and received without copying when the
 buffer is suitably aligned (`torch.frombuffer` on the received frame).
 
@@ -50,6 +51,8 @@ WIRE_VERSION = 1
 DTYPES: Mapping[str, tuple[torch.dtype, np.dtype]] = MappingProxyType(
     {
         "int64": (torch.int64, np.dtype("<i8")),
+        "int32": (torch.int32, np.dtype("<i4")),
+        "int16": (torch.int16, np.dtype("<i2")),
         "uint8": (torch.uint8, np.dtype("u1")),
     }
 )
@@ -120,12 +123,13 @@ _STR = (str,)
 _NUM = (int, float)
 _RING = frozenset({"int64"})
 _BYTES = frozenset({"uint8"})
+_LOW = frozenset({"int16", "int32"})  # openings mod 2^k (k <= 32) in the smallest type that holds them
 
 MESSAGE_KINDS = MessageKinds(
     [
         # server <-> server
         MessageKind("open", "one protocol round: this party's openings, batched into one message",
-             max_tensors=1 << 30, dtypes=_RING | _BYTES),  # bounded by Limits.max_tensors
+             max_tensors=1 << 30, dtypes=_RING | _LOW | _BYTES),  # bounded by Limits.max_tensors
         MessageKind("session", "server_a -> server_b: start session `sid` with bundle `bundle` for the "
              "client session `client` of the client with public key `key` (bundle -1: the set-up session), "
              "known in logs and replies as `request`; `batch` crops (> 1: `bundle` is a batch bundle)",
@@ -196,7 +200,7 @@ def pack(msg: Message, kinds: MessageKinds = MESSAGE_KINDS) -> list[Any]:
         name = _DTYPE_NAMES.get(t.dtype)
         if name is None:
             raise ValueError(f"{msg.kind} at step {msg.step}: dtype {t.dtype} cannot travel; "
-                             "use int64 or uint8")
+                             "use int64, int32, int16 or uint8")
         arr = t.detach().cpu().contiguous().numpy()
         if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
             arr = arr.astype(DTYPES[name][1])  # the wire is little-endian

@@ -99,6 +99,47 @@ def trunc(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[torch.Ten
     return m.share(ctx.party).reshape(x.shape)
 
 
+@dataclass
+class Truncated:
+    """A truncation's result: this party's shares of y = x / 2^k, and the public part of the form
+    y = P - s + 2^(64-k) q m it came from (q = 1 - msb(c), one bit per element).
+
+    A linear layer or a product whose input is y need not open y again: with the truncation's own s
+    as its input mask, only the bits q m remain secret, and they matter mod 2^k (`open_low`)."""
+
+    shares: torch.Tensor
+    P: torch.Tensor  # flat
+    q: torch.Tensor  # flat, bool
+    shift: int
+
+
+def trunc_kept(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[Truncated]:
+    """`trunc`, keeping the public part of the opening for consumers that reuse it."""
+    m = yield from mask_open(ctx, x.reshape(-1), R, shift)
+    assert m.Q is not None
+    return Truncated(m.share(ctx.party).reshape(x.shape), m.P, m.Q != 0, shift)
+
+
+def low_dtype(bits: int) -> torch.dtype:
+    """The smallest wire type that holds a value mod 2^bits."""
+    return torch.int16 if bits <= 16 else torch.int32 if bits <= 32 else torch.int64
+
+
+def open_low(x: torch.Tensor, bits: int) -> Proto[torch.Tensor]:
+    """Open an additively shared value mod 2^bits (one round, bits/8 bytes per element, rounded up to
+    2, 4 or 8); the result lies in [0, 2^bits)."""
+    mask = (1 << bits) - 1 if bits < 64 else -1
+    mine = (x & mask).to(low_dtype(bits))  # the low bits, two's complement
+    (peer,) = yield [mine]
+    return (mine.to(torch.int64) + peer.to(torch.int64)) & mask
+
+
+def _low_term(t: Truncated, M: MaskRand, a2: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """This party's shares, mod 2^k, of q m - a2 (what a fused consumer opens)."""
+    assert M.m is not None
+    return torch.where(t.q, M.m, 0).reshape(shape) - a2
+
+
 # ---------------------------------------------------------------------------------------------
 # Beaver products.
 
@@ -116,6 +157,47 @@ def deal_mul(src: Source, xshape: tuple[int, ...], yshape: tuple[int, ...]) -> M
     oshape = tuple(torch.broadcast_shapes(xshape, yshape))  # type: ignore[no-untyped-call]
     c = src.ring_from("c", oshape, lambda: a * b)
     return MulRand(a, b, c)
+
+
+@dataclass
+class TruncMulRand:
+    """Beaver randomness for x * y where x comes from a truncation with mask rand M: x's mask is
+    a = -s (the truncation's, so x is never opened again), a2 masks q m mod 2^k, c2 = a2 * b."""
+
+    M: MaskRand
+    a: torch.Tensor
+    b: torch.Tensor
+    c: torch.Tensor
+    a2: torch.Tensor
+    c2: torch.Tensor
+
+
+def deal_trunc_mul(src: Source, M: MaskRand, xshape: tuple[int, ...], yshape: tuple[int, ...]) -> TruncMulRand:
+    a = -M.s.reshape(xshape)
+    b = src.ring("b", yshape)
+    oshape = tuple(torch.broadcast_shapes(xshape, yshape))  # type: ignore[no-untyped-call]
+    c = src.ring_from("c", oshape, lambda: a * b)
+    a2 = src.ring("a2", xshape)
+    c2 = src.ring_from("c2", oshape, lambda: a2 * b, bits=M.shift)
+    return TruncMulRand(M, a, b, c, a2, c2)
+
+
+def trunc_mul(ctx: Ctx, x: Truncated, y: torch.Tensor, R: TruncMulRand) -> Proto[torch.Tensor]:
+    """x * y (broadcasting) for x = P - s + 2^(64-k) q m from a truncation. One round, as `mul`, but
+    x costs k/8 bytes per element instead of 8:
+
+    1. open e2 = q m - a2 (mod 2^k) and f = y - b
+    2. with a = -s: [x y] = P [y] + [a] f + [c] + 2^(64-k) ([e2 f] + e2 [b] + [a2] f + [c2])
+    """
+    k = x.shift
+    xshape = tuple(x.shares.shape)
+    e2_, f_ = yield [(_low_term(x, R.M, R.a2, xshape) & ((1 << k) - 1)).to(low_dtype(k)), y - R.b]
+    e2 = (_low_term(x, R.M, R.a2, xshape) + e2_.to(torch.int64)) & ((1 << k) - 1)
+    f = y - R.b + f_
+    low = e2 * R.b + R.a2 * f + R.c2
+    if ctx.party == 0:
+        low = low + e2 * f
+    return x.P.reshape(xshape) * y + R.a * f + R.c + (low << (64 - k))
 
 
 def mul(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, R: MulRand) -> Proto[torch.Tensor]:
@@ -156,6 +238,50 @@ def deal_linear(
 def prepare_linear(R: LinearRand, op: LinearOp, F: torch.Tensor) -> LinearRand:
     """Party: fold op(A_i, F) into the randomness before the online phase (A_i is input-independent)."""
     return LinearRand(R.a, R.pre + op(R.a, F))
+
+
+@dataclass
+class TruncLinearRand:
+    """A linear layer whose input comes from a truncation (mask rand M): its input mask is A = -s, so
+    pre = op(-s_i, F) + C_i with C = op(-s, B); a2 masks q m mod 2^k and pre2 = op(a2_i, F) + C2_i,
+    C2 = op(a2, B) mod 2^k. `a` is dropped once folded into pre."""
+
+    M: MaskRand
+    a: torch.Tensor | None
+    pre: torch.Tensor
+    a2: torch.Tensor
+    pre2: torch.Tensor
+
+
+def deal_trunc_linear(src: Source, M: MaskRand, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                      op: LinearOp, mask: torch.Tensor) -> TruncLinearRand:
+    a = -M.s.reshape(in_shape)
+    c = src.ring_from("C", out_shape, lambda: op(a, mask))
+    a2 = src.ring("A2", in_shape)
+    c2 = src.ring_from("C2", out_shape, lambda: op(a2, mask), bits=M.shift)
+    return TruncLinearRand(M, a, c, a2, c2)
+
+
+def prepare_trunc_linear(R: TruncLinearRand, op: LinearOp, F: torch.Tensor) -> TruncLinearRand:
+    assert R.a is not None
+    return TruncLinearRand(R.M, None, R.pre + op(R.a, F), R.a2, R.pre2 + op(R.a2, F))
+
+
+def trunc_linear(ctx: Ctx, x: Truncated, R: TruncLinearRand, op: LinearOp, low_op: LinearOp,
+                 wb: torch.Tensor) -> Proto[torch.Tensor]:
+    """op(X, W) for X = P - s + 2^(64-k) q m from a truncation, W secret. One round, as `linear`, but
+    k/8 bytes per input element instead of 8 (2 for k = 16):
+
+    1. open e2 = q m - a2 (mod 2^k)
+    2. [Z] = op(P, wb_i) + op(-s_i, F) + [C] + 2^(64-k) (op(e2, wb_i) + op(a2_i, F) + [C2])
+    op(P, W) splits over wb_0 + wb_1 = W; the bracket is op(q m, W) mod 2^k, all the shift keeps.
+    `low_op` computes op mod 2^k (exactly, in float64 where the products allow).
+    """
+    k = x.shift
+    shape = tuple(x.shares.shape)
+    e2 = yield from open_low(_low_term(x, R.M, R.a2, shape), k)
+    low = low_op(e2, wb) + R.pre2
+    return op(x.P.reshape(shape), wb) + R.pre + (low << (64 - k))
 
 
 def linear(ctx: Ctx, x: torch.Tensor, R: LinearRand, op: LinearOp, wb: torch.Tensor) -> Proto[torch.Tensor]:
