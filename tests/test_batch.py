@@ -39,8 +39,8 @@ def test_a_batch_of_three_dfdnet_crops_gives_each_crop_its_own_result_in_the_rou
     assert abs(y3[1, 0].item() - y1[0, 0].item()) <= 1e-3
     assert rep3.rounds == rep1.rounds
     # the openings are those of three crops, less the padding of packed bit planes shared by the batch
-    assert rep1.bytes_per_party == [5_799_600] * 2
-    assert rep3.bytes_per_party == [15_869_344] * 2
+    assert rep1.bytes_per_party == [4_860_768] * 2
+    assert rep3.bytes_per_party == [13_380_384] * 2
     assert 2.5 * rep1.dealer_bytes < rep3.dealer_bytes < 3 * rep1.dealer_bytes
 
 
@@ -57,8 +57,9 @@ def test_zoo_models_run_batched_with_each_result_as_alone(name):
     assert y.shape == ref.shape
     assert (y - ref).abs().max().item() <= 2e-4
     assert rep.rounds == ZOO[name][2]  # the rounds of one input
-    # twice one input's openings, less the padding of packed bit planes the two share
-    assert 1.8 * ZOO[name][1] <= rep.bytes_per_party[0] <= 2 * ZOO[name][1]
+    # twice one input's openings, less the padding of packed bit planes the two share (and a maximum's
+    # layers, planned for twice the rows, may be laid out more cheaply)
+    assert 1.7 * ZOO[name][1] <= rep.bytes_per_party[0] <= 2 * ZOO[name][1]
 
 
 class _FoldsTheBatch(nn.Module):

@@ -171,6 +171,9 @@ def test_reduce_plan_weighs_bytes_against_rounds():
             lb, lr = pool.layer_cost(rows, m, k)
             b, r, m = b + lb, r + lr, (m + k - 1) // k
         assert m == 1 and pool._best_plan(rows, n)[0][1:] == (b, r)
+    # over a truncation's result the first layer opens nothing, so it is taken wider
+    assert pool.reduce_plan(64, 728, kept=True) == [8, 8]
+    assert pool.reduce_plan(728, 64, kept=True)[0] > 2
 
 
 def test_sigmoid_error_bound(run2, fp):
@@ -288,3 +291,60 @@ def test_product_reusing_a_truncation_is_exact_and_opens_two_bytes(run2):
     assert torch.equal(Z, X * y)
     assert fig["rounds"] == 2
     assert fig["bytes_per_party"][0] == 8 * x.numel() + 2 * x.numel() + 8 * y.numel()
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 64, 700])
+def test_max_of_a_truncation_opens_no_difference(run2, fp, n):
+    # The maximum of a truncation's result X, exactly as over X, with no 8-byte opening of the first
+    # layer's differences (their masks are the truncation's own) and one round fewer.
+    x = fp.encode(torch.randn(3, n) * 100) << 16  # at 2f, truncated by f
+    x[1] = 5 << 16  # all equal
+    rows = 3
+
+    def deal(s):
+        M = arith.deal_trunc(s.child("t"), x.numel(), 16)
+        return M, pool.deal_reduce_max(s.child("c"), rows, n, L, (M.s.view(rows, n), M.m.view(rows, n), 16))
+
+    def proto(c, R, v):
+        M, Rm = R
+        t = yield from arith.trunc_kept(c, v, M, 16)
+        kept = (t.P.view(rows, n), t.q.view(rows, n).long())
+        y = yield from pool.reduce_max(c, t.shares, Rm, kept)
+        return torch.cat([t.shares.reshape(-1), y.reshape(-1)])
+
+    out, fig = run2(deal, proto, x)
+    X, Y = out[: x.numel()].view(rows, n), out[x.numel():]
+    assert int((X - (x >> 16)).min()) >= 0 and int((X - (x >> 16)).max()) <= 1
+    assert torch.equal(Y, X.max(-1).values)
+    # the first layer opens no differences (so the plan may take it wider); the truncation's round
+    # replaces its opening
+    ks = pool.reduce_plan(n, rows, kept=True)
+    costs, m = [], n
+    for i, k in enumerate(ks):
+        costs.append(pool.layer_cost(rows, m, k, kept=i == 0))
+        m = (m + k - 1) // k
+    assert fig["rounds"] == 1 + sum(r for _, r in costs)
+    assert fig["bytes_per_party"][0] == 8 * x.numel() + sum(b for b, _ in costs)
+    assert costs[0][0] < pool.layer_cost(rows, n, ks[0])[0] - 8 * rows * (ks[0] - 1) // 2
+
+
+def test_maxpool_of_a_truncation_exact_in_nine_rounds(run2, fp):
+    x = fp.encode(torch.randn(1, 3, 11, 10) * 5) << 16
+    x[0, 0, :3, :3] = 7 << 16  # ties
+    x[0, 1] = 0
+    shape = tuple(x.shape)
+
+    def deal(s):
+        M = arith.deal_trunc(s.child("t"), x.numel(), 16)
+        return M, pool.deal_maxpool(s.child("c"), shape, 3, 2, 1, L, (M.s.view(shape), M.m.view(shape), 16))
+
+    def proto(c, R, v):
+        M, Rm = R
+        t = yield from arith.trunc_kept(c, v, M, 16)
+        y = yield from pool.maxpool2d(c, t.shares, Rm, 3, 2, 1, (t.P.view(shape), t.q.view(shape).long()))
+        return torch.cat([t.shares.reshape(-1), y.reshape(-1)])
+
+    out, fig = run2(deal, proto, x)
+    X, Y = out[: x.numel()].view(shape), out[x.numel():]
+    assert torch.equal(Y, F.max_pool2d(X.double(), 3, 2, 1).long().reshape(-1))
+    assert fig["rounds"] == 1 + 9

@@ -141,12 +141,18 @@ def kept_until(plan: Plan) -> dict[int, int]:
 
 
 def kept_input(plan: Plan, step: Step) -> int | None:
-    """Which input of a linear or product step comes straight from a truncation (whose opening it
-    reuses: `arith.trunc_linear`, `arith.trunc_mul`), or None. Dealer and parties decide alike."""
-    if step.op == "linear" or step.op == "mul":
+    """Which input of a step comes straight from a truncation whose opening the step reuses, or None.
+    Dealer and parties decide alike, from the plan. Linear layers and products
+    (`arith.trunc_linear`, `arith.trunc_mul`) take any truncation; maxima (`pool.max_lastaxis`) one
+    by at most f bits, whose q m term vanishes below the comparison's L + 1 <= 63 - f bits."""
+    if step.op in ("linear", "mul"):
         for pos, i in enumerate(step.inputs):
             if plan.steps[i].op == "trunc":
                 return pos
+    if step.op in ("maxpool", "maxreduce"):
+        src = plan.steps[step.inputs[0]]
+        if src.op == "trunc" and src.get(ShiftAttrs).shift <= plan.frac:
+            return 0
     return None
 
 
@@ -260,9 +266,19 @@ def _run_piecewise(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Wei
     return (yield from piecewise.pieces(ctx, ins[0], R, a.pieces(), a.shift))
 
 
-def _run_maxpool(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
+def _kept_public(x: Any, shape: tuple[int, ...]) -> tuple[torch.Tensor, pool.Kept | None]:
+    """Shares of x, and (P, q) shaped as x when x is a truncation's result."""
+    if isinstance(x, arith.Truncated):
+        return x.shares, (x.P.view(shape), x.q.view(shape).to(torch.int64))
+    return x, None
+
+
+def _run_maxpool(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
     a = step.get(WindowAttrs)
-    return (yield from pool.maxpool2d(ctx, ins[0], R, a.k, a.s, a.p))
+    x, kept = _kept_public(ins[0], tuple(shares_of(ins[0]).shape))
+    if (kept is None) != (not R[0] or R[0][0].kept is None):
+        raise ProtocolError(f"step {step.name}: randomness for another kind of input")
+    return (yield from pool.maxpool2d(ctx, x, R, a.k, a.s, a.p, kept))
 
 
 def _reduce_layout(in_shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[list[int], int, int]:
@@ -272,15 +288,32 @@ def _reduce_layout(in_shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[li
     return keep + list(dims), rows, n
 
 
+def _kept_dealt(plan: Plan, step: Step, dealt: Mapping[int, Any]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(s, m, k) of the truncation a max step reuses, shaped as its input; None if it reuses none."""
+    if kept_input(plan, step) is None:
+        return None
+    M = dealt[step.inputs[0]]
+    shape = _in_shape(plan, step)
+    return M.s.view(shape), M.m.view(shape), M.shift
+
+
 def _deal_maxreduce(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
-    _, rows, n = _reduce_layout(_in_shape(plan, step), step.get(ReduceAttrs).dims)
-    return pool.deal_reduce_max(src, rows, n, ctx.cmp_bits)
+    perm, rows, n = _reduce_layout(_in_shape(plan, step), step.get(ReduceAttrs).dims)
+    kept = _kept_dealt(plan, step, dealt)
+    if kept is not None:
+        kept = (kept[0].permute(perm).reshape(rows, n), kept[1].permute(perm).reshape(rows, n), kept[2])
+    return pool.deal_reduce_max(src, rows, n, ctx.cmp_bits, kept)
 
 
-def _run_maxreduce(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    perm, rows, n = _reduce_layout(tuple(ins[0].shape), step.get(ReduceAttrs).dims)
-    x = ins[0].permute(perm).reshape(rows, n)
-    y = yield from pool.reduce_max(ctx, x, R)
+def _run_maxreduce(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
+    x, kept = _kept_public(ins[0], tuple(shares_of(ins[0]).shape))
+    if (kept is None) != (not R or R[0].kept is None):
+        raise ProtocolError(f"step {step.name}: randomness for another kind of input")
+    perm, rows, n = _reduce_layout(tuple(x.shape), step.get(ReduceAttrs).dims)
+    x = x.permute(perm).reshape(rows, n)
+    if kept is not None:
+        kept = (kept[0].permute(perm).reshape(rows, n), kept[1].permute(perm).reshape(rows, n))
+    y = yield from pool.reduce_max(ctx, x, R, kept)
     return y.reshape(step.shape)
 
 
@@ -405,7 +438,8 @@ def _deal_piecewise(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | 
 
 def _deal_maxpool(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     a = step.get(WindowAttrs)
-    return pool.deal_maxpool(src, _in_shape(plan, step), a.k, a.s, a.p, ctx.cmp_bits)
+    kept = _kept_dealt(plan, step, dealt)
+    return pool.deal_maxpool(src, _in_shape(plan, step), a.k, a.s, a.p, ctx.cmp_bits, kept)
 
 
 def _deal_mul(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
@@ -437,7 +471,7 @@ STEP_KINDS: dict[str, StepKind] = {
     "sigmoid": StepKind(_deal_sigmoid, _run_sigmoid),
     "spline": StepKind(_deal_spline, _run_spline),
     "piecewise": StepKind(_deal_piecewise, _run_piecewise),
-    "maxpool": StepKind(_deal_maxpool, _run_maxpool),
-    "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce),
+    "maxpool": StepKind(_deal_maxpool, _run_maxpool, kept=True),
+    "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce, kept=True),
     "mul": StepKind(_deal_mul, _run_mul, kept=True),
 }

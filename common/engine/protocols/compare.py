@@ -269,7 +269,7 @@ def open_bits(ctx: Ctx, b: torch.Tensor, R: InjectRand, n: int) -> Proto[torch.T
     return unpack(b ^ R.beta ^ peer, n)
 
 
-def _injected(ctx: Ctx, d: torch.Tensor, m: Masked, R: InjectRand) -> torch.Tensor:
+def injected(ctx: Ctx, d: torch.Tensor, m: Masked, R: InjectRand) -> torch.Tensor:
     """Shares of b * x from the opened d = b XOR beta (local)."""
     k = 1 - 2 * d
     assert R.beta_s is not None
@@ -291,7 +291,7 @@ def _arith_bit(ctx: Ctx, d: torch.Tensor, R: InjectRand) -> torch.Tensor:
 def inject(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[torch.Tensor]:
     """Arithmetic shares of b * x for shared bit words b and masked x (one round, 1 bit/element)."""
     d = yield from open_bits(ctx, b, R, m.s.numel())
-    return _injected(ctx, d, m, R)
+    return injected(ctx, d, m, R)
 
 
 def bit_to_arith(ctx: Ctx, b: torch.Tensor, R: InjectRand, n: int) -> Proto[torch.Tensor]:
@@ -304,7 +304,7 @@ def select(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[tuple[t
     """Arithmetic shares of b * x and of b itself from ONE opening of d = b XOR beta (one round,
     1 bit/element): what a piecewise function needs to select both a slope and an offset."""
     d = yield from open_bits(ctx, b, R, m.s.numel())
-    return _injected(ctx, d, m, R), _arith_bit(ctx, d, R)
+    return injected(ctx, d, m, R), _arith_bit(ctx, d, R)
 
 
 # ---------------------------------------------------------------------------------------------

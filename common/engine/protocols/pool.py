@@ -23,7 +23,7 @@ from itertools import combinations
 
 import torch
 
-from secdfd.common.engine.bits import ONES, Form, Products, words_for
+from secdfd.common.engine.bits import ONES, Form, Products, planes, unpack, words_for
 from secdfd.common.engine.protocols.arith import Masked, MaskRand, deal_mask, mask_open
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.protocols.compare import (
@@ -32,6 +32,8 @@ from secdfd.common.engine.protocols.compare import (
     deal_compare,
     deal_inject,
     inject,
+    injected,
+    open_bits,
     sign,
     tree_bits,
 )
@@ -56,19 +58,54 @@ def _selector_products(n: int) -> Products:
 
 
 @dataclass
+class KeptRand:
+    """A first max layer over a truncation's result x = P - s + 2^(64-k) q m: the m shares of each
+    difference (i, n-1) as laid out for injection, and shares of beta * m of both, mod 2^k."""
+
+    mi: torch.Tensor
+    mj: torch.Tensor
+    beta_mi: torch.Tensor
+    beta_mj: torch.Tensor
+    shift: int
+
+
+@dataclass
 class MaxRand:
     mask: MaskRand
     cmp: CmpRand
     sel_a: torch.Tensor | None
     sel_mono: torch.Tensor | None
     inj: InjectRand
+    kept: KeptRand | None = None
 
 
-def deal_max(src: Source, rows: int, n: int, L: int) -> MaxRand:
-    """Randomness for the max over the last axis (size n <= MAX_ARITY) of `rows` rows."""
+def _columns(x: torch.Tensor, rows_p: int) -> torch.Tensor:
+    """(..., n) -> (n, rows_p): one column per row, zero padded to rows_p."""
+    n = x.shape[-1]
+    xs = x.reshape(-1, n).t()
+    if xs.shape[1] != rows_p:
+        xs = torch.cat([xs, xs.new_zeros(n, rows_p - xs.shape[1])], 1)
+    return xs
+
+
+def _pair_diffs(xs: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.stack([xs[i] - xs[j] for i, j in _pairs(n)]).reshape(-1)
+
+
+def deal_max(src: Source, rows: int, n: int, L: int,
+             kept: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> MaxRand:
+    """Randomness for the max over the last axis (size n <= MAX_ARITY) of `rows` rows.
+
+    kept = (s, m, k), laid out as the input (..., n): the input is a truncation's result, whose s
+    masks every difference already (no opening: the dealer deals the bit planes of s_i - s_j)."""
     rows_p = words_for(rows) * 64
     npairs = len(_pairs(n))
-    mask = deal_mask(src, npairs * rows_p, 0, L + 1)
+    if kept is None:
+        mask = deal_mask(src, npairs * rows_p, 0, L + 1)
+    else:
+        sp = _pair_diffs(_columns(kept[0], rows_p), n)
+        sbits = src.bits_from("sbits", (L + 1, words_for(npairs * rows_p)), lambda: planes(sp, 0, L + 1))
+        mask = MaskRand(sp, sp, None, sbits)
     cmp = deal_compare(src, mask.sbits, npairs * rows_p, L)  # type: ignore[arg-type]
     sel_a = sel_mono = None
     if n > 2:
@@ -79,7 +116,16 @@ def deal_max(src: Source, rows: int, n: int, L: int) -> MaxRand:
     last = [k for k, (i, j) in enumerate(_pairs(n)) if j == n - 1]
     sub = _slice_mask(mask, last, rows_p)
     inj = deal_inject(src, (n - 1) * rows_p, sub, False)
-    return MaxRand(mask, cmp, sel_a, sel_mono, inj)
+    k_rand = None
+    if kept is not None:
+        mx, k = _columns(kept[1], rows_p), kept[2]
+        mi = mx[: n - 1].reshape(-1)
+        mj = mx[n - 1].repeat(n - 1)
+        N = (n - 1) * rows_p
+        bmi = src.ring_from("beta_mi", (N,), lambda: unpack(inj.beta, N) * mi, bits=k)
+        bmj = src.ring_from("beta_mj", (N,), lambda: unpack(inj.beta, N) * mj, bits=k)
+        k_rand = KeptRand(mi, mj, bmi, bmj, k)
+    return MaxRand(mask, cmp, sel_a, sel_mono, inj, k_rand)
 
 
 def _slice_mask(mask: MaskRand, pairs: list[int], rows_p: int) -> MaskRand:
@@ -87,19 +133,27 @@ def _slice_mask(mask: MaskRand, pairs: list[int], rows_p: int) -> MaskRand:
     return MaskRand(mask.r, s, None, None)
 
 
-def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand) -> Proto[torch.Tensor]:
-    """Shares of x.max(-1) for x (..., n), n <= MAX_ARITY."""
+Kept = tuple[torch.Tensor, torch.Tensor]  # the public P and q (0/1) of a truncation, laid out as its input
+
+
+def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand, kept: Kept | None = None) -> Proto[torch.Tensor]:
+    """Shares of x.max(-1) for x (..., n), n <= MAX_ARITY.
+
+    With `kept` (x is a truncation's result P - s + 2^(64-k) q m) the differences need no opening:
+    each is (P_i - P_j) - (s_i - s_j) + 2^(64-k) (q_i m_i - q_j m_j), its sign comes from the
+    public P_i - P_j and the dealt bit planes of s_i - s_j (the last term vanishes mod 2^(L+1)), and
+    the injection adds b * q m from dealt beta * m. One round and 8 bytes per pair fewer."""
     lead, n = x.shape[:-1], x.shape[-1]
     rows = x[..., 0].numel()
     if n == 1:
         return x[..., 0]
     rows_p = words_for(rows) * 64
-    xs = x.reshape(rows, n).t()
-    if rows_p != rows:
-        xs = torch.cat([xs, xs.new_zeros(n, rows_p - rows)], 1)
+    xs = _columns(x, rows_p)
     pairs = _pairs(n)
-    diffs = torch.stack([xs[i] - xs[j] for i, j in pairs]).reshape(-1)
-    m = yield from mask_open(ctx, diffs, R.mask, 0)  # one round for every pair
+    if kept is None:
+        m = yield from mask_open(ctx, _pair_diffs(xs, n), R.mask, 0)  # one round for every pair
+    else:
+        m = Masked(_pair_diffs(_columns(kept[0], rows_p), n), R.mask.s, R.mask.sbits)
     c = (yield from sign(ctx, m, R.cmp)).view(len(pairs), -1)  # (npairs, rows_p/64)
     if n == 2:
         sel = c
@@ -108,7 +162,17 @@ def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand) -> Proto[torch.Tensor]:
     last = [k for k, (i, j) in enumerate(pairs) if j == n - 1]
     P = m.P.view(len(pairs), -1)[last].reshape(-1)
     s = m.s.view(len(pairs), -1)[last].reshape(-1)
-    picked = yield from inject(ctx, sel.reshape(-1), Masked(P, s, None), R.inj)
+    if kept is None:
+        picked = yield from inject(ctx, sel.reshape(-1), Masked(P, s, None), R.inj)
+    else:
+        K = R.kept
+        assert K is not None
+        d = yield from open_bits(ctx, sel.reshape(-1), R.inj, P.numel())
+        qx = _columns(kept[1], rows_p)
+        qi, qj = qx[: n - 1].reshape(-1), qx[n - 1].repeat(n - 1)
+        f = 1 - 2 * d
+        low = qi * (d * K.mi + f * K.beta_mi) - qj * (d * K.mj + f * K.beta_mj)
+        picked = injected(ctx, d, Masked(P, s, None), R.inj) + (low << (64 - K.shift))
     out = xs[n - 1] + picked.view(n - 1, rows_p).sum(0)
     return out[:rows].reshape(lead)
 
@@ -139,46 +203,49 @@ def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Ten
 COMPARE_BITS = 40  # the comparison width the cost model assumes (ctx.cmp_bits by default)
 
 
-def layer_rounds(k: int) -> int:
-    """Rounds of one max-of-k layer: open, 2 tree rounds, (selector AND if k > 2), inject."""
-    return 4 if k == 2 else 5
+def layer_rounds(k: int, kept: bool = False) -> int:
+    """Rounds of one max-of-k layer: open (none over a truncation's result), 2 tree rounds,
+    (selector AND if k > 2), inject."""
+    return (4 if k == 2 else 5) - kept
 
 
 ROUND_BYTES = 200_000  # one round weighs as much as 200 kB per server: 1 Gbit/s at 1.6 ms RTT
 
 
-def layer_cost(rows: int, n: int, k: int) -> tuple[int, int]:
+def layer_cost(rows: int, n: int, k: int, kept: bool = False) -> tuple[int, int]:
     """(bytes per server, rounds) of one max-of-k layer over `rows` rows of n values: per pair an
-    8-byte opening and its tree bits, then the selector bits (k > 2) and k - 1 injected bits, all
-    bit-packed over rows padded to a multiple of 64."""
+    8-byte opening (none over a truncation's result) and its tree bits, then the selector bits
+    (k > 2) and k - 1 injected bits, all bit-packed over rows padded to a multiple of 64."""
     rp = words_for(rows * ((n + k - 1) // k)) * 64
     p = k * (k - 1) // 2
-    return 8 * rp * p + rp // 8 * (p * tree_bits(COMPARE_BITS) + (p if k > 2 else 0) + k - 1), layer_rounds(k)
+    bits = rp // 8 * (p * tree_bits(COMPARE_BITS) + (p if k > 2 else 0) + k - 1)
+    return (0 if kept else 8 * rp * p) + bits, layer_rounds(k, kept)
 
 
 @cache
-def _best_plan(rows: int, n: int) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+def _best_plan(rows: int, n: int, kept: bool = False) -> tuple[tuple[int, int, int], tuple[int, ...]]:
     """((weighted cost, bytes, rounds), arities) of the cheapest reduction of n values to one."""
     if n <= 1:
         return (0, 0, 0), ()
     cands = []
     for k in range(2, min(n, MAX_ARITY) + 1):
-        b, r = layer_cost(rows, n, k)
+        b, r = layer_cost(rows, n, k, kept)
         (t, bb, rr), rest = _best_plan(rows, (n + k - 1) // k)
         cands.append(((t + b + ROUND_BYTES * r, bb + b, rr + r), (k, *rest)))
     return min(cands)
 
 
-def reduce_plan(n: int, rows: int = 1) -> list[int]:
+def reduce_plan(n: int, rows: int = 1, kept: bool = False) -> list[int]:
     """Arity of each layer that reduces n values (in each of `rows` rows) to one.
 
     Any arity above 2 costs the same 5 rounds, but arity k opens (k-1)/2 differences per input. The
     plan minimises bytes + ROUND_BYTES * rounds (exactly, over all arity sequences up to MAX_ARITY):
     small reductions take wide layers (an 8 x 8 map over 728 channels: 8, 8, 10 rounds instead of
     15), large ones stay narrow where bytes dominate. Over DFDNet this cuts both the bytes and the
-    rounds of the max-of-4 layers it replaces.
+    rounds of the max-of-4 layers it replaces. `kept`: the input is a truncation's result, whose first
+    layer opens no differences (so it may be wider).
     """
-    return list(_best_plan(rows, n)[1])
+    return list(_best_plan(rows, n, kept)[1])
 
 
 def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -190,18 +257,26 @@ def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, k)
 
 
-def deal_reduce_max(src: Source, rows: int, n: int, L: int) -> list[MaxRand]:
+KeptDeal = tuple[torch.Tensor, torch.Tensor, int]  # a truncation's s and m laid out as its input, and k
+
+
+def deal_reduce_max(src: Source, rows: int, n: int, L: int, kept: KeptDeal | None = None) -> list[MaxRand]:
+    """`kept`: (s, m, k) of a truncation whose result is the input, laid out (rows, n)."""
     out = []
-    for i, k in enumerate(reduce_plan(n, rows)):
+    for i, k in enumerate(reduce_plan(n, rows, kept is not None)):
         n = (n + k - 1) // k
-        out.append(deal_max(src.child(f"r{i}"), rows * n, k, L))
+        first = None if kept is None or i else (_pad_last(kept[0], k), _pad_last(kept[1], k), kept[2])
+        out.append(deal_max(src.child(f"r{i}"), rows * n, k, L, first))
     return out
 
 
-def reduce_max(ctx: Ctx, x: torch.Tensor, R: list[MaxRand]) -> Proto[torch.Tensor]:
-    """Max over the last axis of any size, by the layers of `reduce_plan`."""
-    for k, r in zip(reduce_plan(x.shape[-1], x[..., 0].numel()), R, strict=True):
-        x = yield from max_lastaxis(ctx, _pad_last(x, k), r)
+def reduce_max(ctx: Ctx, x: torch.Tensor, R: list[MaxRand], kept: Kept | None = None) -> Proto[torch.Tensor]:
+    """Max over the last axis of any size, by the layers of `reduce_plan`; `kept` (the first layer's
+    input is a truncation's result): its public P and q, laid out as x."""
+    plan = reduce_plan(x.shape[-1], x[..., 0].numel(), kept is not None)
+    for i, (k, r) in enumerate(zip(plan, R, strict=True)):
+        first = None if kept is None or i else (_pad_last(kept[0], k), _pad_last(kept[1], k))
+        x = yield from max_lastaxis(ctx, _pad_last(x, k), r, first)
     return x[..., 0] if x.dim() and x.shape[-1] == 1 else x
 
 
@@ -222,12 +297,20 @@ def pool_plan(shape: tuple[int, ...], k: int, s: int, p: int) -> list[tuple[int,
     return [(N * C * H * Wo, k), (N * C * Ho * Wo, k)]
 
 
-def deal_maxpool(src: Source, shape: tuple[int, ...], k: int, s: int, p: int, L: int) -> list[list[MaxRand]]:
-    return [deal_reduce_max(src.child(f"pass{i}"), rows, n, L) for i, (rows, n) in enumerate(pool_plan(shape, k, s, p))]
+def deal_maxpool(src: Source, shape: tuple[int, ...], k: int, s: int, p: int, L: int,
+                 kept: KeptDeal | None = None) -> list[list[MaxRand]]:
+    """`kept`: (s, m, k) of a truncation whose result (of `shape`) is the input."""
+    (rows0, n0), (rows1, n1) = pool_plan(shape, k, s, p)
+    first = None if kept is None else (windows(kept[0], k, s, p, -1), windows(kept[1], k, s, p, -1), kept[2])
+    return [deal_reduce_max(src.child("pass0"), rows0, n0, L, first),
+            deal_reduce_max(src.child("pass1"), rows1, n1, L)]
 
 
-def maxpool2d(ctx: Ctx, x: torch.Tensor, R: list[list[MaxRand]], k: int, s: int, p: int) -> Proto[torch.Tensor]:
-    """SecMaxPool: rows, then columns. For 3x3/2 that is 10 rounds."""
-    y = yield from reduce_max(ctx, windows(x, k, s, p, -1), R[0])
+def maxpool2d(ctx: Ctx, x: torch.Tensor, R: list[list[MaxRand]], k: int, s: int, p: int,
+              kept: Kept | None = None) -> Proto[torch.Tensor]:
+    """SecMaxPool: rows, then columns. For 3x3/2 that is 10 rounds (9 when x is a truncation's
+    result, `kept`: its P and q, shaped as x)."""
+    first = None if kept is None else (windows(kept[0], k, s, p, -1), windows(kept[1], k, s, p, -1))
+    y = yield from reduce_max(ctx, windows(x, k, s, p, -1), R[0], first)
     y = yield from reduce_max(ctx, windows(y, k, s, p, -2), R[1])
     return y
