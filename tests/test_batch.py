@@ -39,8 +39,8 @@ def test_a_batch_of_three_dfdnet_crops_gives_each_crop_its_own_result_in_the_rou
     assert abs(y3[1, 0].item() - y1[0, 0].item()) <= 1e-3
     assert rep3.rounds == rep1.rounds
     # the openings are those of three crops, less the padding of packed bit planes shared by the batch
-    assert rep1.bytes_per_party == [4_860_768] * 2
-    assert rep3.bytes_per_party == [13_380_384] * 2
+    assert rep1.bytes_per_party == [4_313_262] * 2
+    assert rep3.bytes_per_party == [11_776_266] * 2
     assert 2.5 * rep1.dealer_bytes < rep3.dealer_bytes < 3 * rep1.dealer_bytes
 
 

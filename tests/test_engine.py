@@ -90,7 +90,7 @@ class _ConvGate(nn.Module):
 
 
 def test_layers_after_a_truncation_reuse_its_opening():
-    # The truncation of a's output is opened once (8 bytes per element); b and the product reuse it and
+    # The truncation of a's output is opened once (6 bytes per element); b and the product reuse it and
     # open 2 bytes per element each (the low 16 bits of q m), not 8. The results match plaintext.
     torch.manual_seed(3)
     m = _ConvGate().eval()
@@ -108,7 +108,7 @@ def test_layers_after_a_truncation_reuse_its_opening():
         t = next(i for i in s.inputs if ops[i] == "trunc")
         n = _numel(tp.plan.steps[t].shape)
         other = sum(8 * _numel(tp.plan.steps[i].shape) for i in s.inputs if i != t)
-        assert by_step[t].bytes_per_party[0] == 8 * n
+        assert by_step[t].bytes_per_party[0] == 6 * n  # the 48 bits above the 16-bit shift
         assert by_step[s.index].bytes_per_party[0] == 2 * n + other
 
 

@@ -3,6 +3,7 @@ linear layers with secret weights."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,22 +71,63 @@ class Masked:
         return out
 
 
+def open_bytes(shift: int) -> int:
+    """Bytes per element `mask_open` sends: 8, or the bits above a truncation's shift (6 for 16)."""
+    return 8 if shift == 0 else (64 - shift + 7) // 8
+
+
+def high_bytes(v: torch.Tensor, k: int) -> torch.Tensor:
+    """The bits k..63 of each int64 element as ceil((64 - k) / 8) little-endian bytes: (n, nb) uint8."""
+    h = lshr(v, k)
+    nb = (64 - k + 7) // 8
+    if sys.byteorder == "little":
+        return h.view(torch.uint8).view(-1, 8)[:, :nb].contiguous()
+    return torch.stack([((h >> (8 * j)) & 255) for j in range(nb)], 1).to(torch.uint8)
+
+
+def from_high_bytes(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of `high_bytes`: (n, nb) uint8 -> the int64 values (bits k..63 shifted down)."""
+    n, nb = b.shape
+    if sys.byteorder == "little":
+        out = torch.zeros((n, 8), dtype=torch.uint8, device=b.device)
+        out[:, :nb] = b
+        return out.view(torch.int64).view(-1)
+    h = torch.zeros(n, dtype=torch.int64, device=b.device)
+    for j in range(nb):
+        h |= b[:, j].to(torch.int64) << (8 * j)
+    return h
+
+
 def mask_open(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[Masked]:
-    """Open x + r for a flat shared x (one round, 8 bytes per element).
+    """Open x + r for a flat shared x (one round, 8 bytes per element; 6 with a 16-bit shift).
 
     shift = 0: P = c = x + r, so x = P - r exactly.
-    shift = k: exact truncation to one unit in the last place. y = x + 2^62 lies in [0, 2^63) for
-    |x| < 2^62; open c = y + r. The wrap of y + r past 2^64 is exactly msb(r)*(1 - msb(c)), so
+    shift = k: truncation to one unit in the last place. y = x + 2^62 lies in [0, 2^63) for
+    |x| < 2^62; c = y + r. The wrap of y + r past 2^64 is exactly msb(r)*(1 - msb(c)), so
     y >> k = (c >> k) - (r >> k) + 2^(64-k)*(1 - msb(c))*msb(r) - borrow, borrow in {0, 1}.
-    Dropping the borrow gives x >> k up to +1 unit, never a large error.
+    Only c >> k is used, so each party sends only the bits k..63 of its y_i + r_i; their sum is
+    (c >> k) - carry mod 2^(64-k), carry in {0, 1} from the low bits. Dropping borrow and carry
+    gives x >> k within one unit either way. Where the carry could change msb(c) or wrap (the sum
+    is 2^(63-k) - 1 or 2^(64-k) - 1: about 2^-47 per element for k = 16), one more round opens those
+    elements' low bits and the carry is added exactly, so there is never a large error.
     """
     if shift == 0:
         c = yield from open_sum(x + R.r)
         return Masked(c, R.s, R.sbits)
+    k = shift
     y = x + (1 << OFFSET_BITS) if ctx.party == 0 else x
-    c = yield from open_sum(y + R.r)
-    P = lshr(c, shift) - (1 << (OFFSET_BITS - shift))
-    Q = (1 - msb(c)) << (64 - shift)
+    v = y + R.r
+    (peer,) = yield [high_bytes(v, k)]
+    top = (1 << (64 - k)) - 1
+    H = (lshr(v, k) + from_high_bytes(peer)) & top
+    edge = (top == H) | ((top >> 1) == H)
+    if bool(edge.any()):  # both parties see the same H, so both take this round or neither
+        at = edge.nonzero().view(-1)
+        low = v[at] & ((1 << k) - 1)
+        (peer_low,) = yield [low]
+        H[at] = (H[at] + ((low + peer_low) >> k)) & top
+    P = H - (1 << (OFFSET_BITS - k))
+    Q = (1 - lshr(H, 63 - k)) << (64 - k)
     return Masked(P, R.s, R.sbits, Q, R.m)
 
 
@@ -94,7 +136,8 @@ def deal_trunc(src: Source, n: int, shift: int) -> MaskRand:
 
 
 def trunc(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[torch.Tensor]:
-    """Shares of x / 2^shift (floor, +1 at most). One round, 8 bytes per element."""
+    """Shares of x / 2^shift (floor, within one unit). One round, `open_bytes(shift)` bytes per element
+    (6 for a 16-bit shift)."""
     m = yield from mask_open(ctx, x.reshape(-1), R, shift)
     return m.share(ctx.party).reshape(x.shape)
 

@@ -326,7 +326,7 @@ def deal_relu(src: Source, n: int, shift: int, L: int) -> ReluRand:
 def relu(ctx: Ctx, x: torch.Tensor, R: ReluRand, shift: int = 0) -> Proto[torch.Tensor]:
     """SecReLU(x) = [x >= 0] * x, optionally fused with truncation by `shift`.
 
-    1. open c = x + r (or the truncation opening)       1 round, 8 bytes
+    1. open c = x + r (or the truncation opening)       1 round, 8 bytes (6 with a 16-bit shift)
     2. sign bit by the comparison tree                    2 rounds for L = 40, 21 bits
     3. inject the bit into x, reusing c as x's mask       1 round, 1 bit
     """

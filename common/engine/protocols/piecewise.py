@@ -8,11 +8,11 @@ Each bit b_k = [x >= t_k] is a comparison on ONE masked opening of x (the same a
 by the public t_k), and one opening of d_k = b_k XOR beta_k gives both [b_k] and [b_k x]
 (`compare.select`: x is reused in its masked form, no further opening). Then f is local.
 
-1. open x + r (or the truncation opening: inputs at scale f + shift)   1 round, 8 bytes
+1. open x + r (or the truncation opening: inputs at scale f + shift)   1 round, 8 bytes (6 if f = 16)
 2. K comparisons side by side                                          2 rounds (cmp_bits 32 or 40),
                                                                         K * cmp bits (`compare.tree_bits`)
 3. one opening of the K bits d_k = b_k XOR beta_k                     1 round, K bits
-Four rounds, like SecReLU: 8 + K (cmp + 1) / 8 bytes per element per server.
+Four rounds, like SecReLU: 8 (6 with the truncation) + K (cmp + 1) / 8 bytes per element per server.
 
 Exact: no approximation of the function. Integer slopes (ReLU6, Hardtanh, clamps) give the output
 at scale f with no rounding beyond the fused truncation's unit and the offsets' encoding at 2^-f.

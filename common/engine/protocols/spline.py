@@ -11,14 +11,15 @@ so powers of a huge x that wrap around are multiplied by an exact zero. The tail
 into x (exact), so large positive inputs never meet the coefficients' scale.
 
 Rounds (inputs at scale f, or f + shift with the truncation fused into the first opening):
-1. open x + r                                                    1 round, 8 bytes
+1. open x + r                                                    1 round, 8 bytes (6 if fused)
 2. in parallel: K comparisons x >= t_k on that one opening (2 rounds at cmp_bits 32 or 40) then
    their bits to arithmetic, and the tail's bit injected into x (1 round, K (+1) bits); powers
    x^2 .. x^D from one opening of x - a (1 round) then their truncations (1 round)
-3. Beaver products c_j * x^j (1 round, 16 D bytes), truncation of the sum (1 round, 8 bytes)
+3. Beaver products c_j * x^j (1 round, 16 D bytes), truncation of the sum (1 round, 4 bytes)
 Six rounds in all, whatever the function. Coefficients carry COEF_BITS = 32 fractional bits.
-Bytes per element per server: 8 (open) + 8 (powers, D >= 2) + 8 (D - 1) (truncations) + 16 D
-(products) + 8 (last truncation) + K (cmp + 1) / 8 for the comparison trees and bits, where cmp is
+Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation) + 8 (powers, D >= 2) +
+6 + 4 (truncations of x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 16 D
+(products) + 4 (last truncation) + K (cmp + 1) / 8 for the comparison trees and bits, where cmp is
 the number of bits one comparison opens (`compare.tree_bits`).
 
 Instances (`SPLINES`), fitted by least squares on Chebyshev nodes per interval; max abs error of
