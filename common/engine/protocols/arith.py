@@ -120,7 +120,7 @@ def mask_open(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[Maske
     (peer,) = yield [high_bytes(v, k)]
     top = (1 << (64 - k)) - 1
     H = (lshr(v, k) + from_high_bytes(peer)) & top
-    edge = (top == H) | ((top >> 1) == H)
+    edge = torch.eq(H, top) | torch.eq(H, top >> 1)
     if bool(edge.any()):  # both parties see the same H, so both take this round or neither
         at = edge.nonzero().view(-1)
         low = v[at] & ((1 << k) - 1)
