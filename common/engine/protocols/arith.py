@@ -3,7 +3,6 @@ linear layers with secret weights."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,25 +75,40 @@ def open_bytes(shift: int) -> int:
     return 8 if shift == 0 else (64 - shift + 7) // 8
 
 
-def high_bytes(v: torch.Tensor, k: int) -> torch.Tensor:
-    """The bits k..63 of each int64 element as ceil((64 - k) / 8) little-endian bytes: (n, nb) uint8."""
+_PIECES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def _piece_widths(nb: int) -> list[int]:
+    """nb bytes as pieces of 4, 2 and 1 bytes, low bytes first (6 -> [4, 2])."""
+    out = []
+    for w in (4, 2, 1):
+        while nb >= w:
+            out.append(w)
+            nb -= w
+    return out
+
+
+def high_bytes(v: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The bits k..63 of each int64 element in ceil((64 - k) / 8) bytes, as integer tensors of 4, 2
+    and 1 bytes (for k = 16: an int32 of bits 16..47 and an int16 of bits 48..63)."""
     h = lshr(v, k)
-    nb = (64 - k + 7) // 8
-    if sys.byteorder == "little":
-        return h.view(torch.uint8).view(-1, 8)[:, :nb].contiguous()
-    return torch.stack([((h >> (8 * j)) & 255) for j in range(nb)], 1).to(torch.uint8)
+    out, at = [], 0
+    for w in _piece_widths((64 - k + 7) // 8):
+        out.append((h >> at).to(_PIECES[w]))  # keeps the low 8 w bits (two's complement)
+        at += 8 * w
+    return out
 
 
-def from_high_bytes(b: torch.Tensor) -> torch.Tensor:
-    """Inverse of `high_bytes`: (n, nb) uint8 -> the int64 values (bits k..63 shifted down)."""
-    n, nb = b.shape
-    if sys.byteorder == "little":
-        out = torch.zeros((n, 8), dtype=torch.uint8, device=b.device)
-        out[:, :nb] = b
-        return out.view(torch.int64).view(-1)
-    h = torch.zeros(n, dtype=torch.int64, device=b.device)
-    for j in range(nb):
-        h |= b[:, j].to(torch.int64) << (8 * j)
+def from_high_bytes(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `high_bytes`: the int64 values (bits k..63 shifted down)."""
+    h: torch.Tensor | None = None
+    at = 0
+    for p in pieces:
+        w = p.element_size()
+        part = (p.to(torch.int64) & ((1 << (8 * w)) - 1)) << at
+        h = part if h is None else h | part
+        at += 8 * w
+    assert h is not None
     return h
 
 
@@ -117,7 +131,7 @@ def mask_open(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[Maske
     k = shift
     y = x + (1 << OFFSET_BITS) if ctx.party == 0 else x
     v = y + R.r
-    (peer,) = yield [high_bytes(v, k)]
+    peer = yield high_bytes(v, k)
     top = (1 << (64 - k)) - 1
     H = (lshr(v, k) + from_high_bytes(peer)) & top
     edge = torch.eq(H, top) | torch.eq(H, top >> 1)
