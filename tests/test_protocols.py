@@ -153,7 +153,7 @@ def test_linear_layers_with_secret_weights_exact(run2):
         def proto(c, R, v, op=op, B0=B0, B1=B1, Fw=Fw):
             R = arith.prepare_linear(R, op, Fw)
             wb = Fw + B0 if c.party == 0 else B1
-            return (yield from arith.linear(c, v, R, op, wb))
+            return (yield from arith.linear(c, v, R, lambda e: op(e, wb)))
 
         out, fig = run2(deal, proto, x)
         assert torch.equal(out, op(x, W))
@@ -301,7 +301,8 @@ def test_linear_reusing_a_truncation_is_exact_and_opens_k_bits(run2, k):
 
         def crun(c, t, R, op=op, low=low, B0=B0, B1=B1, Fw=Fw):
             R = arith.prepare_trunc_linear(R, op, Fw)
-            return (yield from arith.trunc_linear(c, t, R, op, low, Fw + B0 if c.party == 0 else B1))
+            wb = Fw + B0 if c.party == 0 else B1
+            return (yield from arith.trunc_linear(c, t, R, lambda e: op(e, wb), lambda e: low(e, wb)))
 
         deal, proto = _trunc_then(cdeal, crun, x, k)
         out, fig = run2(deal, proto, x)

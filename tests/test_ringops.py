@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from secdfd.common.engine.prng import Stream, new_seed
-from secdfd.common.engine.ringops import limb_product
+from secdfd.common.engine.ringops import limb_product, limb_product_split, split_limbs
 from secdfd.common.engine.twoparty import TwoParty
 
 
@@ -18,6 +18,13 @@ def test_limb_conv_and_matmul_are_exact():
     a, b = s.ring((5, 3224)), s.ring((7, 3224))
     mm = lambda p, q: p @ q.t()  # noqa: E731
     assert torch.equal(limb_product(mm, a, b, 3224), mm(a, b))
+    # the CPU path: weights split once (float32 limbs), reused by every call
+    wl = split_limbs(w)
+    assert all(t.dtype == torch.float32 for t in wl)
+    for _ in range(2):
+        x = s.ring((2, 8, 9, 9))
+        assert torch.equal(limb_product_split(conv, x, wl), conv(x, w))
+    assert torch.equal(limb_product_split(mm, a, split_limbs(b)), mm(a, b))
 
 
 def test_inexact_float_products_are_rounded_not_truncated():

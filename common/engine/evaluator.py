@@ -22,7 +22,7 @@ from secdfd.common.engine.plan import Plan
 from secdfd.common.engine.prng import new_seed
 from secdfd.common.engine.protocols.base import Ctx
 from secdfd.common.engine.randomness import Bundle, Provision, Source, mask_purpose
-from secdfd.common.engine.steps import STEP_KINDS, Weights, fc_layout, kept_until, shares_of
+from secdfd.common.engine.steps import STEP_KINDS, Weights, fc_layout, kept_until, shares_of, split_weights
 from secdfd.common.errors import ProtocolError, RandomnessError
 
 
@@ -72,6 +72,7 @@ class Party:
         bias = {k: self._shares[k] for k in self.plan.weights if k not in F}
         weights = Weights({}, fc_layout(self.plan, wb), fc_layout(self.plan, F), bias)
         self.weights = to_device(weights, self.device)  # setup() may run again after a peer restarts
+        split_weights(self.plan, self.ctx, self.weights)
 
     def prepare(self, bundle: Bundle) -> Rands:
         """Expand this party's randomness for every step and fold in what is input-independent."""

@@ -42,6 +42,26 @@ def limb_product(op: Op, x: torch.Tensor, w: torch.Tensor, reduction: int) -> to
     return out
 
 
+def split_limbs(w: torch.Tensor) -> list[torch.Tensor]:
+    """A fixed operand's four limbs, kept as float32 (exact: each is below 2^16), to be reused by
+    `limb_product_split` on every call."""
+    return [limb.to(torch.float32) for limb in _limbs(w)]
+
+
+def limb_product_split(op: Op, x: torch.Tensor, wl: list[torch.Tensor]) -> torch.Tensor:
+    """op(x, w) mod 2^64 as `limb_product`, with w already split (`split_limbs`). On CPU this is two
+    to eight times faster than int64 convolutions and products, which have no BLAS kernels."""
+    xl = _limbs(x)
+    out: torch.Tensor | None = None
+    for j in range(LIMBS):
+        wj = wl[j].to(torch.float64)
+        for i in range(LIMBS - j):
+            part = torch.round(op(xl[i], wj)).to(torch.int64) << (LIMB_BITS * (i + j))
+            out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
 def ring_op(op: Op, reduction: int, limbs: bool) -> Op:
     """The ring version of a bilinear op: native int64, or float64 limbs."""
     if limbs:

@@ -5,7 +5,7 @@ rejects duplicates; an unknown op fails."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from secdfd.common.engine.plan import (
 from secdfd.common.engine.protocols import arith, compare, piecewise, pool, sigmoid, spline
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
-from secdfd.common.engine.ringops import ring_op
+from secdfd.common.engine.ringops import MAX_REDUCTION, limb_product_split, ring_op, split_limbs
 from secdfd.common.errors import ProtocolError
 
 
@@ -61,6 +61,7 @@ class Weights:
     wb: dict[str, torch.Tensor]
     F: dict[str, torch.Tensor]
     bias: dict[str, torch.Tensor]
+    limbs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # wb split (`split_weights`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,16 +226,52 @@ def _prepare_linear(R: Any, step: Step, w: Weights, ctx: Ctx) -> Any:
     return arith.prepare_linear(R, linear_op(step, ctx.limbs), F_)
 
 
+LIMB_MIN_REDUCTION = 64  # below this many terms, CPU int64 products are as fast as float64 limbs
+
+
+def _split_pays(step: Step, ctx: Ctx) -> bool:
+    """Whether this layer's online products run on float64 limbs of its split weights
+    (`ringops.limb_product_split`): on CUDA always, on CPU for reductions of 64 terms and more
+    (int64 convolutions and matrix products have no fast kernels there); never depthwise."""
+    _, reduction, elementwise = _bilinear(step)
+    return not elementwise and reduction < MAX_REDUCTION and (ctx.limbs or reduction >= LIMB_MIN_REDUCTION)
+
+
+def split_weights(plan: Plan, ctx: Ctx, w: Weights) -> None:
+    """Split this party's weights into limbs once, for the layers where that pays (`_split_pays`)."""
+    for step in plan.steps:
+        if step.op == "linear" and _split_pays(step, ctx):
+            key = step.get(LinearAttrs).weight
+            if key not in w.limbs:
+                w.limbs[key] = split_limbs(w.wb[key])
+
+
+def _apply(step: Step, ctx: Ctx, w: Weights) -> arith.Apply:
+    """op(., wb_i) for this party's weights of a linear step."""
+    key = step.get(LinearAttrs).weight
+    wb = w.wb[key]
+    if _split_pays(step, ctx):
+        op = _bilinear(step)[0]
+        if key not in w.limbs:
+            w.limbs[key] = split_limbs(wb)
+        wl = w.limbs[key]
+        return lambda e: limb_product_split(op, e, wl)
+    ring = linear_op(step, ctx.limbs)
+    return lambda e: ring(e, wb)
+
+
 def _run_linear(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
     a = step.get(LinearAttrs)
-    op, wb = linear_op(step, ctx.limbs), w.wb[a.weight]
+    apply = _apply(step, ctx, w)
     if isinstance(R, arith.TruncLinearRand):
         x = ins[0]
         if not isinstance(x, arith.Truncated):
             raise ProtocolError(f"step {step.name}: randomness for a truncated input, got another")
-        y = yield from arith.trunc_linear(ctx, x, R, op, low_linear_op(step, x.shift, ctx.limbs), wb)
+        low = low_linear_op(step, x.shift, ctx.limbs)
+        wb = w.wb[a.weight]
+        y = yield from arith.trunc_linear(ctx, x, R, apply, lambda e: low(e, wb))
     else:
-        y = yield from arith.linear(ctx, shares_of(ins[0]), R, op, wb)
+        y = yield from arith.linear(ctx, shares_of(ins[0]), R, apply)
     if a.bias:
         b = w.bias[a.bias_key]
         y = y + (b.view(1, -1, 1, 1) if a.kind == "conv" else b.view(1, -1))

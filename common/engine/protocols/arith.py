@@ -274,6 +274,7 @@ def mul(ctx: Ctx, x: torch.Tensor, y: torch.Tensor, R: MulRand) -> Proto[torch.T
 # Linear layers with secret weights.
 
 LinearOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Apply = Callable[[torch.Tensor], torch.Tensor]  # op(., wb_i): a linear layer with this party's weights
 
 
 @dataclass
@@ -324,24 +325,23 @@ def prepare_trunc_linear(R: TruncLinearRand, op: LinearOp, F: torch.Tensor) -> T
     return TruncLinearRand(R.M, None, R.pre + op(R.a, F), R.a2, R.pre2 + op(R.a2, F))
 
 
-def trunc_linear(ctx: Ctx, x: Truncated, R: TruncLinearRand, op: LinearOp, low_op: LinearOp,
-                 wb: torch.Tensor) -> Proto[torch.Tensor]:
+def trunc_linear(ctx: Ctx, x: Truncated, R: TruncLinearRand, apply: Apply, low_apply: Apply) -> Proto[torch.Tensor]:
     """op(X, W) for X = P - s + 2^(64-k) q m from a truncation, W secret. One round, as `linear`, but
     k/8 bytes per input element instead of 8 (2 for k = 16):
 
     1. open e2 = q m - a2 (mod 2^k)
     2. [Z] = op(P, wb_i) + op(-s_i, F) + [C] + 2^(64-k) (op(e2, wb_i) + op(a2_i, F) + [C2])
     op(P, W) splits over wb_0 + wb_1 = W; the bracket is op(q m, W) mod 2^k, all the shift keeps.
-    `low_op` computes op mod 2^k (exactly, in float64 where the products allow).
+    `apply` is op(., wb_i); `low_apply` the same mod 2^k (exactly, in float64 where the products allow).
     """
     k = x.shift
     shape = tuple(x.shares.shape)
     e2 = yield from open_low(_low_term(x, R.M, R.a2, shape), k)
-    low = low_op(e2, wb) + R.pre2
-    return op(x.P.reshape(shape), wb) + R.pre + (low << (64 - k))
+    low = low_apply(e2) + R.pre2
+    return apply(x.P.reshape(shape)) + R.pre + (low << (64 - k))
 
 
-def linear(ctx: Ctx, x: torch.Tensor, R: LinearRand, op: LinearOp, wb: torch.Tensor) -> Proto[torch.Tensor]:
+def linear(ctx: Ctx, x: torch.Tensor, R: LinearRand, apply: Apply) -> Proto[torch.Tensor]:
     """op(X, W) with W secret and its mask fixed at provisioning.
 
     At provisioning the dealer fixed B; the parties opened F = W - B once. Party 0 holds
@@ -349,6 +349,7 @@ def linear(ctx: Ctx, x: torch.Tensor, R: LinearRand, op: LinearOp, wb: torch.Ten
     1. open E = [X] - [A]                              (one round, 8 bytes per input element)
     2. [Z] = op(E, wb_i) + op([A], F) + [C]            (the last two were summed offline)
     The weights are never opened again, so the layer costs only its input size on the wire.
+    `apply` is op(., wb_i).
     """
     e = yield from open_sum(x - R.a)
-    return op(e, wb) + R.pre
+    return apply(e) + R.pre
