@@ -387,3 +387,50 @@ def test_maxpool_of_a_truncation_exact_in_nine_rounds(run2, fp):
     X, Y = out[: x.numel()].view(shape), out[x.numel():]
     assert torch.equal(Y, F.max_pool2d(X.double(), 3, 2, 1).long().reshape(-1))
     assert fig["rounds"] == 1 + 9
+
+
+def _recording(gen, log):
+    """Run a protocol generator, appending (what this party sent, what it received) for each round."""
+    out = next(gen)
+    while True:
+        peer = yield out
+        log.append(([t.clone() for t in out], [t.clone() for t in peer]))
+        try:
+            out = gen.send(peer)
+        except StopIteration as stop:
+            return stop.value
+
+
+@pytest.mark.parametrize("scale", [0, 40])
+def test_a_server_sees_only_uniform_values_when_a_layer_reuses_a_truncation(run2, scale):
+    # What server_b opens while a layer reuses a truncation: the bits above the shift of y + r, then
+    # q m - a2 mod 2^16. For an all-zero input (scale 0) and for large values alike, each looks
+    # uniform: every sixteenth of its range holds 1/16 of the elements (within 1.5% of n).
+    n, k = 64_000, 16
+    x = torch.zeros(1, 1, 1, n, dtype=torch.int64) if scale == 0 else (Stream(new_seed(), "v").ring((1, 1, 1, n)) >> 23)
+    W = Stream(new_seed(), "w").ring((2, 1, 1, 1))
+    B = Stream(new_seed(), "b").ring((2, 1, 1, 1))
+    op = lambda a, w: F.conv2d(a, w)  # noqa: E731
+    log: list = []
+
+    def cdeal(src, M):
+        return arith.deal_trunc_linear(src, M, tuple(x.shape), (1, 2, 1, n), op, B if src.is_dealer else None)
+
+    def crun(c, t, R):
+        R = arith.prepare_trunc_linear(R, op, W - B)
+        wb = W - B + B if c.party == 0 else torch.zeros_like(B)
+        return (yield from arith.trunc_linear(c, t, R, lambda e: op(e, wb), lambda e: op(e, wb)))
+
+    deal, proto = _trunc_then(cdeal, crun, x, k)
+
+    def watched(c, R, v):
+        gen = proto(c, R, v)
+        return (yield from (_recording(gen, log) if c.party == 1 else gen))
+
+    run2(deal, watched, x)
+    (mine1, peer1), (mine2, peer2) = log
+    c_high = (arith.from_high_bytes(mine1) + arith.from_high_bytes(peer1)) & ((1 << 48) - 1)
+    e2 = (mine2[0].long() + peer2[0].long()) & 0xFFFF
+    for opened, bits in ((c_high, 48), (e2.reshape(-1), 16)):
+        counts = torch.bincount((opened >> (bits - 4)).reshape(-1), minlength=16).double()
+        assert ((counts / n - 1 / 16).abs() <= 0.015).all(), counts
