@@ -231,7 +231,7 @@ class Dealer:
         self.split = split  # the split of the model's weights this dealer's masks belong to
         self.ctx = Ctx(0, plan.frac, cmp_bits)
         self._prov_seeds = provision_seeds or (new_seed(), new_seed())
-        self._masks: dict[str, torch.Tensor] | None = None
+        self._w: Weights | None = None
         self._used: set[str] = set()
         self._plans = {1: plan}
 
@@ -243,12 +243,13 @@ class Dealer:
         return Provision(0, self._prov_seeds[0], self.split), Provision(1, self._prov_seeds[1], self.split)
 
     def _weights(self) -> Weights:
-        if self._masks is None:
-            self._masks = fc_layout(self.plan, {
+        if self._w is None:
+            masks = fc_layout(self.plan, {
                 k: Source.dealer(self._prov_seeds, mask_purpose(self.split, k)).ring("B", self.plan.weights[k])
                 for k in self.plan.masked_keys()
             })
-        return Weights(self._masks, {}, {}, {})
+            self._w = Weights(masks, {}, {}, {})  # its limbs of B are split on first use and kept
+        return self._w
 
     def bundle(self, bundle_id: str, batch: int = 1) -> tuple[Bundle, Bundle]:
         """Fresh correlated randomness for one inference of `batch` inputs; an id is dealt once."""

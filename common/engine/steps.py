@@ -61,7 +61,7 @@ class Weights:
     wb: dict[str, torch.Tensor]
     F: dict[str, torch.Tensor]
     bias: dict[str, torch.Tensor]
-    limbs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # wb split (`split_weights`)
+    limbs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # wb and F split (`split_weights`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,17 +213,24 @@ def _in_shape(plan: Plan, step: Step, i: int = 0) -> tuple[int, ...]:
 
 def _deal_linear(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     mask = w.mask[step.get(LinearAttrs).weight] if w is not None and src.is_dealer else torch.empty(0)
+    op = linear_op(step)
+    if w is not None and src.is_dealer:
+        with_B = _apply(step, ctx, w, "mask")
+        op = lambda a, _b: with_B(a)  # noqa: E731 - the dealer's mask B is bound (its limbs split once)
     if kept_input(plan, step) is not None:
         M = dealt[step.inputs[0]]
-        return arith.deal_trunc_linear(src, M, _in_shape(plan, step), step.shape, linear_op(step), mask)
-    return arith.deal_linear(src, _in_shape(plan, step), step.shape, linear_op(step), mask)
+        low = low_linear_op(step, M.shift)
+        return arith.deal_trunc_linear(src, M, _in_shape(plan, step), step.shape, op, mask, low)
+    return arith.deal_linear(src, _in_shape(plan, step), step.shape, op, mask)
 
 
 def _prepare_linear(R: Any, step: Step, w: Weights, ctx: Ctx) -> Any:
     F_ = w.F[step.get(LinearAttrs).weight]
+    with_F = _apply(step, ctx, w, "F")
+    op: arith.LinearOp = lambda a, _f: with_F(a)  # noqa: E731 - F is bound (its limbs split once)
     if isinstance(R, arith.TruncLinearRand):
-        return arith.prepare_trunc_linear(R, linear_op(step, ctx.limbs), F_)
-    return arith.prepare_linear(R, linear_op(step, ctx.limbs), F_)
+        return arith.prepare_trunc_linear(R, op, F_, low_linear_op(step, R.M.shift, ctx.limbs))
+    return arith.prepare_linear(R, op, F_)
 
 
 LIMB_MIN_REDUCTION = 64  # below this many terms, CPU int64 products are as fast as float64 limbs
@@ -238,26 +245,28 @@ def _split_pays(step: Step, ctx: Ctx) -> bool:
 
 
 def split_weights(plan: Plan, ctx: Ctx, w: Weights) -> None:
-    """Split this party's weights into limbs once, for the layers where that pays (`_split_pays`)."""
+    """Split this party's weights (wb, for the online phase) and the opened F (for preparing
+    randomness) into limbs once, for the layers where that pays (`_split_pays`)."""
     for step in plan.steps:
         if step.op == "linear" and _split_pays(step, ctx):
-            key = step.get(LinearAttrs).weight
-            if key not in w.limbs:
-                w.limbs[key] = split_limbs(w.wb[key])
+            _apply(step, ctx, w, "wb")
+            _apply(step, ctx, w, "F")
 
 
-def _apply(step: Step, ctx: Ctx, w: Weights) -> arith.Apply:
-    """op(., wb_i) for this party's weights of a linear step."""
+def _apply(step: Step, ctx: Ctx, w: Weights, which: str = "wb") -> arith.Apply:
+    """op(., wb_i) (which = "wb"), op(., F) ("F") or, on the dealer, op(., B) ("mask") for the
+    weights of a linear step."""
     key = step.get(LinearAttrs).weight
-    wb = w.wb[key]
+    weight = {"wb": w.wb, "F": w.F, "mask": w.mask}[which][key]
     if _split_pays(step, ctx):
         op = _bilinear(step)[0]
-        if key not in w.limbs:
-            w.limbs[key] = split_limbs(wb)
-        wl = w.limbs[key]
+        cache = f"{which}:{key}"
+        if cache not in w.limbs:
+            w.limbs[cache] = split_limbs(weight)
+        wl = w.limbs[cache]
         return lambda e: limb_product_split(op, e, wl)
     ring = linear_op(step, ctx.limbs)
-    return lambda e: ring(e, wb)
+    return lambda e: ring(e, weight)
 
 
 def _run_linear(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:

@@ -312,17 +312,21 @@ class TruncLinearRand:
 
 
 def deal_trunc_linear(src: Source, M: MaskRand, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-                      op: LinearOp, mask: torch.Tensor) -> TruncLinearRand:
+                      op: LinearOp, mask: torch.Tensor, low_op: LinearOp | None = None) -> TruncLinearRand:
+    """`low_op`: op mod 2^k for a first operand in [0, 2^k) (C2 only matters mod 2^k)."""
     a = -M.s.reshape(in_shape)
     c = src.ring_from("C", out_shape, lambda: op(a, mask))
     a2 = src.ring("A2", in_shape)
-    c2 = src.ring_from("C2", out_shape, lambda: op(a2, mask), bits=M.shift)
+    low = (1 << M.shift) - 1
+    c2 = src.ring_from("C2", out_shape, lambda: (low_op or op)(a2 & low, mask), bits=M.shift)
     return TruncLinearRand(M, a, c, a2, c2)
 
 
-def prepare_trunc_linear(R: TruncLinearRand, op: LinearOp, F: torch.Tensor) -> TruncLinearRand:
+def prepare_trunc_linear(R: TruncLinearRand, op: LinearOp, F: torch.Tensor,
+                         low_op: LinearOp | None = None) -> TruncLinearRand:
     assert R.a is not None
-    return TruncLinearRand(R.M, None, R.pre + op(R.a, F), R.a2, R.pre2 + op(R.a2, F))
+    low = (1 << R.M.shift) - 1
+    return TruncLinearRand(R.M, None, R.pre + op(R.a, F), R.a2, R.pre2 + (low_op or op)(R.a2 & low, F))
 
 
 def trunc_linear(ctx: Ctx, x: Truncated, R: TruncLinearRand, apply: Apply, low_apply: Apply) -> Proto[torch.Tensor]:
