@@ -117,3 +117,31 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+class _EdgeMaxima(nn.Module):
+    """Maxima after truncations the reuse does not take (a 24-bit one after an average pool) or
+    that have no comparison layer at all (a 1-wide window, a max over one channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        p = nn.functional.max_pool2d(nn.functional.avg_pool2d(y, 2), 2)  # after a 24-bit truncation
+        q = nn.functional.max_pool2d(y, 1, 2)  # 1-wide window: no comparison
+        r = torch.amax(self.b(y), dim=1, keepdim=True)  # over one channel: no comparison
+        return p.sum() + q.mean() + r.mean()
+
+
+def test_maxima_after_truncations_they_cannot_or_need_not_reuse():
+    torch.manual_seed(4)
+    m = _EdgeMaxima().eval()
+    tp = TwoParty(m, (1, 3, 8, 8))
+    x = torch.rand(1, 3, 8, 8)
+    y, _ = tp(x)
+    with torch.no_grad():
+        ref = m(x).double()
+    assert (y - ref).abs().max().item() <= 1e-3

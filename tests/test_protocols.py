@@ -434,3 +434,13 @@ def test_a_server_sees_only_uniform_values_when_a_layer_reuses_a_truncation(run2
     for opened, bits in ((c_high, 48), (e2.reshape(-1), 16)):
         counts = torch.bincount((opened >> (bits - 4)).reshape(-1), minlength=16).double()
         assert ((counts / n - 1 / 16).abs() <= 0.015).all(), counts
+
+
+@pytest.mark.parametrize("k", [16, 20, 24, 32, 40])
+def test_the_bits_above_a_shift_travel_whole(k):
+    # high_bytes relies on integer casts keeping the low bits (two's complement); pin it for every width
+    v = Stream(new_seed(), "hb").ring((10_000,))
+    v[:4] = torch.tensor([0, -1, 2**63 - 1, -(2**63)])
+    pieces = arith.high_bytes(v, k)
+    assert sum(p.element_size() for p in pieces) == arith.open_bytes(k)
+    assert torch.equal(arith.from_high_bytes(pieces), lshr(v, k))

@@ -22,7 +22,15 @@ from secdfd.common.engine.plan import Plan
 from secdfd.common.engine.prng import new_seed
 from secdfd.common.engine.protocols.base import Ctx
 from secdfd.common.engine.randomness import Bundle, Provision, Source, mask_purpose
-from secdfd.common.engine.steps import STEP_KINDS, Weights, fc_layout, kept_until, shares_of, split_weights
+from secdfd.common.engine.steps import (
+    STEP_KINDS,
+    Weights,
+    fc_layout,
+    kept_input,
+    kept_until,
+    shares_of,
+    split_weights,
+)
 from secdfd.common.errors import ProtocolError, RandomnessError
 
 
@@ -132,9 +140,10 @@ class Party:
                 if step.op == "input":
                     flow.finish(idx, x_share.to(self.device))
                     continue
-                kind = STEP_KINDS[step.op]
-                ins = [flow.values[i] if kind.kept else shares_of(flow.values[i]) for i in step.inputs]
-                running.add(idx, kind.run(self.ctx, step, ins, rands[idx], weights))
+                kept = kept_input(plan, step)  # the one input passed as a truncation's full result
+                ins = [flow.values[i] if pos == kept else shares_of(flow.values[i])
+                       for pos, i in enumerate(step.inputs)]
+                running.add(idx, STEP_KINDS[step.op].run(self.ctx, step, ins, rands[idx], weights))
             if not running:
                 break
             flat = running.openings()

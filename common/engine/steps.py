@@ -170,13 +170,12 @@ Run = Callable[[Ctx, Step, list[Any], Any, Weights], Proto[Any]]
 class StepKind:
     """How one op deals its randomness, folds what is input-independent (`prepare`) and runs.
 
-    Inputs arrive as share tensors; a kind with `kept` also gets a truncation's `arith.Truncated`
-    as it is (a truncation step returns one, the evaluator hands others its shares)."""
+    Inputs arrive as share tensors, except the one `kept_input` names: that truncation's
+    `arith.Truncated` arrives as it is (a truncation step returns one)."""
 
     deal: Deal
     run: Run
     prepare: Callable[[Any, Step, Weights, Ctx], Any] | None = None
-    kept: bool = False
 
 
 def shares_of(value: Any) -> torch.Tensor:
@@ -322,7 +321,7 @@ def _kept_public(x: Any, shape: tuple[int, ...]) -> tuple[torch.Tensor, pool.Kep
 def _run_maxpool(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
     a = step.get(WindowAttrs)
     x, kept = _kept_public(ins[0], tuple(shares_of(ins[0]).shape))
-    if (kept is None) != (not R[0] or R[0][0].kept is None):
+    if R[0] and (kept is None) != (R[0][0].kept is None):  # (a 1-wide window has no layers)
         raise ProtocolError(f"step {step.name}: randomness for another kind of input")
     return (yield from pool.maxpool2d(ctx, x, R, a.k, a.s, a.p, kept))
 
@@ -353,7 +352,7 @@ def _deal_maxreduce(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | 
 
 def _run_maxreduce(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
     x, kept = _kept_public(ins[0], tuple(shares_of(ins[0]).shape))
-    if (kept is None) != (not R or R[0].kept is None):
+    if R and (kept is None) != (R[0].kept is None):  # (a maximum over one value has no layers)
         raise ProtocolError(f"step {step.name}: randomness for another kind of input")
     perm, rows, n = _reduce_layout(tuple(x.shape), step.get(ReduceAttrs).dims)
     x = x.permute(perm).reshape(rows, n)
@@ -511,13 +510,13 @@ STEP_KINDS: dict[str, StepKind] = {
     "permute": _local(_permute),
     "expand": _local(_expand),
     "repeat": _local(_repeat),
-    "linear": StepKind(_deal_linear, _run_linear, _prepare_linear, kept=True),
+    "linear": StepKind(_deal_linear, _run_linear, _prepare_linear),
     "trunc": StepKind(_deal_trunc, _run_trunc),
     "relu": StepKind(_deal_relu, _run_relu),
     "sigmoid": StepKind(_deal_sigmoid, _run_sigmoid),
     "spline": StepKind(_deal_spline, _run_spline),
     "piecewise": StepKind(_deal_piecewise, _run_piecewise),
-    "maxpool": StepKind(_deal_maxpool, _run_maxpool, kept=True),
-    "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce, kept=True),
-    "mul": StepKind(_deal_mul, _run_mul, kept=True),
+    "maxpool": StepKind(_deal_maxpool, _run_maxpool),
+    "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce),
+    "mul": StepKind(_deal_mul, _run_mul),
 }
