@@ -125,24 +125,33 @@ def test_sign_of_values_near_zero(run2):
     assert torch.equal(out, (x >= 0).long())
 
 
-def test_linear_layers_with_secret_weights_exact(run2):
+def _conv_cases(groups: int):
+    """(input shape, weight shape, ring op): a strided 3x3 conv, a depthwise conv, and a 1x1 conv
+    with `groups` groups."""
     from secdfd.common.engine.steps import depthwise
 
-    s = Stream(new_seed(), "w")
     cases = [
         ((1, 4, 9, 9), (6, 4, 3, 3), dict(stride=2, padding=1, groups=1)),
         ((1, 4, 9, 9), (4, 1, 3, 3), dict(stride=1, padding=1, groups=4)),
-        ((2, 4, 5, 5), (8, 2, 1, 1), dict(stride=1, padding=0, groups=2)),
+        ((2, 4, 5, 5), (8, 4 // groups, 1, 1), dict(stride=1, padding=0, groups=groups)),
     ]
+    out = []
     for xshape, wshape, kw in cases:
-        x = s.ring(xshape)
-        W = s.ring(wshape)
-        B = s.ring(wshape)
-        Fw = W - B
         if kw["groups"] == xshape[1] and wshape[1] == 1:
             op = lambda a, w, kw=kw: depthwise(a, w, kw["stride"], kw["padding"], 1)  # noqa: E731
         else:
             op = lambda a, w, kw=kw: F.conv2d(a, w, **kw)  # noqa: E731
+        out.append((xshape, wshape, op))
+    return out
+
+
+def test_linear_layers_with_secret_weights_exact(run2):
+    s = Stream(new_seed(), "w")
+    for xshape, wshape, op in _conv_cases(groups=2):
+        x = s.ring(xshape)
+        W = s.ring(wshape)
+        B = s.ring(wshape)
+        Fw = W - B
         B0 = s.ring(wshape)
         B1 = B - B0
         out_shape = tuple(op(x, W).shape)
@@ -270,23 +279,12 @@ def _trunc_then(consumer_deal, consumer_run, x, k):
 def test_linear_reusing_a_truncation_is_exact_and_opens_k_bits(run2, k):
     # conv 3x3, depthwise and 1x1: the layer's output is exactly op(X, W) for the truncated X, and
     # its input costs k/8 bytes per element (int16 for k = 16, int32 for 24) instead of 8.
-    from secdfd.common.engine.steps import depthwise
-
     s = Stream(new_seed(), "w")
-    cases = [
-        ((1, 4, 9, 9), (6, 4, 3, 3), dict(stride=2, padding=1, groups=1)),
-        ((1, 4, 9, 9), (4, 1, 3, 3), dict(stride=1, padding=1, groups=4)),
-        ((2, 4, 5, 5), (8, 4, 1, 1), dict(stride=1, padding=0, groups=1)),
-    ]
-    for xshape, wshape, kw in cases:
+    for xshape, wshape, op in _conv_cases(groups=1):
         x = (s.ring(xshape) >> 20)  # |x| < 2^43
         W, B = s.ring(wshape), s.ring(wshape)
         Fw, B0 = W - B, s.ring(wshape)
         B1 = B - B0
-        if kw["groups"] > 1:
-            op = lambda a, w, kw=kw: depthwise(a, w, kw["stride"], kw["padding"], 1)  # noqa: E731
-        else:
-            op = lambda a, w, kw=kw: F.conv2d(a, w, **kw)  # noqa: E731
         reduction = wshape[1] * wshape[2] * wshape[3]
 
         def low(e, w, op=op, reduction=reduction):
