@@ -85,10 +85,7 @@ def depthwise(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilat
     return out
 
 
-LinOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _bilinear(step: Step) -> tuple[LinOp, int, bool]:
+def _bilinear(step: Step) -> tuple[arith.LinearOp, int, bool]:
     """The operator of a linear step on any dtype, its reduction length, and whether it is
     element-wise only (depthwise: int64 products everywhere)."""
     a = step.get(LinearAttrs)
@@ -109,13 +106,13 @@ def _bilinear(step: Step) -> tuple[LinOp, int, bool]:
     return conv, reduction, groups > 1 and wshape[1] == 1 and wshape[0] == groups
 
 
-def linear_op(step: Step, limbs: bool = False) -> LinOp:
+def linear_op(step: Step, limbs: bool = False) -> arith.LinearOp:
     """The ring operator of a linear step; `limbs` selects float64 limb products (CUDA)."""
     op, reduction, elementwise = _bilinear(step)
     return ring_op(op, reduction, limbs and not elementwise)
 
 
-def low_linear_op(step: Step, bits: int, limbs: bool = False) -> LinOp:
+def low_linear_op(step: Step, bits: int, limbs: bool = False) -> arith.LinearOp:
     """op(e, w) mod 2^bits for e in [0, 2^bits): one float64 product where every output's sum of
     products stays exact (reduction * 2^(2 bits) <= 2^53: bits = 16 up to 2^21 terms), else the ring
     operator. Only the low `bits` bits of the result are meaningful."""
@@ -333,7 +330,7 @@ def _reduce_layout(in_shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[li
     return keep + list(dims), rows, n
 
 
-def _kept_dealt(plan: Plan, step: Step, dealt: Mapping[int, Any]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+def _kept_dealt(plan: Plan, step: Step, dealt: Mapping[int, Any]) -> pool.KeptDeal | None:
     """(s, m, k) of the truncation a max step reuses, shaped as its input; None if it reuses none."""
     if kept_input(plan, step) is None:
         return None

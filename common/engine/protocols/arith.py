@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from secdfd.common.engine.bits import planes, words_for
+from secdfd.common.engine.driver import gather
 from secdfd.common.engine.protocols.base import Ctx, Proto, open_sum
 from secdfd.common.engine.randomness import Source
 from secdfd.common.engine.ring import lshr, msb
@@ -93,7 +94,7 @@ def high_bytes(v: torch.Tensor, k: int) -> list[torch.Tensor]:
     and 1 bytes (for k = 16: an int32 of bits 16..47 and an int16 of bits 48..63)."""
     h = lshr(v, k)
     out, at = [], 0
-    for w in _piece_widths((64 - k + 7) // 8):
+    for w in _piece_widths(open_bytes(k)):
         out.append((h >> at).to(_PIECES[w]))  # keeps the low 8 w bits (two's complement)
         at += 8 * w
     return out
@@ -248,9 +249,8 @@ def trunc_mul(ctx: Ctx, x: Truncated, y: torch.Tensor, R: TruncMulRand) -> Proto
     """
     k = x.shift
     xshape = tuple(x.shares.shape)
-    e2_, f_ = yield [(_low_term(x, R.M, R.a2, xshape) & ((1 << k) - 1)).to(low_dtype(k)), y - R.b]
-    e2 = (_low_term(x, R.M, R.a2, xshape) + e2_.to(torch.int64)) & ((1 << k) - 1)
-    f = y - R.b + f_
+    opened: list[torch.Tensor] = yield from gather([open_low(_low_term(x, R.M, R.a2, xshape), k), open_sum(y - R.b)])
+    e2, f = opened
     low = e2 * R.b + R.a2 * f + R.c2
     if ctx.party == 0:
         low = low + e2 * f

@@ -79,6 +79,10 @@ class MaxRand:
     kept: KeptRand | None = None
 
 
+KeptDeal = tuple[torch.Tensor, torch.Tensor, int]  # a truncation's s and m laid out as its input, and k
+Kept = tuple[torch.Tensor, torch.Tensor]  # the public P and q (0/1) of a truncation, laid out as its input
+
+
 def _columns(x: torch.Tensor, rows_p: int) -> torch.Tensor:
     """(..., n) -> (n, rows_p): one column per row, zero padded to rows_p."""
     n = x.shape[-1]
@@ -92,8 +96,7 @@ def _pair_diffs(xs: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([xs[i] - xs[j] for i, j in _pairs(n)]).reshape(-1)
 
 
-def deal_max(src: Source, rows: int, n: int, L: int,
-             kept: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> MaxRand:
+def deal_max(src: Source, rows: int, n: int, L: int, kept: KeptDeal | None = None) -> MaxRand:
     """Randomness for the max over the last axis (size n <= MAX_ARITY) of `rows` rows.
 
     kept = (s, m, k), laid out as the input (..., n): the input is a truncation's result, whose s
@@ -131,9 +134,6 @@ def deal_max(src: Source, rows: int, n: int, L: int,
 def _slice_mask(mask: MaskRand, pairs: list[int], rows_p: int) -> MaskRand:
     s = mask.s.view(-1, rows_p)[pairs].reshape(-1)
     return MaskRand(mask.r, s, None, None)
-
-
-Kept = tuple[torch.Tensor, torch.Tensor]  # the public P and q (0/1) of a truncation, laid out as its input
 
 
 def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand, kept: Kept | None = None) -> Proto[torch.Tensor]:
@@ -255,9 +255,6 @@ def _pad_last(x: torch.Tensor, k: int) -> torch.Tensor:
     if pad:
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], -1)
     return x.reshape(*x.shape[:-1], -1, k)
-
-
-KeptDeal = tuple[torch.Tensor, torch.Tensor, int]  # a truncation's s and m laid out as its input, and k
 
 
 def deal_reduce_max(src: Source, rows: int, n: int, L: int, kept: KeptDeal | None = None) -> list[MaxRand]:
