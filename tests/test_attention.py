@@ -31,18 +31,18 @@ def _check(module: nn.Module, shape: tuple[int, ...], bound: float) -> int:
 def test_sec_channel_attention():
     torch.manual_seed(0)
     rounds = _check(ChannelAttention(64), (1, 64, 8, 8), 2e-4)
-    # global max over 64 (2 layers of max-of-8, 10 rounds; 15 with max-of-4 layers) dominates the avg
-    # branch; the shared MLP's two calls run side by side: conv (1) + ReLU (3) + conv (1) + sigmoid (6)
-    # = 11; + the mean's truncation
-    assert rounds == 10 + 11 + 1
+    # global max over 64 (2 layers of max-of-8, 8 rounds) dominates the avg branch; the shared MLP's
+    # two calls run side by side: conv (1) + ReLU (2 after its fused truncation's round) + conv (1) +
+    # sigmoid (5) = 9; + the mean's truncation
+    assert rounds == 8 + 9 + 1
     _check(Gated(ChannelAttention(64)), (1, 64, 8, 8), 1e-3)
 
 
 def test_sec_spatial_attention():
     torch.manual_seed(1)
     rounds = _check(SpatialAttention(), (1, 32, 12, 12), 2e-4)
-    # channel max over 32 (max-of-4 then max-of-8: 10 rounds), conv7x7, sigmoid, mean truncation
-    assert rounds == 10 + 1 + 6 + 1
+    # channel max over 32 (max-of-4 then max-of-8: 8 rounds), conv7x7, sigmoid, mean truncation
+    assert rounds == 8 + 1 + 5 + 1
     _check(Gated(SpatialAttention()), (1, 32, 12, 12), 1e-3)
 
 

@@ -16,17 +16,19 @@ from secdfd.common.engine.twoparty import TwoParty
 
 # model: (max abs error, bytes per server, rounds)
 ZOO: dict[str, tuple[float, int, int]] = {
-    "se_resnet": (2e-4, 72_396, 25),
+    "se_resnet": (2e-4, 70_284, 21),
     # cbam: its channel and spatial maxima take wider layers since reduce_plan weighs 200 kB per round
     # (was 187_960 bytes, 68 rounds with max-of-4 layers)
-    # All: layers, products and maxima fed by a truncation reuse its opening, and a truncation sends
-    # only the bits above its shift (were 83_712, 211_744, 816_536, 115_768, 1_420_904, 678_200 bytes;
-    # cbam 62 and xception_ff 82 rounds).
-    "cbam": (2e-4, 150_152, 61),
-    "mobilenetv3": (2e-4, 700_776, 30),
-    "shufflenet": (2e-4, 97_336, 24),
-    "efficientnet": (2e-4, 1_227_912, 42),
-    "xception_ff": (2e-4, 455_176, 79),
+    # Layers, products and maxima fed by a truncation reuse its opening, and a truncation sends only
+    # the bits above its shift (were 83_712, 211_744, 816_536, 115_768, 1_420_904, 678_200 bytes;
+    # cbam 62 and xception_ff 82 rounds). Every comparison tree is one round (6 leaf groups under one
+    # node), opening 10 bits instead of 16 (were 72_396, 150_152, 700_776, 97_336, 1_227_912,
+    # 455_176 bytes and 25, 61, 30, 24, 42, 79 rounds).
+    "cbam": (2e-4, 137_672, 51),
+    "mobilenetv3": (2e-4, 686_808, 26),
+    "shufflenet": (2e-4, 94_696, 20),
+    "efficientnet": (2e-4, 1_137_672, 37),
+    "xception_ff": (2e-4, 433_672, 66),
 }
 
 

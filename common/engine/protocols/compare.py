@@ -7,12 +7,19 @@ y = x + 2^L lies in [0, 2^(L+1)), and y mod 2^(L+1) = (u - s) mod 2^(L+1) with u
 The borrow [u_low < s_low] compares public bits with the dealer's secret bits of s. It is a tree
 over the bits, from low to high: a node's (g, e) = (s > u, s == u) on its range;
     g = g_hi XOR e_hi g_(hi-1) XOR e_hi e_(hi-1) g_(hi-2) ...,   e = prod e_i.
-- Leaves: groups of 4 bits. g_i = s_i AND NOT u_i and e_i = s_i XOR NOT u_i are affine in the
-  dealer's bits with public coefficients, so with shares of every product of the group's bits (11
-  dealer bits per group) a group's (g, e) is local: no round.
-- Inner nodes: fan-in up to 4, one round each: open d = v XOR a for each child bit used in a product,
-  then every product of up to 4 bits is local given the dealer's shares of the mask products.
-For L = 40: 10 leaf groups -> 3 nodes -> 1 root: 2 rounds, 21 bits sent per comparison.
+- Leaves: groups of 4 to 7 bits. g_i = s_i AND NOT u_i and e_i = s_i XOR NOT u_i are affine in the
+  dealer's bits with public coefficients, so with shares of every product of the group's bits
+  (2^size - size - 1 dealer bits per group: 11 for 4 bits, 26 for 5, 57 for 6) a group's (g, e) is
+  local: no round.
+- Inner nodes, one round each: open d = v XOR a for each child bit used in a product, then every
+  product of the opened bits is local given the dealer's shares of the mask products (a root of a
+  children opens 2(a - 1) bits and needs 3 * 2^(a-1) - 2a - 1 dealt monomials: 83 for 6, 177 for 7).
+Up to 56 bits the tree is ONE round: the leaves are as wide as it takes for one root of at most 8
+children, split where the dealer's bits are fewest (`leaf_groups`): L = 32 is 6 groups (6, 6, 5, 5,
+5, 5), 10 bits opened and 301 dealt per comparison; L = 40 is 7 groups, 12 bits opened and 514
+dealt. Fan-in-4 nodes over 4-bit groups took two rounds for both, opening 16 and 21 bits with 133
+and 161 dealt: the dealer's bits buy a round and save online bits. Beyond 56 bits: 4-bit groups
+under fan-in-4 levels.
 
 Bit injection (ReLU and selection): b * x for a shared bit b and x = P - s + Q*m. Open d = b XOR beta
 for a dealer bit beta (one round, one bit per element); then b = d + (1 - 2d) beta and
@@ -32,11 +39,25 @@ from secdfd.common.engine.protocols.arith import Masked, MaskRand, deal_mask, ma
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
 
-FANIN = 4
-
-
 # ---------------------------------------------------------------------------------------------
 # The tree's shape: which children each node combines, and the products each batch needs.
+
+FANIN = 4  # children per inner node of a deep tree (over more than ONE_ROUND_BITS bits)
+ROOT_FANIN = 8  # a one-round tree: up to 8 leaf groups under one root, a product of up to 8 opened bits
+LEAF_MAX = 7  # leaf groups of up to 7 bits (120 dealt monomials each)
+ONE_ROUND_BITS = ROOT_FANIN * LEAF_MAX
+ONE_ROUND_MAX = 1 << 16  # comparisons per batch that take the one-round tree (see `one_round`)
+
+
+def one_round(nbits: int, n: int) -> bool:
+    """Whether a batch of n comparisons over nbits takes the one-round tree. It costs the dealer more
+    bits per comparison (301 instead of 133 for 32 bits, 514 instead of 161 for 40) and opens fewer
+    (10 instead of 16, 12 instead of 21). The largest batches, a few steps of the first blocks (their
+    ReLUs and max-pools), keep the two-round tree: at most ONE_ROUND_MAX comparisons, so a round saved
+    costs the dealer at most 1.4 MB at 32 bits (2.9 MB at 40). Full DFDNet at 128 px, 40 bits, in
+    one process: 924 -> 803 rounds for 968 -> 1,207 MB dealt (one round everywhere: 770 rounds for
+    1,801 MB; up to 2^17 comparisons: 791 for 1,332)."""
+    return nbits <= ONE_ROUND_BITS and n <= ONE_ROUND_MAX
 
 
 @dataclass(frozen=True)
@@ -64,14 +85,38 @@ def _node_products(arity: int, need_e: bool) -> Products:
     return Products(2 * arity, tuple(prods))
 
 
+def _split(nbits: int, groups: int) -> tuple[int, ...]:
+    """nbits in `groups` leaf groups as even as possible, the larger ones low."""
+    q, r = divmod(nbits, groups)
+    return tuple(q + (i < r) for i in range(groups))
+
+
 @cache
-def tree_levels(nbits: int) -> tuple[tuple[int, ...], tuple[tuple[Batch, ...], ...]]:
-    """Leaf group sizes (low to high) and the inner levels of the comparison tree over nbits."""
-    groups = tuple(min(FANIN, nbits - i) for i in range(0, nbits, FANIN))
+def leaf_groups(nbits: int, one: bool = True) -> tuple[int, ...]:
+    """Leaf group sizes, low to high. One round (`one`, up to ONE_ROUND_BITS bits): the split into 2
+    to 8 groups under one root that the dealer pays least for (its leaves' and the root's
+    monomials); otherwise groups of 4 under fan-in-4 levels. Up to 4 bits: one group, no round."""
+    if nbits <= 4:
+        return (nbits,)
+    if not one or nbits > ONE_ROUND_BITS:
+        return _split(nbits, -(-nbits // 4))
+    best = min(
+        (sum(len(_leaf_products(g).monomials) for g in _split(nbits, a)) + len(_node_products(a, False).monomials), a)
+        for a in range(max(2, -(-nbits // LEAF_MAX)), ROOT_FANIN + 1)
+    )
+    return _split(nbits, best[1])
+
+
+@cache
+def tree_levels(nbits: int, one: bool = True) -> tuple[tuple[int, ...], tuple[tuple[Batch, ...], ...]]:
+    """Leaf group sizes (low to high) and the inner levels of the comparison tree over nbits: one
+    root over every group (`one`, up to ONE_ROUND_BITS), or fan-in-4 levels."""
+    groups = leaf_groups(nbits, one)
+    fanin = ROOT_FANIN if one and nbits <= ONE_ROUND_BITS else FANIN
     levels = []
     width = len(groups)
     while width > 1:
-        nodes = [tuple(range(i, min(i + FANIN, width))) for i in range(0, width, FANIN)]
+        nodes = [tuple(range(i, min(i + fanin, width))) for i in range(0, width, fanin)]
         root = len(nodes) == 1
         by_arity: dict[int, list[tuple[int, ...]]] = {}
         for nd in nodes:
@@ -97,10 +142,26 @@ def _used(spec: Products) -> list[int]:
     return sorted({v for p in spec.products for v in p})
 
 
-def tree_bits(nbits: int) -> int:
-    """Bits one comparison over nbits opens in its tree (the leaves are local): 21 for 40 bits,
-    16 for 32."""
-    return sum(len(_used(b.spec)) * len(b.nodes) for level in tree_levels(nbits)[1] for b in level)
+def tree_rounds(nbits: int, n: int = 1) -> int:
+    """Rounds of a batch of n comparisons' tree over nbits: none up to 4 bits; 1 up to 56 bits
+    (`one_round`), else 2 up to 64."""
+    return len(tree_levels(nbits, one_round(nbits, n))[1])
+
+
+def tree_dealt_bits(nbits: int, n: int = 1) -> int:
+    """Bits the dealer sends per comparison over nbits for its tree (the products of each leaf group's
+    mask bits and of each node's opened bits; the masks themselves come from seeds): 301 for 32 bits,
+    514 for 40 in one round; 133 and 161 in two."""
+    groups, levels = tree_levels(nbits, one_round(nbits, n))
+    leaves = sum(len(_leaf_products(size).monomials) for size in groups)
+    return leaves + sum(len(b.spec.monomials) * len(b.nodes) for level in levels for b in level)
+
+
+def tree_bits(nbits: int, n: int = 1) -> int:
+    """Bits one comparison (of a batch of n) over nbits opens in its tree (the leaves are local): 10
+    for 32 bits, 12 for 40 in one round; 16 and 21 in two."""
+    levels = tree_levels(nbits, one_round(nbits, n))[1]
+    return sum(len(_used(b.spec)) * len(b.nodes) for level in levels for b in level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +172,12 @@ def tree_bits(nbits: int) -> int:
 class CmpRand:
     leaf_mono: list[torch.Tensor]  # per leaf batch: shares of products of the group's s bits
     levels: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per level, per batch: (a, monomials)
+    one: bool  # the tree's shape (`one_round` of the batch's size): both sides derive it from n
 
 
-def _leaf_layout(nbits: int) -> list[tuple[int, int, int]]:
+def _leaf_layout(nbits: int, one: bool) -> list[tuple[int, int, int]]:
     """(first bit, group size, number of groups) runs of equal-size leaf groups."""
-    groups, _ = tree_levels(nbits)
+    groups = leaf_groups(nbits, one)
     runs: list[tuple[int, int, int]] = []
     bit = 0
     for size in groups:
@@ -136,8 +198,9 @@ def _group_bits(sbits: torch.Tensor, first: int, size: int, count: int) -> torch
 def deal_compare(src: Source, sbits: torch.Tensor, n: int, nbits: int) -> CmpRand:
     """Randomness for comparing n public values with the dealer's s (its bit planes `sbits`)."""
     W = words_for(n)
+    one = one_round(nbits, n)
     leaf_mono = []
-    for i, (first, size, count) in enumerate(_leaf_layout(nbits)):
+    for i, (first, size, count) in enumerate(_leaf_layout(nbits, one)):
         spec = _leaf_products(size)
         shape = (len(spec.monomials), count, W)
 
@@ -146,7 +209,7 @@ def deal_compare(src: Source, sbits: torch.Tensor, n: int, nbits: int) -> CmpRan
 
         leaf_mono.append(src.bits_from(f"leaf{i}", shape, leaf_value))
     levels = []
-    for li, level in enumerate(tree_levels(nbits)[1]):
+    for li, level in enumerate(tree_levels(nbits, one)[1]):
         batches = []
         for bi, batch in enumerate(level):
             spec = batch.spec
@@ -155,7 +218,7 @@ def deal_compare(src: Source, sbits: torch.Tensor, n: int, nbits: int) -> CmpRan
             mono = src.bits_from(f"m{li}.{bi}", shape, _dealer_monomials(spec, a))
             batches.append((a, mono))
         levels.append(batches)
-    return CmpRand(leaf_mono, levels)
+    return CmpRand(leaf_mono, levels, one)
 
 
 def _dealer_monomials(spec: Products, a: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -173,7 +236,7 @@ def _not(x: torch.Tensor) -> torch.Tensor:
 def _leaf(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Local (g, e) shares of every leaf group: (ngroups, W) each."""
     gs, es = [], []
-    for i, (first, size, count) in enumerate(_leaf_layout(nbits)):
+    for i, (first, size, count) in enumerate(_leaf_layout(nbits, R.one)):
         nu = _not(_group_bits(u, first, size, count))  # public NOT u_k, (size, count, W)
         sb = _group_bits(sbits, first, size, count)
         spec = _leaf_products(size)
@@ -193,7 +256,7 @@ def _leaf(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int
 def borrow(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int) -> Proto[torch.Tensor]:
     """XOR shares (W,) of [u mod 2^nbits < s mod 2^nbits] from public planes u and shared planes of s."""
     g, e = _leaf(ctx, u, sbits, R, nbits)
-    for level, rands in zip(tree_levels(nbits)[1], R.levels, strict=True):
+    for level, rands in zip(tree_levels(nbits, R.one)[1], R.levels, strict=True):
         opened = []
         for batch, (a, _) in zip(level, rands, strict=True):
             idx = torch.tensor(batch.nodes)  # (nodes, arity)
@@ -327,7 +390,7 @@ def relu(ctx: Ctx, x: torch.Tensor, R: ReluRand, shift: int = 0) -> Proto[torch.
     """SecReLU(x) = [x >= 0] * x, optionally fused with truncation by `shift`.
 
     1. open c = x + r (or the truncation opening)       1 round, 8 bytes (6 with a 16-bit shift)
-    2. sign bit by the comparison tree                    2 rounds for L = 40, 21 bits
+    2. sign bit by the comparison tree                    1 round for L <= 56, 10 bits for 32
     3. inject the bit into x, reusing c as x's mask       1 round, 1 bit
     """
     shape = x.shape

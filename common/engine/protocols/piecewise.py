@@ -9,10 +9,10 @@ by the public t_k), and one opening of d_k = b_k XOR beta_k gives both [b_k] and
 (`compare.select`: x is reused in its masked form, no further opening). Then f is local.
 
 1. open x + r (or the truncation opening: inputs at scale f + shift)   1 round, 8 bytes (6 if f = 16)
-2. K comparisons side by side                                          2 rounds (cmp_bits 32 or 40),
+2. K comparisons side by side                                          1 round (cmp_bits up to 48),
                                                                         K * cmp bits (`compare.tree_bits`)
 3. one opening of the K bits d_k = b_k XOR beta_k                     1 round, K bits
-Four rounds, like SecReLU: 8 (6 with the truncation) + K (cmp + 1) / 8 bytes per element per server.
+Three rounds, like SecReLU: 8 (6 with the truncation) + K (cmp + 1) / 8 bytes per element per server.
 
 Exact: no approximation of the function. Integer slopes (ReLU6, Hardtanh, clamps) give the output
 at scale f with no rounding beyond the fused truncation's unit and the offsets' encoding at 2^-f.
@@ -107,7 +107,7 @@ def deal_pieces(src: Source, n: int, shift: int, L: int, K: int) -> PiecesRand:
 
 
 def pieces(ctx: Ctx, x: torch.Tensor, R: PiecesRand, p: Pieces, shift: int = 0) -> Proto[torch.Tensor]:
-    """Shares of f(x) at scale f + p.slope_bits for shares of x at scale f + shift (four rounds)."""
+    """Shares of f(x) at scale f + p.slope_bits for shares of x at scale f + shift (three rounds)."""
     shape, n = x.shape, x.numel()
     K = len(p.breaks)
     npad = words_for(n) * 64

@@ -1,17 +1,17 @@
 """SecMaxPool and maximum reductions (no argmax: inference needs only the maximum).
 
 Max of n <= MAX_ARITY (8) values in one comparison layer: all pairwise differences x_i - x_j (i < j) are masked
-and opened together (one round), their signs c_ij = [x_i >= x_j] come from the comparison tree (2
-rounds), the one-hot selectors
+and opened together (one round), their signs c_ij = [x_i >= x_j] come from the comparison tree (one
+round), the one-hot selectors
     sel_i = prod_{j > i} c_ij * prod_{j < i} NOT c_ji        (the first maximal index wins ties)
 are one fan-in-(n-1) AND round (none for n = 2), and
     max = x_(n-1) + sum_{i < n-1} sel_i * (x_i - x_(n-1))
-is one bit-injection round that reuses each difference's opening as its mask. So max of 2 takes 4
-rounds, max of 3 to 8 takes 5.
+is one bit-injection round that reuses each difference's opening as its mask. So max of 2 takes 3
+rounds, max of 3 to 8 takes 4 (one fewer over a truncation's result, whose differences need no opening).
 
 Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
 repeats an edge element, which never changes a maximum. Global maxima reduce by up to 8 per layer:
-any arity above 2 costs the same 5 rounds, but arity k opens (k-1)/2 differences per input and needs a
+any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input and needs a
 fan-in-(k-1) AND whose 2^(k-1) monomials the dealer deals offline; `reduce_plan` weighs the two.
 """
 
@@ -36,6 +36,7 @@ from secdfd.common.engine.protocols.compare import (
     open_bits,
     sign,
     tree_bits,
+    tree_rounds,
 )
 from secdfd.common.engine.randomness import Source
 
@@ -203,10 +204,10 @@ def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Ten
 COMPARE_BITS = 40  # the comparison width the cost model assumes (ctx.cmp_bits by default)
 
 
-def layer_rounds(k: int, kept: bool = False) -> int:
-    """Rounds of one max-of-k layer: open (none over a truncation's result), 2 tree rounds,
-    (selector AND if k > 2), inject."""
-    return (4 if k == 2 else 5) - kept
+def layer_rounds(k: int, kept: bool = False, n: int = 1) -> int:
+    """Rounds of one max-of-k layer of n comparisons: open (none over a truncation's result), the tree
+    (one round, two for the largest layers: `compare.one_round`), (selector AND if k > 2), inject."""
+    return (0 if kept else 1) + tree_rounds(COMPARE_BITS, n) + (k > 2) + 1
 
 
 ROUND_BYTES = 200_000  # one round weighs as much as 200 kB per server: 1 Gbit/s at 1.6 ms RTT
@@ -218,8 +219,8 @@ def layer_cost(rows: int, n: int, k: int, kept: bool = False) -> tuple[int, int]
     (k > 2) and k - 1 injected bits, all bit-packed over rows padded to a multiple of 64."""
     rp = words_for(rows * ((n + k - 1) // k)) * 64
     p = k * (k - 1) // 2
-    bits = rp // 8 * (p * tree_bits(COMPARE_BITS) + (p if k > 2 else 0) + k - 1)
-    return (0 if kept else 8 * rp * p) + bits, layer_rounds(k, kept)
+    bits = rp // 8 * (p * tree_bits(COMPARE_BITS, rp * p) + (p if k > 2 else 0) + k - 1)
+    return (0 if kept else 8 * rp * p) + bits, layer_rounds(k, kept, rp * p)
 
 
 @cache
@@ -238,10 +239,10 @@ def _best_plan(rows: int, n: int, kept: bool = False) -> tuple[tuple[int, int, i
 def reduce_plan(n: int, rows: int = 1, kept: bool = False) -> list[int]:
     """Arity of each layer that reduces n values (in each of `rows` rows) to one.
 
-    Any arity above 2 costs the same 5 rounds, but arity k opens (k-1)/2 differences per input. The
+    Any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input. The
     plan minimises bytes + ROUND_BYTES * rounds (exactly, over all arity sequences up to MAX_ARITY):
-    small reductions take wide layers (an 8 x 8 map over 728 channels: 8, 8, 10 rounds instead of
-    15), large ones stay narrow where bytes dominate. Over DFDNet this cuts both the bytes and the
+    small reductions take wide layers (an 8 x 8 map over 728 channels: 8, 8, 8 rounds instead of
+    12 with max-of-4 layers), large ones stay narrow where bytes dominate. Over DFDNet this cuts both the bytes and the
     rounds of the max-of-4 layers it replaces. `kept`: the input is a truncation's result, whose first
     layer opens no differences (so it may be wider).
     """
@@ -305,7 +306,7 @@ def deal_maxpool(src: Source, shape: tuple[int, ...], k: int, s: int, p: int, L:
 
 def maxpool2d(ctx: Ctx, x: torch.Tensor, R: list[list[MaxRand]], k: int, s: int, p: int,
               kept: Kept | None = None) -> Proto[torch.Tensor]:
-    """SecMaxPool: rows, then columns. For 3x3/2 that is 10 rounds (9 when x is a truncation's
+    """SecMaxPool: rows, then columns. For 3x3/2 that is 8 rounds (7 when x is a truncation's
     result, `kept`: its P and q, shaped as x)."""
     first = None if kept is None else (windows(kept[0], k, s, p, -1), windows(kept[1], k, s, p, -1))
     y = yield from reduce_max(ctx, windows(x, k, s, p, -1), R[0], first)

@@ -12,11 +12,11 @@ into x (exact), so large positive inputs never meet the coefficients' scale.
 
 Rounds (inputs at scale f, or f + shift with the truncation fused into the first opening):
 1. open x + r                                                    1 round, 8 bytes (6 if fused)
-2. in parallel: K comparisons x >= t_k on that one opening (2 rounds at cmp_bits 32 or 40) then
+2. in parallel: K comparisons x >= t_k on that one opening (1 round at cmp_bits up to 48) then
    their bits to arithmetic, and the tail's bit injected into x (1 round, K (+1) bits); powers
    x^2 .. x^D from one opening of x - a (1 round) then their truncations (1 round)
 3. Beaver products c_j * x^j (1 round, 16 D bytes), truncation of the sum (1 round, 4 bytes)
-Six rounds in all, whatever the function. Coefficients carry COEF_BITS = 32 fractional bits.
+Five rounds in all, whatever the function. Coefficients carry COEF_BITS = 32 fractional bits.
 Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation) + 8 (powers, D >= 2) +
 6 + 4 (truncations of x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 16 D
 (products) + 4 (last truncation) + K (cmp + 1) / 8 for the comparison trees and bits, where cmp is
@@ -269,7 +269,7 @@ def _powers(ctx: Ctx, x: torch.Tensor, R: SplineRand, degree: int) -> Proto[torc
 
 
 def spline(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline, shift: int = 0) -> Proto[torch.Tensor]:
-    """Shares of f(x) at scale f for shares of x at scale f + shift (six rounds)."""
+    """Shares of f(x) at scale f for shares of x at scale f + shift (five rounds)."""
     shape, n = x.shape, x.numel()
     npad = words_for(n) * 64
     flat = torch.cat([x.reshape(-1), x.new_zeros(npad - n)])
