@@ -104,8 +104,9 @@ def _secure_small(m: nn.Module, seed: int):
 
 
 def test_layers_after_a_truncation_reuse_its_opening():
-    # The truncation of a's output is opened once (6 bytes per element); b and the product reuse it and
-    # open 2 bytes per element each (the low 16 bits of q m), not 8. The results match plaintext.
+    # The truncation of a's output is opened once (6 bytes per element); b reuses it and opens 2 bytes
+    # per element (the low 16 bits of q m), not 8. The product's other operand is a sigmoid's result,
+    # itself a truncation's: the product opens nothing and takes no round. The results match plaintext.
     tp, rep = _secure_small(_ConvGate(), 3)
     by_step = {s.index: s for s in rep.steps}
     ops = {s.index: s.op for s in tp.plan.steps}
@@ -116,7 +117,11 @@ def test_layers_after_a_truncation_reuse_its_opening():
         n = _numel(tp.plan.steps[t].shape)
         other = sum(8 * _numel(tp.plan.steps[i].shape) for i in s.inputs if i != t)
         assert by_step[t].bytes_per_party[0] == 6 * n  # the 48 bits above the 16-bit shift
-        assert by_step[s.index].bytes_per_party[0] == 2 * n + other
+        if s.op == "mul":
+            assert sorted(ops[i] for i in s.inputs) == ["sigmoid", "trunc"]
+            assert (by_step[s.index].bytes_per_party, by_step[s.index].rounds) == ((0, 0), 0)
+        else:
+            assert by_step[s.index].bytes_per_party[0] == 2 * n + other
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from secdfd.common.engine.driver import gather
 from secdfd.common.engine.prng import Stream, new_seed
-from secdfd.common.engine.protocols import arith, compare, pool, sigmoid
+from secdfd.common.engine.protocols import arith, compare, pool, sigmoid, spline
 from secdfd.common.engine.ring import FixedPoint, lshr
 
 L = 40
@@ -361,6 +361,52 @@ def test_product_reusing_a_truncation_is_exact_and_opens_two_bytes(run2):
     assert torch.equal(Z, X * y)
     assert fig["rounds"] == 2
     assert fig["bytes_per_party"][0] == 6 * x.numel() + 2 * x.numel() + 8 * y.numel()
+
+
+@pytest.mark.parametrize("gate", ["trunc", "sigmoid"])
+def test_product_of_two_truncations_takes_no_round_and_no_byte(run2, fp, gate):
+    """A feature map X from a truncation times a gate G from a truncation (k = 16) or a sigmoid (its
+    last truncation, k = 32), broadcast: exactly X * G in the ring, with the producers' rounds and
+    bytes only (`arith.kept_mul` opens nothing)."""
+    x = Stream(new_seed(), "pp").ring((2, 3, 4, 4)) >> 20  # at 2f, truncated by f
+    g = fp.encode(torch.randn(2, 3, 1, 1) * 4)
+    g = g << 16 if gate == "trunc" else g
+    gshape, n, ng = (2, 3, 1, 1), x.numel(), g.numel()
+
+    def deal(src):
+        M = arith.deal_trunc(src.child("t"), n, 16)
+        if gate == "trunc":
+            G = Mg = arith.deal_trunc(src.child("g"), ng, 16)
+        else:
+            G = sigmoid.deal_sigmoid(src.child("g"), ng, 0, 16, L)
+            Mg = spline.kept_mask(G, ng)
+        return M, G, arith.deal_kept_mul(src.child("c"), M, Mg, tuple(x.shape), gshape)
+
+    def producers(c, R, v):
+        M, G, _ = R
+        gv = v[n:].reshape(gshape)
+        gen = sigmoid.sigmoid_kept(c, gv, G, 0) if gate == "sigmoid" else arith.trunc_kept(c, gv, G, 16)
+        return (yield from gather([arith.trunc_kept(c, v[:n].reshape(x.shape), M, 16), gen]))
+
+    def alone(c, R, v):
+        t, gt = yield from producers(c, R, v)
+        return torch.cat([t.shares.reshape(-1), gt.shares.reshape(-1)])
+
+    def proto(c, R, v):
+        t, gt = yield from producers(c, R, v)
+        z = yield from arith.kept_mul(c, t, gt, R[2])
+        return torch.cat([t.shares.reshape(-1), gt.shares.reshape(-1), z.reshape(-1)])
+
+    inp = torch.cat([x.reshape(-1), g.reshape(-1)])
+    out, fig = run2(deal, proto, inp)
+    X, G, Z = out[:n].reshape(x.shape), out[n:n + ng].reshape(gshape), out[n + ng:].reshape(x.shape)
+    assert torch.equal(Z, X * G)
+    assert int((X - (x >> 16)).abs().max()) <= 1
+    if gate == "sigmoid":
+        assert (fp.decode(G) - torch.sigmoid(fp.decode(g))).abs().max().item() <= 2e-4
+    _, fig0 = run2(deal, alone, inp)
+    assert (fig["rounds"], fig["bytes_per_party"]) == (fig0["rounds"], fig0["bytes_per_party"])
+    assert fig["rounds"] == (5 if gate == "sigmoid" else 1)
 
 
 @pytest.mark.parametrize("n", [2, 3, 8, 64, 700])

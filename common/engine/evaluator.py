@@ -26,7 +26,7 @@ from secdfd.common.engine.steps import (
     STEP_KINDS,
     Weights,
     fc_layout,
-    kept_input,
+    kept_inputs,
     kept_until,
     shares_of,
     split_weights,
@@ -140,8 +140,8 @@ class Party:
                 if step.op == "input":
                     flow.finish(idx, x_share.to(self.device))
                     continue
-                kept = kept_input(plan, step)  # the one input passed as a truncation's full result
-                ins = [flow.values[i] if pos == kept else shares_of(flow.values[i])
+                kept = kept_inputs(plan, step)  # the inputs passed as a truncation's full result
+                ins = [flow.values[i] if pos in kept else shares_of(flow.values[i])
                        for pos, i in enumerate(step.inputs)]
                 running.add(idx, STEP_KINDS[step.op].run(self.ctx, step, ins, rands[idx], weights))
             if not running:

@@ -128,30 +128,59 @@ def low_linear_op(step: Step, bits: int, limbs: bool = False) -> arith.LinearOp:
 
 
 def kept_until(plan: Plan) -> dict[int, int]:
-    """Truncation steps whose randomness a later step reuses -> the last such step (when the dealt
-    randomness can be let go)."""
+    """Truncation steps (and sigmoids, which end in one) whose randomness a later step reuses -> the
+    last such step (when the dealt randomness can be let go)."""
     last: dict[int, int] = {}
     for step in plan.steps:
-        pos = kept_input(plan, step)
-        if pos is not None:
+        for pos in kept_inputs(plan, step):
             last[step.inputs[pos]] = step.index
     return last
 
 
-def kept_input(plan: Plan, step: Step) -> int | None:
-    """Which input of a step comes straight from a truncation whose opening the step reuses, or None.
-    Dealer and parties decide alike, from the plan. Linear layers and products
-    (`arith.trunc_linear`, `arith.trunc_mul`) take any truncation; maxima (`pool.max_lastaxis`) one
-    by at most f bits, whose q m term vanishes below the comparison's L + 1 <= 63 - f bits."""
-    if step.op in ("linear", "mul"):
-        for pos, i in enumerate(step.inputs):
-            if plan.steps[i].op == "trunc":
-                return pos
+def _truncation_shift(step: Step) -> int | None:
+    """The shift of the truncation a step's result comes from: a truncation's, or a sigmoid's last
+    (`sigmoid.sigmoid_kept`, COEF_BITS); None for any other step."""
+    if step.op == "trunc":
+        return step.get(ShiftAttrs).shift
+    if step.op == "sigmoid":
+        return sigmoid.COEF_BITS
+    return None
+
+
+def kept_inputs(plan: Plan, step: Step) -> tuple[int, ...]:
+    """Which inputs of a step come straight from a truncation whose opening the step reuses. Dealer
+    and parties decide alike, from the plan.
+    - a linear layer (`arith.trunc_linear`): its input, from a truncation step;
+    - a product: both inputs when both come from truncations (a truncation step or a sigmoid) whose
+      shifts add up to 64 or less (`arith.kept_mul`, no round), else the first that does
+      (`arith.trunc_mul`);
+    - a maximum (`pool.max_lastaxis`): its input, from a truncation by at most f bits, whose q m
+      term vanishes below the comparison's L + 1 <= 63 - f bits."""
+    if step.op == "linear":
+        return (0,) if plan.steps[step.inputs[0]].op == "trunc" else ()
+    if step.op == "mul":
+        shifts = [_truncation_shift(plan.steps[i]) for i in step.inputs]
+        both = all(k is not None for k in shifts) and sum(k or 0 for k in shifts) <= 64
+        kept = tuple(pos for pos, k in enumerate(shifts) if k is not None)
+        return kept if both else kept[:1]
     if step.op in ("maxpool", "maxreduce"):
         src = plan.steps[step.inputs[0]]
         if src.op == "trunc" and src.get(ShiftAttrs).shift <= plan.frac:
-            return 0
-    return None
+            return (0,)
+    return ()
+
+
+def kept_input(plan: Plan, step: Step) -> int | None:
+    """The one input a linear layer or a maximum reuses a truncation's opening for, or None."""
+    kept = kept_inputs(plan, step)
+    return kept[0] if kept else None
+
+
+def _kept_mask(plan: Plan, step: Step, pos: int, dealt: Mapping[int, Any]) -> arith.MaskRand:
+    """The mask of the truncation that a step's input `pos` comes from (`kept_inputs`)."""
+    src = plan.steps[step.inputs[pos]]
+    R = dealt[src.index]
+    return spline.kept_mask(R, _numel(src.shape)) if src.op == "sigmoid" else R
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +196,8 @@ Run = Callable[[Ctx, Step, list[Any], Any, Weights], Proto[Any]]
 class StepKind:
     """How one op deals its randomness, folds what is input-independent (`prepare`) and runs.
 
-    Inputs arrive as share tensors, except the one `kept_input` names: that truncation's
-    `arith.Truncated` arrives as it is (a truncation step returns one)."""
+    Inputs arrive as share tensors, except those `kept_inputs` names: a truncation's
+    `arith.Truncated` arrives as it is (a truncation step and a sigmoid return one)."""
 
     deal: Deal
     run: Run
@@ -294,8 +323,8 @@ def _run_relu(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights)
     return (yield from compare.relu(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
-def _run_sigmoid(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
-    return (yield from sigmoid.sigmoid(ctx, ins[0], R, step.get(ShiftAttrs).shift))
+def _run_sigmoid(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[arith.Truncated]:
+    return (yield from sigmoid.sigmoid_kept(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
 def _run_spline(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
@@ -360,6 +389,11 @@ def _run_maxreduce(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> 
 
 
 def _run_mul(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
+    if isinstance(R, arith.KeptMulRand):
+        x, y = ins
+        if not (isinstance(x, arith.Truncated) and isinstance(y, arith.Truncated)):
+            raise ProtocolError(f"step {step.name}: randomness for two truncated inputs, got others")
+        return (yield from arith.kept_mul(ctx, x, y, R))
     if isinstance(R, arith.TruncMulRand):
         pos = 0 if isinstance(ins[0], arith.Truncated) else 1
         x, y = ins[pos], shares_of(ins[1 - pos])
@@ -485,9 +519,13 @@ def _deal_maxpool(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | No
 
 
 def _deal_mul(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
-    pos = kept_input(plan, step)
-    if pos is not None:
-        M = dealt[step.inputs[pos]]
+    kept = kept_inputs(plan, step)
+    if len(kept) == 2:
+        return arith.deal_kept_mul(src, _kept_mask(plan, step, 0, dealt), _kept_mask(plan, step, 1, dealt),
+                                   _in_shape(plan, step, 0), _in_shape(plan, step, 1))
+    if kept:
+        pos = kept[0]
+        M = _kept_mask(plan, step, pos, dealt)
         return arith.deal_trunc_mul(src, M, _in_shape(plan, step, pos), _in_shape(plan, step, 1 - pos))
     return arith.deal_mul(src, _in_shape(plan, step, 0), _in_shape(plan, step, 1))
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from secdfd.common.engine.protocols import spline as _spline
+from secdfd.common.engine.protocols.arith import Truncated
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
 
@@ -65,3 +66,9 @@ def deal_sigmoid(src: Source, n: int, shift: int, frac: int, L: int) -> _spline.
 def sigmoid(ctx: Ctx, x: torch.Tensor, R: _spline.SplineRand, shift: int = 0) -> Proto[torch.Tensor]:
     """Shares of sigmoid(x) at scale f for shares of x at scale f + shift."""
     return (yield from _spline.spline(ctx, x, R, as_spline(), shift))
+
+
+def sigmoid_kept(ctx: Ctx, x: torch.Tensor, R: _spline.SplineRand, shift: int = 0) -> Proto[Truncated]:
+    """`sigmoid` keeping its last truncation's public part (`spline.spline_kept`): a gate multiplied
+    by a truncation's result then costs no round (`arith.kept_mul`)."""
+    return (yield from _spline.spline_kept(ctx, x, R, as_spline(), shift))

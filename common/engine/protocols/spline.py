@@ -49,12 +49,14 @@ from secdfd.common.engine.protocols.arith import (
     Masked,
     MaskRand,
     MulRand,
+    Truncated,
     deal_mask,
     deal_mul,
     deal_trunc,
     mask_open,
     mul,
     trunc,
+    trunc_kept,
 )
 from secdfd.common.engine.protocols.base import Ctx, Proto, open_sum
 from secdfd.common.engine.protocols.compare import (
@@ -268,17 +270,41 @@ def _powers(ctx: Ctx, x: torch.Tensor, R: SplineRand, degree: int) -> Proto[torc
     return torch.stack([x, *truncated])
 
 
-def spline(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline, shift: int = 0) -> Proto[torch.Tensor]:
-    """Shares of f(x) at scale f for shares of x at scale f + shift (five rounds)."""
-    shape, n = x.shape, x.numel()
+def _sum(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline,
+         shift: int) -> Proto[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Shares of sum_j c_j(x) x^j at scale COEF_BITS + f and of the tail, padded to whole words."""
+    n = x.numel()
     npad = words_for(n) * 64
     flat = torch.cat([x.reshape(-1), x.new_zeros(npad - n)])
     m = yield from mask_open(ctx, flat, R.mask, shift)
     xf = m.share(ctx.party)
     (coef, tail), pw = yield from gather([_coefficients(ctx, m, R, sp, npad), _powers(ctx, xf, R, sp.degree)])
     terms = yield from mul(ctx, coef[1:], pw, R.mul)  # scale COEF_BITS + f
-    acc = terms.sum(0) + (coef[0] << ctx.frac)
+    return terms.sum(0) + (coef[0] << ctx.frac), tail
+
+
+def spline(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline, shift: int = 0) -> Proto[torch.Tensor]:
+    """Shares of f(x) at scale f for shares of x at scale f + shift (five rounds)."""
+    acc, tail = yield from _sum(ctx, x, R, sp, shift)
     y = yield from trunc(ctx, acc, R.out, COEF_BITS)
     if tail is not None:
         y = y + tail
-    return y[:n].reshape(shape)
+    return y[: x.numel()].reshape(x.shape)
+
+
+def spline_kept(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline, shift: int = 0) -> Proto[Truncated]:
+    """`spline` for a function with no tail (the sigmoid), keeping the last truncation's public part:
+    a product with the result reuses it (`arith.trunc_mul`, `arith.kept_mul`). Its mask is
+    `kept_mask(R, n)`."""
+    assert R.tail is None
+    n = x.numel()
+    acc, _ = yield from _sum(ctx, x, R, sp, shift)
+    t = yield from trunc_kept(ctx, acc, R.out, COEF_BITS)
+    return Truncated(t.shares[:n].reshape(x.shape), t.P[:n], t.q[:n], COEF_BITS)
+
+
+def kept_mask(R: SplineRand, n: int) -> MaskRand:
+    """The mask of `spline_kept`'s truncation for its n elements (the rest is padding)."""
+    M = R.out
+    assert M.m is not None
+    return MaskRand(M.r[:n], M.s[:n], M.m[:n], None, M.shift)
