@@ -345,11 +345,12 @@ def test_linear_reusing_a_truncation_is_exact_and_opens_k_bits(run2, k):
         assert fig["bytes_per_party"][0] == arith.open_bytes(k) * x.numel() + {16: 2, 24: 4}[k] * x.numel()
 
 
-def test_product_reusing_a_truncation_is_exact_and_opens_two_bytes(run2):
+@pytest.mark.parametrize("k", [16, 32])
+def test_product_reusing_a_truncation_is_exact_and_opens_k_bits(run2, k):
+    # k = 32: a sigmoid's last truncation (`sigmoid.sigmoid_kept`) times a value of another step
     s = Stream(new_seed(), "p")
     x = s.ring((2, 3, 4, 4)) >> 20
     y = s.ring((2, 3, 1, 1))  # a gate broadcast over the feature map
-    k = 16
 
     def crun(c, t, R):
         yv = y if c.party == 0 else torch.zeros_like(y)
@@ -360,7 +361,7 @@ def test_product_reusing_a_truncation_is_exact_and_opens_two_bytes(run2):
     X, Z = out[: x.numel()].reshape(x.shape), out[x.numel():].reshape(x.shape)
     assert torch.equal(Z, X * y)
     assert fig["rounds"] == 2
-    assert fig["bytes_per_party"][0] == 6 * x.numel() + 2 * x.numel() + 8 * y.numel()
+    assert fig["bytes_per_party"][0] == arith.open_bytes(k) * x.numel() + k // 8 * x.numel() + 8 * y.numel()
 
 
 @pytest.mark.parametrize("gate", ["trunc", "sigmoid"])
