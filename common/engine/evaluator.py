@@ -27,6 +27,7 @@ from secdfd.common.engine.steps import (
     Weights,
     fc_layout,
     kept_inputs,
+    kept_randomness,
     kept_until,
     shares_of,
     split_weights,
@@ -100,7 +101,7 @@ class Party:
             src.finish()
             R = to_device(R, self.device)
             if step.index in kept:
-                dealt[step.index] = R
+                dealt[step.index] = kept_randomness(step, R)
             if kind.prepare is not None:
                 R = kind.prepare(R, step, self.weights, self.ctx)
             rands.append(R)
@@ -278,7 +279,7 @@ class Dealer:
             src = Source.dealer(seeds, f"bundle/{step.index}")
             R = STEP_KINDS[step.op].deal(src, step, plan, self.ctx, w, dealt)
             if step.index in kept:
-                dealt[step.index] = R
+                dealt[step.index] = kept_randomness(step, R)
             for t in last.get(step.index, ()):  # full values of a whole plan would not fit a batch
                 del dealt[t]
             if src.corrections:

@@ -162,7 +162,7 @@ def kept_inputs(plan: Plan, step: Step) -> tuple[int, ...]:
         shifts = [_truncation_shift(plan.steps[i]) for i in step.inputs]
         both = all(k is not None for k in shifts) and sum(k or 0 for k in shifts) <= 64
         kept = tuple(pos for pos, k in enumerate(shifts) if k is not None)
-        return kept if both else kept[:1]
+        return kept if both else tuple(sorted(kept, key=lambda pos: shifts[pos] or 0))[:1]  # fewest bits
     if step.op in ("maxpool", "maxreduce"):
         src = plan.steps[step.inputs[0]]
         if src.op == "trunc" and src.get(ShiftAttrs).shift <= plan.frac:
@@ -176,11 +176,16 @@ def kept_input(plan: Plan, step: Step) -> int | None:
     return kept[0] if kept else None
 
 
+def kept_randomness(step: Step, R: Any) -> Any:
+    """What later steps reuse of a step's randomness (`kept_until`): a truncation's mask, or the mask of
+    a sigmoid's last truncation (not the rest of its randomness)."""
+    return spline.kept_mask(R, _numel(step.shape)) if step.op == "sigmoid" else R
+
+
 def _kept_mask(plan: Plan, step: Step, pos: int, dealt: Mapping[int, Any]) -> arith.MaskRand:
     """The mask of the truncation that a step's input `pos` comes from (`kept_inputs`)."""
-    src = plan.steps[step.inputs[pos]]
-    R = dealt[src.index]
-    return spline.kept_mask(R, _numel(src.shape)) if src.op == "sigmoid" else R
+    M: arith.MaskRand = dealt[step.inputs[pos]]
+    return M
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def leaf_groups(nbits: int, one: bool = True) -> tuple[int, ...]:
         return _split(nbits, -(-nbits // 4))
     best = min(
         (sum(len(_leaf_products(g).monomials) for g in _split(nbits, a)) + len(_node_products(a, False).monomials), a)
-        for a in range(max(2, -(-nbits // LEAF_MAX)), ROOT_FANIN + 1)
+        for a in range(max(2, -(-nbits // LEAF_MAX)), min(nbits, ROOT_FANIN) + 1)
     )
     return _split(nbits, best[1])
 
@@ -390,7 +390,8 @@ def relu(ctx: Ctx, x: torch.Tensor, R: ReluRand, shift: int = 0) -> Proto[torch.
     """SecReLU(x) = [x >= 0] * x, optionally fused with truncation by `shift`.
 
     1. open c = x + r (or the truncation opening)       1 round, 8 bytes (6 with a 16-bit shift)
-    2. sign bit by the comparison tree                    1 round for L <= 56, 10 bits for 32
+    2. sign bit by the comparison tree                    1 round up to ONE_ROUND_MAX elements
+                                                          (10 bits for L = 32), else 2 (16 bits)
     3. inject the bit into x, reusing c as x's mask       1 round, 1 bit
     """
     shape = x.shape

@@ -12,7 +12,8 @@ by the public t_k), and one opening of d_k = b_k XOR beta_k gives both [b_k] and
 2. K comparisons side by side                                          1 round (cmp_bits up to 48),
                                                                         K * cmp bits (`compare.tree_bits`)
 3. one opening of the K bits d_k = b_k XOR beta_k                     1 round, K bits
-Three rounds, like SecReLU: 8 (6 with the truncation) + K (cmp + 1) / 8 bytes per element per server.
+Three rounds, like SecReLU (four past `compare.ONE_ROUND_MAX` comparisons): 8 (6 with the truncation)
++ K (cmp + 1) / 8 bytes per element per server.
 
 Exact: no approximation of the function. Integer slopes (ReLU6, Hardtanh, clamps) give the output
 at scale f with no rounding beyond the fused truncation's unit and the offsets' encoding at 2^-f.

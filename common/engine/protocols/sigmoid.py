@@ -10,7 +10,8 @@ Rounds (inputs at scale f, or 2f with the truncation fused into the first openin
 2. in parallel: 15 comparisons x >= t_k on that one opening (1 round) then their bits to
    arithmetic (1 round); powers x^2, x^3 from one opening of x - a (1 round) then truncation (1)
 3. Beaver products c_j * x^j (1 round), truncation of the sum (1 round)
-Five rounds in all; coefficients carry 32 fractional bits.
+Five rounds in all (six above 4,352 elements: 15 comparisons each, past `compare.ONE_ROUND_MAX`);
+coefficients carry 32 fractional bits.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Rounds (inputs at scale f, or f + shift with the truncation fused into the first
    their bits to arithmetic, and the tail's bit injected into x (1 round, K (+1) bits); powers
    x^2 .. x^D from one opening of x - a (1 round) then their truncations (1 round)
 3. Beaver products c_j * x^j (1 round, 16 D bytes), truncation of the sum (1 round, 4 bytes)
-Five rounds in all, whatever the function. Coefficients carry COEF_BITS = 32 fractional bits.
+Five rounds in all, whatever the function (six when K times the elements exceed
+`compare.ONE_ROUND_MAX`, whose comparison trees take two). Coefficients carry COEF_BITS = 32 fractional bits.
 Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation) + 8 (powers, D >= 2) +
 6 + 4 (truncations of x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 16 D
 (products) + 4 (last truncation) + K (cmp + 1) / 8 for the comparison trees and bits, where cmp is
