@@ -152,7 +152,7 @@ def kept_inputs(plan: Plan, step: Step) -> tuple[int, ...]:
     and parties decide alike, from the plan.
     - a linear layer (`arith.trunc_linear`): its input, from a truncation step;
     - a product: both inputs when both come from truncations (a truncation step or a sigmoid) whose
-      shifts add up to 64 or less (`arith.kept_mul`, no round), else the first that does
+      shifts add up to 64 or less (`arith.kept_mul`, no round), else the one of fewer bits
       (`arith.trunc_mul`);
     - a maximum (`pool.max_lastaxis`): its input, from a truncation by at most f bits, whose q m
       term vanishes below the comparison's L + 1 <= 63 - f bits."""
@@ -180,12 +180,6 @@ def kept_randomness(step: Step, R: Any) -> Any:
     """What later steps reuse of a step's randomness (`kept_until`): a truncation's mask, or the mask of
     a sigmoid's last truncation (not the rest of its randomness)."""
     return spline.kept_mask(R, _numel(step.shape)) if step.op == "sigmoid" else R
-
-
-def _kept_mask(plan: Plan, step: Step, pos: int, dealt: Mapping[int, Any]) -> arith.MaskRand:
-    """The mask of the truncation that a step's input `pos` comes from (`kept_inputs`)."""
-    M: arith.MaskRand = dealt[step.inputs[pos]]
-    return M
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,11 +520,11 @@ def _deal_maxpool(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | No
 def _deal_mul(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
     kept = kept_inputs(plan, step)
     if len(kept) == 2:
-        return arith.deal_kept_mul(src, _kept_mask(plan, step, 0, dealt), _kept_mask(plan, step, 1, dealt),
+        return arith.deal_kept_mul(src, dealt[step.inputs[0]], dealt[step.inputs[1]],
                                    _in_shape(plan, step, 0), _in_shape(plan, step, 1))
     if kept:
         pos = kept[0]
-        M = _kept_mask(plan, step, pos, dealt)
+        M = dealt[step.inputs[pos]]  # its mask (`kept_randomness`)
         return arith.deal_trunc_mul(src, M, _in_shape(plan, step, pos), _in_shape(plan, step, 1 - pos))
     return arith.deal_mul(src, _in_shape(plan, step, 0), _in_shape(plan, step, 1))
 
