@@ -3,10 +3,13 @@ DFDNet, against plaintext PyTorch."""
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from secdfd.common.cli.bench import load_factory
+from secdfd.common.engine.evaluator import Dealer
+from secdfd.common.engine.plan import ShiftAttrs, build_plan
 from secdfd.common.engine.twoparty import TwoParty
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -150,3 +153,82 @@ class _EdgeMaxima(nn.Module):
 
 def test_maxima_after_truncations_they_cannot_or_need_not_reuse():
     _secure_small(_EdgeMaxima(), 4)
+
+
+class _SepConvs(nn.Module):
+    """Two separable convs (depthwise then pointwise), a ReLU between them and a max-pool after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw1 = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.pw1 = nn.Conv2d(3, 6, 1)
+        self.dw2 = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.pw2 = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pw2(self.dw2(torch.relu(self.pw1(self.dw1(x)))))
+        return nn.functional.max_pool2d(y, 2)
+
+
+def _secure_at_32(m: nn.Module, chain: bool):
+    torch.manual_seed(6)
+    m = m.eval()
+    tp = TwoParty(m, (1, 3, 8, 8), cmp_bits=32, chain=chain)
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    y, rep = tp(x)
+    with torch.no_grad():
+        ref = m(x).double()
+    return tp, rep, (y - ref).abs().max().item()
+
+
+def test_a_pointwise_conv_takes_the_depthwise_product_untruncated():
+    # At 32-bit comparisons the pointwise conv reads the depthwise conv's 2f product (weights at f - 1
+    # bits): no truncation between them. Its 3f - 1 output fuses into the ReLU (shift 31), and the
+    # max-pool reuses the opening of the 31-bit truncation: one round fewer per pair, the same bytes
+    # where the truncation's 6 + 2 become the pointwise's 8, fewer where a 31-bit shift sends 33 bits.
+    m = _SepConvs()
+    tp, rep, err = _secure_at_32(m, chain=True)
+    tp0, rep0, err0 = _secure_at_32(m, chain=False)
+    assert err <= 1e-3 and err0 <= 1e-3
+    ops = [s.op for s in tp.plan.steps]
+    assert ops == ["input", "linear", "linear", "relu", "linear", "linear", "trunc", "maxpool", "output"]
+    assert [s.op for s in tp0.plan.steps].count("trunc") == 3
+    pw1, relu, pw2, trunc = (tp.plan.steps[i] for i in (2, 3, 5, 6))
+    assert (tp.plan.steps[pw1.inputs[0]].scale, pw1.scale, pw2.scale) == (32, 47, 47)
+    assert relu.get(ShiftAttrs).shift == 31 and trunc.get(ShiftAttrs).shift == 31
+    assert tp.plan.weight_fracs()["pw1.weight"] == 15 and tp.plan.weight_fracs()["pw1.bias"] == 47
+    assert rep.rounds == rep0.rounds - 2
+    by, by0 = ({op: [s.bytes_per_party[0] for s in r.steps if s.op == op] for op in ("linear", "trunc", "relu",
+                                                                                     "maxpool")} for r in (rep, rep0))
+    assert by["linear"][1] == 8 * 3 * 64 and by0["linear"][1] == 2 * 3 * 64  # the pointwise opens the product
+    assert by["trunc"] == [5 * 4 * 64] and by0["trunc"] == [6 * 3 * 64, 6 * 6 * 64, 6 * 4 * 64]  # 33 bits in 5
+    assert sum(by["linear"] + by["trunc"]) < sum(by0["linear"] + by0["trunc"])
+    assert by["maxpool"] == by0["maxpool"]  # reused at 31 bits as at 16
+    assert by["relu"][0] < by0["relu"][0]
+
+
+class _SharedPointwise(nn.Module):
+    """One pointwise conv applied to a depthwise product (chained) and then to a ReLU's result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.pw = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.pw(self.dw(x)) + self.pw(torch.relu(x)))
+
+
+def test_a_weight_shared_by_a_chained_layer_lifts_its_other_inputs():
+    tp, rep, err = _secure_at_32(_SharedPointwise(), chain=True)
+    assert err <= 1e-3
+    lift = next(s for s in tp.plan.steps if s.name.endswith(".lift"))
+    assert lift.op == "add" and (tp.plan.steps[lift.inputs[0]].scale, lift.scale) == (16, 32)
+    assert {s.scale for s in tp.plan.steps if s.op == "linear" and s.name == "pw"} == {47}
+
+
+def test_comparisons_wider_than_the_plan_are_refused():
+    m = _SepConvs().eval()
+    plan = build_plan(m, (1, 3, 8, 8), cmp_bits=32)
+    with pytest.raises(ValueError, match="comparisons of 40 bits on a plan lowered for 32"):
+        Dealer(plan, "ab" * 16, cmp_bits=40)

@@ -7,15 +7,18 @@ import copy
 import json
 
 import pytest
+import torch
+from torch import nn
 
-from secdfd.common.engine.plan import Plan
+from secdfd.common.engine.plan import Plan, build_plan
 from secdfd.common.errors import PlanError
 from secdfd.common.service import deployment
 
 
 @pytest.fixture(scope="module")
 def plan() -> Plan:
-    return deployment.plan_for(deployment.ModelInfo("dfdnet-s", 32))
+    info = deployment.ModelInfo("dfdnet-s", 32)
+    return deployment.plan_for(info, deployment.architecture(info))  # as `secdfd share` lowers it
 
 
 def test_round_trip_is_exact(plan):
@@ -74,9 +77,16 @@ def _edits():
     def version(o):
         o["version"] = 99
 
+    def chained_beyond_the_fuse(o):  # at 40-bit comparisons a 3f - 1 output cannot fuse its truncation
+        o["cmp_bits"] = 40
+
+    def chained_scale(o):
+        next(s for s in o["steps"] if s["op"] == "linear" and s["scale"] == 47)["scale"] = 48
+
+
     return [unknown_op, extra_field, missing_field, bool_for_int, string_for_int, forward_input, huge_shape,
             inconsistent_shape, wrong_weight_shape, unused_weight, big_shift, not_a_permutation, two_outputs,
-            version]
+            version, chained_beyond_the_fuse, chained_scale]
 
 
 @pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
@@ -93,3 +103,29 @@ def test_not_json_and_non_finite_numbers_are_refused(plan):
     text = plan.to_json().replace('"frac":16', '"frac":NaN', 1)
     with pytest.raises(PlanError, match="not JSON"):
         Plan.from_json(text)
+
+
+class _TwoPointwise(nn.Module):
+    """A pointwise conv on a depthwise conv's product (chained, weights at f - 1) and one of the same
+    shape on a ReLU's result (weights at f)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.a = nn.Conv2d(4, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(self.dw(x)) + self.b(torch.relu(x))
+
+
+def test_a_weight_at_two_scales_is_refused():
+    plan = build_plan(_TwoPointwise(), (1, 4, 8, 8), cmp_bits=32)
+    assert plan.weight_fracs() == {"dw.weight": 16, "dw.bias": 32, "a.weight": 15, "a.bias": 47,
+                                   "b.weight": 16, "b.bias": 32}
+    obj = copy.deepcopy(plan.to_obj())
+    a = next(s for s in obj["steps"] if s["name"] == "a")
+    a["attrs"]["weight"], a["attrs"]["bias_key"] = "b.weight", "b.bias"  # one key, two encodings
+    obj["weights"] = [w for w in obj["weights"] if not w[0].startswith("a.")]
+    with pytest.raises(PlanError, match=r"malformed plan.*b.weight is used at 15 and at 16 fractional bits"):
+        Plan.from_json(json.dumps(obj))

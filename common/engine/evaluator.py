@@ -51,6 +51,7 @@ class Party:
     ) -> None:
         if provision.role != role:
             raise ValueError("provisioning material belongs to the other party")
+        _check_cmp_bits(plan, cmp_bits)
         missing = set(plan.weights) - set(weight_shares)
         if missing:
             raise ValueError(f"weight shares are missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
@@ -230,6 +231,13 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _check_cmp_bits(plan: Plan, cmp_bits: int) -> None:
+    """Comparisons wider than the plan was lowered for would overflow its fused truncations (and the
+    maxima that reuse a truncation's opening): refuse them."""
+    if cmp_bits > plan.cmp_bits:
+        raise ValueError(f"comparisons of {cmp_bits} bits on a plan lowered for {plan.cmp_bits}")
+
+
 class Dealer:
     """The trusted dealer for one plan: fixed weight masks at provisioning, one bundle per inference.
 
@@ -237,6 +245,7 @@ class Dealer:
 
     def __init__(self, plan: Plan, split: str, provision_seeds: tuple[bytes, bytes] | None = None,
                  cmp_bits: int = 40) -> None:
+        _check_cmp_bits(plan, cmp_bits)
         self.plan = plan
         self.split = split  # the split of the model's weights this dealer's masks belong to
         self.ctx = Ctx(0, plan.frac, cmp_bits)

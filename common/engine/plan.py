@@ -11,7 +11,10 @@ line), propagates shapes with a zero input, folds BatchNorm into the preceding c
 (a BatchNorm on its own becomes a per-channel affine layer), and tracks the fixed-point scale of
 every value: products carry 2f fractional bits and are truncated where a consumer needs f. ReLU,
 sigmoid and the other activations take 2f inputs directly (the truncation is fused into their first
-opening), so a conv + ReLU costs two openings, not three.
+opening), so a conv + ReLU costs two openings, not three. A linear layer whose input is a product
+at 2f (a depthwise conv feeding a pointwise one) takes it untruncated, with its weights at f - 1
+bits, when its 3f - 1 output can still fuse into a comparison (comparisons of at most 2^(62 - 2f)
+bits, 32 at f = 16): the truncation between the two layers and its round go away.
 
 Shape idioms are resolved at trace time from the declared input shape: `x.size()`, `x.shape`,
 `x.dim()` and arithmetic on them are Python values in the lowering's environment; getitem, view,
@@ -298,8 +301,23 @@ class Plan:
         return list(dict.fromkeys(a.weight for a in self.linear_layers()))
 
     def bias_keys(self) -> set[str]:
-        """Keys of the biases (kept at 2f fractional bits: they are added to products)."""
+        """Keys of the biases (kept at their layer's output scale: they are added to products)."""
         return {a.bias_key for a in self.linear_layers() if a.bias}
+
+    def weight_fracs(self) -> dict[str, int]:
+        """The fractional bits of every weight key: a weight's are its layer's output scale less its
+        input's (f, or f - 1 for a layer on a 2f input), a bias's its layer's output scale. A key
+        whose layers disagree raises PlanError."""
+        fracs: dict[str, int] = {}
+        for s in self.steps:
+            if s.op != "linear":
+                continue
+            a = s.get(LinearAttrs)
+            keys = [(a.weight, s.scale - self.steps[s.inputs[0]].scale)] + ([(a.bias_key, s.scale)] if a.bias else [])
+            for key, frac in keys:
+                if fracs.setdefault(key, frac) != frac:
+                    raise PlanError(f"weight {key} is used at {fracs[key]} and at {frac} fractional bits")
+        return fracs
 
     def batch_refusal(self) -> str | None:
         """Why this plan cannot evaluate several inputs in one pass (None when it can).
@@ -424,13 +442,16 @@ class _MaxOut:
 
 
 class _Lowering:
-    def __init__(self, module: nn.Module, frac: int, cmp_bits: int) -> None:
+    def __init__(self, module: nn.Module, frac: int, cmp_bits: int, chain: bool = True) -> None:
         self.module = module
         self.mods = dict(module.named_modules())
         self.frac = frac
         self.fuse_limit = 64 - cmp_bits - 1  # largest truncation a comparison can fuse
+        # a linear layer may take a 2f input (weights at f - 1) when its output's truncation fuses
+        self.chain = chain and chain_fuses(frac, cmp_bits)
         self.steps: list[Step] = []
         self.weights: dict[str, tuple[int, ...]] = {}
+        self.weight_input: dict[str, int] = {}  # weight key -> the input scale of its layers
         self._trunc: dict[int, _Val] = {}
 
     def add(self, op: str, inputs: list[_Val], shape: Any, scale: int, name: str, **attrs: Any) -> _Val:
@@ -567,9 +588,19 @@ def _refuse(node: torch.fx.Node, what: str, key: str | None = None, detail: str 
     return PlanError(msg)
 
 
-def build_plan(module: nn.Module, input_shape: tuple[int, ...] | list[int], frac: int = 16, cmp_bits: int = 40) -> Plan:
+def chain_fuses(frac: int, cmp_bits: int) -> bool:
+    """Whether a linear layer on a 2f input (output 3f - 1) can hand its output to a comparison with
+    the truncation fused: a shift of 2f - 1 bits within the comparison's headroom and the ring."""
+    return 2 * frac - 1 <= 64 - cmp_bits - 1 and 3 * frac - 1 <= 62
+
+
+def build_plan(module: nn.Module, input_shape: tuple[int, ...] | list[int], frac: int = 16, cmp_bits: int = 40,
+               chain: bool = True) -> Plan:
     """Lower `module` (eval mode) for inputs of `input_shape` to a Plan. Raises PlanError naming any
-    unsupported layer with the user's source line and the nearest supported rewrite."""
+    unsupported layer with the user's source line and the nearest supported rewrite.
+
+    `chain=False` truncates every linear layer's input to f (all weights at f bits), as plans did
+    before chained layers: for weight shares split under such a plan."""
     input_shape = tuple(int(s) for s in input_shape)
     was_training = module.training
     module.eval()
@@ -589,7 +620,7 @@ def build_plan(module: nn.Module, input_shape: tuple[int, ...] | list[int], frac
             ShapeProp(gm).propagate(torch.zeros(input_shape))
     except Exception as e:  # noqa: BLE001 - the model's own error on this input shape
         raise PlanError(f"the model does not run on an input of shape {list(input_shape)}: {e}") from e
-    low = _Lowering(gm, frac, cmp_bits)
+    low = _Lowering(gm, frac, cmp_bits, chain)
     env: dict[str, Any] = {}
     out_val: _Val | None = None
     live = _live_nodes(gm)
@@ -786,7 +817,7 @@ def _mod_batchnorm(low: _Lowering, mod: nn.modules.batchnorm._BatchNorm, x: _Val
     assert isinstance(first, torch.fx.Node)
     kind = "conv" if len(shape) == 4 else "fc" if len(shape) == 2 else ""
     if (isinstance(pstep.attrs, LinearAttrs) and pstep.attrs.kind == kind and len(first.users) == 1
-            and pstep.attrs.bn is None and not pstep.attrs.affine_bn and x.scale == 2 * low.frac):
+            and pstep.attrs.bn is None and not pstep.attrs.affine_bn):
         # folded at weight extraction; same outputs. The folded weights are their own keys (another
         # call of the same layer without this BatchNorm keeps the plain ones).
         a = pstep.attrs
@@ -794,6 +825,7 @@ def _mod_batchnorm(low: _Lowering, mod: nn.modules.batchnorm._BatchNorm, x: _Val
         low.steps[x.step] = replace(pstep, attrs=replace(a, bn=name, bias=True, weight=wkey, bias_key=bkey))
         low.weights[wkey] = a.wshape
         low.weights[bkey] = (mod.num_features,)
+        low.weight_input[wkey] = low.steps[pstep.inputs[0]].scale
         return x
     c = mod.num_features
     if len(shape) not in (2, 3, 4) or shape[1] != c:
@@ -883,14 +915,23 @@ def _lower_module(low: _Lowering, node: torch.fx.Node, env: dict[str, Any]) -> A
 
 def _linear(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, kind: str, wshape: Any, bias: bool, *,
             keys: tuple[str, str | None] | None = None, **attrs: Any) -> _Val:
-    """A conv or fc step; `keys` names the weight and bias parameters (default: the module's)."""
-    x = low.at_frac(x, name)
+    """A conv or fc step; `keys` names the weight and bias parameters (default: the module's).
+
+    The input is at f, or at 2f when chaining is on (then the weights carry f - 1 bits). A weight
+    used by several layers takes every input at the scale of its first use: one encoding per key."""
     wkey, bkey = keys or (name + ".weight", None)
     bkey = bkey or name + ".bias"
+    chained = 2 * low.frac if low.chain and x.scale == 2 * low.frac else low.frac
+    want = low.weight_input.setdefault(wkey, chained)
+    if x.scale != want:
+        x = low.at_frac(x, name)
+    if x.scale != want:  # the key's first layer took a 2f input: lift this f input to 2f, exactly
+        x = low.add("add", [x], low.shape_of(x), want, name + ".lift", lift=(want - x.scale,), signs=(1,))
     low.weights[wkey] = tuple(wshape)
     if bias:
         low.weights[bkey] = (int(wshape[0]),)
-    return low.add("linear", [x], shape, x.scale + low.frac, name, kind=kind, weight=wkey, bias_key=bkey, bias=bias,
+    wfrac = low.frac - 1 if want == 2 * low.frac else low.frac
+    return low.add("linear", [x], shape, x.scale + wfrac, name, kind=kind, weight=wkey, bias_key=bkey, bias=bias,
                    wshape=tuple(wshape), **attrs)
 
 

@@ -33,6 +33,7 @@ from secdfd.common.engine.plan import (
     ShiftAttrs,
     SplineAttrs,
     Step,
+    chain_fuses,
 )
 from secdfd.common.engine.protocols import spline
 from secdfd.common.errors import PlanError
@@ -186,6 +187,10 @@ def _check_plan(plan: Plan) -> None:
             used.update([a.weight, a.bias_key] if a.bias else [a.weight])
     if used != set(plan.weights):
         raise _bad("weights", "every weight is used by a linear step, and only those")
+    try:
+        plan.weight_fracs()
+    except PlanError as e:
+        raise _bad("weights", str(e)) from None
     if steps[plan.output].scale != plan.frac:
         raise _bad("output", "the output is at scale frac")
 
@@ -224,7 +229,11 @@ def _check_linear(plan: Plan, s: Step, ins: list[Step]) -> None:
     x = ins[0].shape
     _need(a.kind in ("conv", "fc") and plan.weights.get(a.weight) == a.wshape, "weights of the plan's shape")
     _need(not a.bias or plan.weights.get(a.bias_key) == (a.wshape[0],), "a bias per output channel")
-    _need(ins[0].scale == plan.frac and s.scale == 2 * plan.frac, "input at f, output at 2f")
+    f = plan.frac
+    _need(ins[0].scale == f and s.scale == 2 * f
+          or ins[0].scale == 2 * f and s.scale == 3 * f - 1 and chain_fuses(f, plan.cmp_bits),
+          "input at f and output at 2f, or (where the output's truncation fuses into a comparison) input at 2f "
+          "and output at 3f - 1")
     if a.kind == "fc":
         _need(len(a.wshape) == 2 and x[-1] == a.wshape[1] and s.shape == x[:-1] + (a.wshape[0],), "fc shapes")
         return

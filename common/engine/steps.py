@@ -154,8 +154,9 @@ def kept_inputs(plan: Plan, step: Step) -> tuple[int, ...]:
     - a product: both inputs when both come from truncations (a truncation step or a sigmoid) whose
       shifts add up to 64 or less (`arith.kept_mul`, no round), else the one of fewer bits
       (`arith.trunc_mul`);
-    - a maximum (`pool.max_lastaxis`): its input, from a truncation by at most f bits, whose q m
-      term vanishes below the comparison's L + 1 <= 63 - f bits."""
+    - a maximum (`pool.max_lastaxis`): its input, from a truncation by k <= 63 - L bits, whose
+      2^(64-k) q m term vanishes below the comparison's L + 1 bits (a chained layer's truncation by
+      2f - 1 = 31 bits at L = 32)."""
     if step.op == "linear":
         return (0,) if plan.steps[step.inputs[0]].op == "trunc" else ()
     if step.op == "mul":
@@ -165,7 +166,7 @@ def kept_inputs(plan: Plan, step: Step) -> tuple[int, ...]:
         return kept if both else tuple(sorted(kept, key=lambda pos: shifts[pos] or 0))[:1]  # fewest bits
     if step.op in ("maxpool", "maxreduce"):
         src = plan.steps[step.inputs[0]]
-        if src.op == "trunc" and src.get(ShiftAttrs).shift <= plan.frac:
+        if src.op == "trunc" and src.get(ShiftAttrs).shift <= 63 - plan.cmp_bits:
             return (0,)
     return ()
 

@@ -53,14 +53,13 @@ Shares = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def share_values(values: dict[str, torch.Tensor], plan: Plan) -> Shares:
-    """The model owner's split: fixed-point weights per plan key (biases at 2f) into two random shares."""
-    fp = FixedPoint(plan.frac)
+    """The model owner's split: fixed-point weights per plan key (at `Plan.weight_fracs`: weights at f,
+    or f - 1 for a layer on a 2f input; biases at their layer's output scale) into two random shares."""
+    fracs = plan.weight_fracs()
     w0: dict[str, torch.Tensor] = {}
     w1: dict[str, torch.Tensor] = {}
-    bias_keys = plan.bias_keys()
     for k, v in values.items():
-        enc = FixedPoint(2 * plan.frac).encode(v) if k in bias_keys else fp.encode(v)
-        w0[k], w1[k] = share(enc)
+        w0[k], w1[k] = share(FixedPoint(fracs[k]).encode(v))
     return w0, w1
 
 
@@ -71,8 +70,8 @@ class TwoParty:
     """A provisioned pair of parties (with their dealer) for one module and input shape."""
 
     def __init__(self, module: nn.Module, input_shape: tuple[int, ...], frac: int = 16, cmp_bits: int = 40,
-                 device: str = "cpu", limbs: bool | None = None) -> None:
-        self.plan = build_plan(module, input_shape, frac, cmp_bits)
+                 device: str = "cpu", limbs: bool | None = None, chain: bool = True) -> None:
+        self.plan = build_plan(module, input_shape, frac, cmp_bits, chain)
         self.fp = FixedPoint(frac)
         self.dealer = Dealer(self.plan, secrets.token_hex(16), cmp_bits=cmp_bits)  # a fresh split
         w0, w1 = share_weights(module, self.plan)

@@ -155,8 +155,9 @@ def plan_for(info: ModelInfo, module: nn.Module | None = None) -> Plan:
     if module is None and info.plan is not None:
         return info.plan
     with torch.no_grad():
+        # share files without a plan were split with every weight at f bits: no chained layers
         return build_plan(module if module is not None else architecture(info), info.input_shape,
-                          info.frac, info.cmp_bits)
+                          info.frac, info.cmp_bits, chain=module is not None)
 
 
 # --- the model owner's split ----------------------------------------------------------------
