@@ -70,13 +70,14 @@ def test_spline_error_bytes_and_rounds(run2, name):
     err = (FixedPoint(16).decode(out) - spline.FUNCTIONS[name](x)).abs().max().item()
     assert err <= FUNCTIONS[name]
     D, K = sp.degree, len(sp.breaks)
-    # 5 rounds with one-round comparison trees; K * N comparisons are beyond their bound here, except
-    # for hardswish's two breaks
-    assert fig["rounds"] == 4 + compare.tree_rounds(L, K * N) == (5 if name == "hardswish" else 6)
+    # 4 rounds with one-round comparison trees; K * N comparisons are beyond their bound here, except
+    # for hardswish's two breaks. The powers come from the first opening and each u_k x^j is local
+    # once the comparison bits are open: no opening of x - a, no Beaver products, no bit for the tail.
+    assert fig["rounds"] == 3 + compare.tree_rounds(L, K * N) == (4 if name == "hardswish" else 5)
     f = 16
-    per_element = (arith.open_bytes(shift) + 8 * (D >= 2) + sum(arith.open_bytes((j - 1) * f) for j in range(2, D + 1))
-                   + 16 * D + arith.open_bytes(spline.COEF_BITS))
-    bits = K * (compare.tree_bits(L, K * N) + 1) + (1 if sp.tail else 0)
+    per_element = (arith.open_bytes(shift) + sum(arith.open_bytes((j - 1) * f) for j in range(2, D + 1))
+                   + arith.open_bytes(spline.COEF_BITS))
+    bits = K * (compare.tree_bits(L, K * N) + 1)
     assert fig["bytes_per_party"][0] == N * per_element + N * bits // 8
 
 
@@ -99,3 +100,18 @@ def test_splines_are_constant_or_linear_outside_their_breakpoints():
         sp = spline.get(name)
         assert not any(sp.polys[0][1:]) and not any(sp.polys[-1][1:])
         assert sp.degree <= spline.MAX_DEGREE and math.isclose(sp.breaks[0], -sp.breaks[-1]) or name == "hardswish"
+
+
+@pytest.mark.parametrize("name", ["silu", "tanh"])
+def test_spline_powers_after_a_fused_truncation_of_more_than_32_bits(run2, name):
+    # At 22-bit comparisons a spline may fuse a truncation of up to 41 bits. Its powers come from the
+    # first opening x = P - s + Q m with Q = 2^(64 - k) q: for k > 32, Q^2 and Q^3 no longer vanish
+    # mod 2^64, and x^2 and x^3 carry the terms Q^2 m, Q^2 (m s) and Q^3 m (m is a bit).
+    sp, L22, shift = spline.get(name), 22, 40
+    x = torch.cat([torch.linspace(-7.9, 7.9, N - 4, dtype=torch.float64),
+                   torch.tensor([0.0, 2.25, -3.75, 7.0], dtype=torch.float64)])
+    out, fig = run2(lambda s: spline.deal_spline(s, N, shift, 16, L22, sp),
+                    lambda c, R, v: spline.spline(c, v, R, sp, shift), FixedPoint(16).encode(x) << shift, 16, L22)
+    err = (FixedPoint(16).decode(out) - spline.FUNCTIONS[name](x)).abs().max().item()
+    assert err <= FUNCTIONS[name]
+    assert fig["rounds"] == 3 + compare.tree_rounds(L22, len(sp.breaks) * N)

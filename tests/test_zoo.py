@@ -16,7 +16,7 @@ from secdfd.common.engine.twoparty import TwoParty
 
 # model: (max abs error, bytes per server, rounds)
 ZOO: dict[str, tuple[float, int, int]] = {
-    "se_resnet": (2e-4, 70_284, 21),
+    "se_resnet": (2e-4, 66_700, 20),
     # cbam: its channel and spatial maxima take wider layers since reduce_plan weighs 200 kB per round
     # (was 187_960 bytes, 68 rounds with max-of-4 layers)
     # Layers, products and maxima fed by a truncation reuse its opening, and a truncation sends only
@@ -27,11 +27,14 @@ ZOO: dict[str, tuple[float, int, int]] = {
     # result costs nothing (cbam and efficientnet were 137_672 and 1_137_672 bytes, 51 and 37 rounds).
     # A linear layer on a product at 2f (a depthwise conv, a gated feature map) takes it untruncated
     # with weights at f - 1 bits (mobilenetv3, shufflenet, efficientnet and xception_ff were 686_808,
-    # 94_696, 1_126_024 and 433_672 bytes, 26, 20, 36 and 66 rounds).
-    "cbam": (2e-4, 133_672, 50),
-    "mobilenetv3": (2e-4, 684_504, 25),
+    # 94_696, 1_126_024 and 433_672 bytes, 26, 20, 36 and 66 rounds). Splines and sigmoids take four
+    # rounds: powers from the first opening, each comparison bit times each power local once the bits
+    # are open (se_resnet, cbam, mobilenetv3 and efficientnet were 70_284, 133_672, 684_504 and
+    # 1_128_328 bytes, 21, 50, 25 and 35 rounds).
+    "cbam": (2e-4, 119_336, 47),
+    "mobilenetv3": (2e-4, 314_712, 23),
     "shufflenet": (2e-4, 93_400, 18),
-    "efficientnet": (2e-4, 1_128_328, 35),
+    "efficientnet": (2e-4, 539_392, 30),
     "xception_ff": (2e-4, 419_464, 60),
 }
 

@@ -345,7 +345,7 @@ def injected(ctx: Ctx, d: torch.Tensor, m: Masked, R: InjectRand) -> torch.Tenso
     return out
 
 
-def _arith_bit(ctx: Ctx, d: torch.Tensor, R: InjectRand) -> torch.Tensor:
+def arith_bit(ctx: Ctx, d: torch.Tensor, R: InjectRand) -> torch.Tensor:
     """Shares of b from the opened d = b XOR beta (local)."""
     out = (1 - 2 * d) * R.beta_a
     return out + d if ctx.party == 0 else out
@@ -360,14 +360,14 @@ def inject(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[torch.T
 def bit_to_arith(ctx: Ctx, b: torch.Tensor, R: InjectRand, n: int) -> Proto[torch.Tensor]:
     """Arithmetic shares (n,) of the XOR-shared bit words b (one round, 1 bit/element)."""
     d = yield from open_bits(ctx, b, R, n)
-    return _arith_bit(ctx, d, R)
+    return arith_bit(ctx, d, R)
 
 
 def select(ctx: Ctx, b: torch.Tensor, m: Masked, R: InjectRand) -> Proto[tuple[torch.Tensor, torch.Tensor]]:
     """Arithmetic shares of b * x and of b itself from ONE opening of d = b XOR beta (one round,
     1 bit/element): what a piecewise function needs to select both a slope and an offset."""
     d = yield from open_bits(ctx, b, R, m.s.numel())
-    return injected(ctx, d, m, R), _arith_bit(ctx, d, R)
+    return injected(ctx, d, m, R), arith_bit(ctx, d, R)
 
 
 # ---------------------------------------------------------------------------------------------

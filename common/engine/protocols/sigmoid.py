@@ -7,10 +7,11 @@ the interval selection in `secdfd.common.engine.protocols.spline` (see there for
 
 Rounds (inputs at scale f, or 2f with the truncation fused into the first opening):
 1. open x + r                                                    1 round
-2. in parallel: 15 comparisons x >= t_k on that one opening (1 round) then their bits to
-   arithmetic (1 round); powers x^2, x^3 from one opening of x - a (1 round) then truncation (1)
-3. Beaver products c_j * x^j (1 round), truncation of the sum (1 round)
-Five rounds in all (six above 4,352 elements: 15 comparisons each, past `compare.ONE_ROUND_MAX`);
+2. in parallel: 15 comparisons x >= t_k on that one opening (1 round); powers x^2, x^3 computed
+   locally from that opening, then truncated (1 round)
+3. the comparison bits opened under a dealer's mask (1 round): each bit times each power is then
+   local; truncation of the sum (1 round)
+Four rounds in all (five above 4,352 elements: 15 comparisons each, past `compare.ONE_ROUND_MAX`);
 coefficients carry 32 fractional bits.
 """
 

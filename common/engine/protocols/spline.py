@@ -11,17 +11,20 @@ so powers of a huge x that wrap around are multiplied by an exact zero. The tail
 into x (exact), so large positive inputs never meet the coefficients' scale.
 
 Rounds (inputs at scale f, or f + shift with the truncation fused into the first opening):
-1. open x + r                                                    1 round, 8 bytes (6 if fused)
-2. in parallel: K comparisons x >= t_k on that one opening (1 round at cmp_bits up to 48) then
-   their bits to arithmetic, and the tail's bit injected into x (1 round, K (+1) bits); powers
-   x^2 .. x^D from one opening of x - a (1 round) then their truncations (1 round)
-3. Beaver products c_j * x^j (1 round, 16 D bytes), truncation of the sum (1 round, 4 bytes)
-Five rounds in all, whatever the function (six when K times the elements exceed
+1. open x + r: x = P - s + Q m in masked form                      1 round, 8 bytes (6 if fused)
+2. in parallel: K comparisons x >= t_k on that one opening (1 round at cmp_bits up to 48); and
+   x^2 .. x^D computed locally from the masked form (dealt s^2, s^3, m s, m s^2), then truncated
+   to scale f (1 round), which leaves each x^j in masked form too
+3. open d_k = b_k XOR beta_k for the comparison bits (1 round, K bits): every u_k x^j (u_k the bit
+   as a ring element) is then local from dealt beta_k times each x^j's mask, as is the tail
+   [x >= t_(K-1)] x; truncation of the sum (1 round, 4 bytes)
+Four rounds in all, whatever the function (five when K times the elements exceed
 `compare.ONE_ROUND_MAX`, whose comparison trees take two). Coefficients carry COEF_BITS = 32 fractional bits.
-Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation) + 8 (powers, D >= 2) +
-6 + 4 (truncations of x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 16 D
-(products) + 4 (last truncation) + K (cmp + 1) / 8 for the comparison trees and bits, where cmp is
-the number of bits one comparison opens (`compare.tree_bits`).
+Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation) + 6 + 4 (truncations of
+x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 4 (last truncation) + K (cmp + 1) / 8
+for the comparison trees and bits, where cmp is the number of bits one comparison opens
+(`compare.tree_bits`). The dealer pays for the local products: 2 D K ring elements per element
+(beta_k times the mask of each x^j) and the mask's monomials.
 
 Instances (`SPLINES`), fitted by least squares on Chebyshev nodes per interval; max abs error of
 the real function over the whole real line, measured on a grid of step 1e-4 (the secure result adds
@@ -44,29 +47,27 @@ from functools import cache
 import numpy as np
 import torch
 
-from secdfd.common.engine.bits import words_for
+from secdfd.common.engine.bits import unpack, words_for
 from secdfd.common.engine.driver import gather
 from secdfd.common.engine.protocols.arith import (
     Masked,
     MaskRand,
-    MulRand,
     Truncated,
     deal_mask,
-    deal_mul,
     deal_trunc,
     mask_open,
-    mul,
     trunc,
     trunc_kept,
 )
-from secdfd.common.engine.protocols.base import Ctx, Proto, open_sum
+from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.protocols.compare import (
     CmpRand,
     InjectRand,
-    bit_to_arith,
+    arith_bit,
     deal_compare,
     deal_inject,
-    inject,
+    injected,
+    open_bits,
     sign,
 )
 from secdfd.common.engine.randomness import Source
@@ -185,12 +186,14 @@ def get(name: str) -> Spline:
 class SplineRand:
     mask: MaskRand
     cmp: CmpRand
-    u: InjectRand
-    pa: list[torch.Tensor]  # shares of a, a^2, ..., a^D (empty for D = 1)
+    pow: dict[str, torch.Tensor]  # shares of s^2, s^3 (and m s, m s^2 mod 2^shift) of the first mask
     tr: list[MaskRand]  # truncations of x^2 .. x^D
-    mul: MulRand
+    u: list[InjectRand]  # per power x^j: the comparison bits' beta (one for all j) times x^j's mask
     out: MaskRand
-    tail: InjectRand | None
+
+
+def _tile(t: torch.Tensor | None, K: int) -> torch.Tensor | None:
+    return None if t is None else t.repeat(K)
 
 
 def deal_spline(src: Source, n: int, shift: int, frac: int, L: int, sp: Spline) -> SplineRand:
@@ -201,87 +204,104 @@ def deal_spline(src: Source, n: int, shift: int, frac: int, L: int, sp: Spline) 
     sbits = mask.sbits
     assert sbits is not None
     cmp = deal_compare(src.child("cmp"), sbits.repeat(1, K), K * npad, L)
-    u = deal_inject(src.child("u"), K * npad, None, False)
-    pa: list[torch.Tensor] = []
-    if D > 1:
-        p = src.child("pow")
-        a = p.ring("a", (npad,))
-        pa.append(a)
-        for j in range(2, D + 1):
-            pa.append(p.ring_from(f"a{j}", (npad,), _power_of(a, j)))
+    pw = _deal_powers(src.child("pow"), mask, D)
     tr = [deal_trunc(src.child(f"t{j}"), npad, (j - 1) * frac) for j in range(2, D + 1)]
-    m = deal_mul(src.child("mul"), (D, npad), (D, npad))
+    # one beta per comparison bit; x^j's mask times it for every j, so u_k x^j is local once d is open
+    u = [deal_inject(src.child("u"), K * npad, MaskRand(mask.r, mask.s.repeat(K), _tile(mask.m, K), None, shift),
+                     shift > 0)]
+    for j, t in enumerate(tr, start=2):
+        u.append(_deal_times_beta(src.child(f"u{j}"), u[0], K * npad, _tile(t.s, K), _tile(t.m, K), t.shift))
     out = deal_trunc(src.child("out"), npad, COEF_BITS)
-    tail = deal_inject(src.child("tail"), npad, mask, shift > 0) if sp.tail else None
-    return SplineRand(mask, cmp, u, pa, tr, m, out, tail)
+    return SplineRand(mask, cmp, pw, tr, u, out)
 
 
-def _power_of(a: torch.Tensor, j: int) -> Callable[[], torch.Tensor]:
-    return lambda: _power(a, j)
-
-
-def _power(a: torch.Tensor, j: int) -> torch.Tensor:
-    out = a
-    for _ in range(j - 1):
-        out = out * a  # int64 products wrap mod 2^64
+def _deal_powers(src: Source, mask: MaskRand, D: int) -> dict[str, torch.Tensor]:
+    """Shares of the monomials of the first opening's mask that x^2 .. x^D need (`_raw_powers`).
+    m is a bit (m^2 = m), and a term with m is multiplied by a multiple of 2^(64 - shift)."""
+    s, m, n = mask.s, mask.m, mask.s.shape[0]
+    out: dict[str, torch.Tensor] = {}
+    if D >= 2:
+        out["s2"] = src.ring_from("s2", (n,), lambda: s * s)
+    if D >= 3:
+        out["s3"] = src.ring_from("s3", (n,), lambda: s * s * s)
+    if m is not None:
+        if D >= 2:
+            out["ms"] = src.ring_from("ms", (n,), lambda: m * s, bits=mask.shift)
+        if D >= 3:
+            out["ms2"] = src.ring_from("ms2", (n,), lambda: m * s * s, bits=mask.shift)
     return out
+
+
+def _deal_times_beta(src: Source, base: InjectRand, n: int, s: torch.Tensor | None, m: torch.Tensor | None,
+                     shift: int) -> InjectRand:
+    """`base`'s bits (the same beta) with shares of beta * s and beta * m for another masked value."""
+    beta = base.beta
+    assert s is not None
+    beta_s = src.ring_from("beta_s", (n,), lambda: unpack(beta, n) * s)
+    beta_m = None if m is None else src.ring_from("beta_m", (n,), lambda: unpack(beta, n) * m, bits=shift)
+    return InjectRand(beta, base.beta_a, beta_s, beta_m)
 
 
 # ---------------------------------------------------------------------------------------------
 # Online.
 
 
-def _coefficients(ctx: Ctx, m: Masked, R: SplineRand, sp: Spline,
-                  npad: int) -> Proto[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Shares of c_j(x), (D+1, npad) at COEF_BITS fractional bits, and of the tail [x >= t_last] x."""
-    K = len(sp.breaks)
-    P = torch.cat([m.P - round(t * (1 << ctx.frac)) for t in sp.breaks])
-    tiled = Masked(P, m.s.repeat(K), m.sbits.repeat(1, K) if m.sbits is not None else None)
-    bits = yield from sign(ctx, tiled, R.cmp)
-    tail = None
-    if R.tail is not None:
-        words = npad // 64
-        u, tail = yield from gather([bit_to_arith(ctx, bits, R.u, K * npad),
-                                     inject(ctx, bits[(K - 1) * words:], m, R.tail)])
-    else:
-        u = yield from bit_to_arith(ctx, bits, R.u, K * npad)
-    st = torch.from_numpy(np.round(sp.steps() * (1 << COEF_BITS)).astype(np.int64)).to(u.device)  # (K, D+1)
-    # exact in the ring (int64 products wrap mod 2^64); element-wise, so it runs on any device
-    coef = (st.t()[:, :, None] * u.view(1, K, npad)).sum(1)
-    if ctx.party == 0:
-        base = torch.tensor([round(c * (1 << COEF_BITS)) for c in sp.polys[0]], dtype=torch.int64, device=u.device)
-        coef = coef + base[:, None]
-    return coef, tail
-
-
-def _powers(ctx: Ctx, x: torch.Tensor, R: SplineRand, degree: int) -> Proto[torch.Tensor]:
-    """Shares of x, x^2 .. x^D at scale f, (D, npad): one power-opening round, one truncation round."""
-    if degree == 1:
-        if False:  # a generator that never communicates
-            yield []
-        return x[None]
-    e = yield from open_sum(x - R.pa[0])
-    raw = []
-    for j in range(2, degree + 1):
-        # x^j = (e + a)^j = sum_i C(j, i) e^(j-i) a^i; the public e^j term is added by party 0
-        xj = R.pa[j - 1] + sum(math.comb(j, i) * _power(e, j - i) * R.pa[i - 1] for i in range(1, j))
-        raw.append(xj + _power(e, j) if ctx.party == 0 else xj)
-    truncated = yield from gather([trunc(ctx, xj, r, (j - 1) * ctx.frac)
-                                   for j, (xj, r) in enumerate(zip(raw, R.tr, strict=True), start=2)])
-    return torch.stack([x, *truncated])
+def _raw_powers(ctx: Ctx, x: Masked, R: SplineRand, D: int) -> list[torch.Tensor]:
+    """Shares of x^2 .. x^D (scales 2f .. Df) from the masked form x = P + z, z = Q m - s, with no
+    opening: x^2 = P^2 + 2 P z + z^2, x^3 = P^3 + 3 P^2 z + 3 P z^2 + z^3, where
+    z^2 = Q^2 m - 2 Q (m s) + s^2 and z^3 = Q^3 m - 3 Q^2 (m s) + 3 Q (m s^2) - s^3 (m is a bit)."""
+    P, Q = x.P, x.Q
+    z1 = -x.s
+    z2 = R.pow["s2"] if D >= 2 else None
+    z3 = -R.pow["s3"] if D >= 3 else None
+    if Q is not None:
+        assert x.m is not None
+        z1 = z1 + Q * x.m
+        if z2 is not None:
+            z2 = z2 + Q * Q * x.m - 2 * Q * R.pow["ms"]
+        if z3 is not None:
+            z3 = z3 + Q * Q * Q * x.m - 3 * Q * Q * R.pow["ms"] + 3 * Q * R.pow["ms2"]
+    out = []
+    if z2 is not None:
+        out.append(2 * P * z1 + z2 + (P * P if ctx.party == 0 else 0))
+    if z3 is not None:
+        assert z2 is not None
+        out.append(3 * P * P * z1 + 3 * P * z2 + z3 + (P * P * P if ctx.party == 0 else 0))
+    return out
 
 
 def _sum(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline,
          shift: int) -> Proto[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Shares of sum_j c_j(x) x^j at scale COEF_BITS + f and of the tail, padded to whole words."""
+    """Shares of sum_j c_j(x) x^j at scale COEF_BITS + f and of the tail, padded to whole words.
+
+    Round 1 opens x; round 2 runs the K comparisons and truncates x^2 .. x^D (computed locally from
+    the first opening) side by side; round 3 opens d = b XOR beta for the comparison bits b, and
+    every u_k x^j is then local (`compare.injected`: each x^j is in masked form)."""
     n = x.numel()
     npad = words_for(n) * 64
+    K, D = len(sp.breaks), sp.degree
     flat = torch.cat([x.reshape(-1), x.new_zeros(npad - n)])
     m = yield from mask_open(ctx, flat, R.mask, shift)
-    xf = m.share(ctx.party)
-    (coef, tail), pw = yield from gather([_coefficients(ctx, m, R, sp, npad), _powers(ctx, xf, R, sp.degree)])
-    terms = yield from mul(ctx, coef[1:], pw, R.mul)  # scale COEF_BITS + f
-    return terms.sum(0) + (coef[0] << ctx.frac), tail
+    P = torch.cat([m.P - round(t * (1 << ctx.frac)) for t in sp.breaks])
+    tiled = Masked(P, m.s.repeat(K), m.sbits.repeat(1, K) if m.sbits is not None else None)
+    raw = _raw_powers(ctx, m, R, D)
+    bits, *powers = yield from gather([sign(ctx, tiled, R.cmp)]
+                                      + [mask_open(ctx, xj, r, r.shift) for xj, r in zip(raw, R.tr, strict=True)])
+    d = yield from open_bits(ctx, bits, R.u[0], K * npad)
+    st = torch.from_numpy(np.round(sp.steps() * (1 << COEF_BITS)).astype(np.int64)).to(d.device)  # (K, D+1)
+    base = [round(c * (1 << COEF_BITS)) for c in sp.polys[0]]
+    u = arith_bit(ctx, d, R.u[0]).view(K, npad)
+    const = (st[:, 0, None] * u).sum(0) + (base[0] if ctx.party == 0 else 0)
+    acc = const << ctx.frac
+    tail = None
+    for j, (xj, Rj) in enumerate(zip([m, *powers], R.u, strict=True), start=1):
+        reps = Masked(xj.P.repeat(K), xj.s.repeat(K), None, _tile(xj.Q, K), _tile(xj.m, K))
+        ux = injected(ctx, d, reps, Rj).view(K, npad)  # u_k x^j, exact in the ring
+        # exact in the ring (int64 products wrap mod 2^64); element-wise, so it runs on any device
+        acc = acc + (st[:, j, None] * ux).sum(0) + base[j] * xj.share(ctx.party)
+        if j == 1 and sp.tail:
+            tail = ux[K - 1]  # [x >= t_last] x
+    return acc, tail
 
 
 def spline(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline, shift: int = 0) -> Proto[torch.Tensor]:
@@ -297,7 +317,7 @@ def spline_kept(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline, shift: int
     """`spline` for a function with no tail (the sigmoid), keeping the last truncation's public part:
     a product with the result reuses it (`arith.trunc_mul`, `arith.kept_mul`). Its mask is
     `kept_mask(R, n)`."""
-    assert R.tail is None
+    assert not sp.tail
     n = x.numel()
     acc, _ = yield from _sum(ctx, x, R, sp, shift)
     t = yield from trunc_kept(ctx, acc, R.out, COEF_BITS)
