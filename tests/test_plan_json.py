@@ -129,3 +129,18 @@ def test_a_weight_at_two_scales_is_refused():
     obj["weights"] = [w for w in obj["weights"] if not w[0].startswith("a.")]
     with pytest.raises(PlanError, match=r"malformed plan.*b.weight is used at 15 and at 16 fractional bits"):
         Plan.from_json(json.dumps(obj))
+
+
+def test_share_files_without_a_plan_keep_every_weight_at_f_bits(plan):
+    # Files split before plans travelled hold every weight at f bits: the plan rebuilt for them has no
+    # chained layer, while `secdfd share` lowers a new split with them: a pointwise conv after each
+    # depthwise one, a block's skip conv on the previous block's output (a gated map plus a skip), and
+    # each stream's second fc on its first.
+    info = deployment.ModelInfo("dfdnet-s", 32)
+    legacy = deployment.plan_for(info)
+    assert set(legacy.weight_fracs()[k] for k in legacy.masked_keys()) == {16}
+    chained = [k for k in plan.masked_keys() if plan.weight_fracs()[k] == 15]
+    assert len(chained) == 74 and all(".pointwise." in k or ".skip." in k or k.endswith("fc2.weight")
+                                      for k in chained)
+    assert sum(".skip." in k for k in chained) == 4 and sum("fc2" in k for k in chained) == 2
+    assert len(plan.steps) < len(legacy.steps)

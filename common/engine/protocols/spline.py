@@ -305,7 +305,7 @@ def _sum(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline,
 
 
 def spline(ctx: Ctx, x: torch.Tensor, R: SplineRand, sp: Spline, shift: int = 0) -> Proto[torch.Tensor]:
-    """Shares of f(x) at scale f for shares of x at scale f + shift (five rounds)."""
+    """Shares of f(x) at scale f for shares of x at scale f + shift (four rounds)."""
     acc, tail = yield from _sum(ctx, x, R, sp, shift)
     y = yield from trunc(ctx, acc, R.out, COEF_BITS)
     if tail is not None:
