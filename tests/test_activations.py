@@ -102,16 +102,18 @@ def test_splines_are_constant_or_linear_outside_their_breakpoints():
         assert sp.degree <= spline.MAX_DEGREE and math.isclose(sp.breaks[0], -sp.breaks[-1]) or name == "hardswish"
 
 
-@pytest.mark.parametrize("name", ["silu", "tanh"])
-def test_spline_powers_after_a_fused_truncation_of_more_than_32_bits(run2, name):
-    # At 22-bit comparisons a spline may fuse a truncation of up to 41 bits. Its powers come from the
-    # first opening x = P - s + Q m with Q = 2^(64 - k) q: for k > 32, Q^2 and Q^3 no longer vanish
-    # mod 2^64, and x^2 and x^3 carry the terms Q^2 m, Q^2 (m s) and Q^3 m (m is a bit).
-    sp, L22, shift = spline.get(name), 22, 40
-    x = torch.cat([torch.linspace(-7.9, 7.9, N - 4, dtype=torch.float64),
-                   torch.tensor([0.0, 2.25, -3.75, 7.0], dtype=torch.float64)])
-    out, fig = run2(lambda s: spline.deal_spline(s, N, shift, 16, L22, sp),
-                    lambda c, R, v: spline.spline(c, v, R, sp, shift), FixedPoint(16).encode(x) << shift, 16, L22)
+@pytest.mark.parametrize(("name", "L", "shift"), [("silu", 22, 40), ("tanh", 22, 40), ("tanh", 20, 43)])
+def test_spline_powers_after_a_fused_truncation_of_more_than_32_bits(run2, name, L, shift):
+    # Narrow comparisons leave room for wide fused truncations (up to 63 - L bits). The powers come
+    # from the first opening x = P - s + Q m with Q = 2^(64 - k) q: for k > 32, Q^2 no longer vanishes
+    # mod 2^64 (the terms Q^2 m and Q^2 (m s) of x^2 and x^3), and for k >= 43 neither does Q^3 (the
+    # term Q^3 m of x^3; m is a bit).
+    sp = spline.get(name)
+    edge = 7.9 if L == 22 else 6.9  # x - t stays inside the comparison range for every breakpoint t
+    x = torch.cat([torch.linspace(-edge, edge, N - 4, dtype=torch.float64),
+                   torch.tensor([0.0, 2.25, -3.75, 5.0], dtype=torch.float64)])
+    out, fig = run2(lambda s: spline.deal_spline(s, N, shift, 16, L, sp),
+                    lambda c, R, v: spline.spline(c, v, R, sp, shift), FixedPoint(16).encode(x) << shift, 16, L)
     err = (FixedPoint(16).decode(out) - spline.FUNCTIONS[name](x)).abs().max().item()
     assert err <= FUNCTIONS[name]
-    assert fig["rounds"] == 3 + compare.tree_rounds(L22, len(sp.breaks) * N)
+    assert fig["rounds"] == 3 + compare.tree_rounds(L, len(sp.breaks) * N)

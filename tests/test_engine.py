@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from secdfd.common.cli.bench import load_factory
-from secdfd.common.engine.evaluator import Dealer
+from secdfd.common.engine.evaluator import Dealer, Party
 from secdfd.common.engine.plan import ShiftAttrs, build_plan
 from secdfd.common.engine.twoparty import TwoParty
 
@@ -182,10 +182,10 @@ def _secure_at_32(m: nn.Module, chain: bool):
 
 
 def test_a_pointwise_conv_takes_the_depthwise_product_untruncated():
-    # At 32-bit comparisons the pointwise conv reads the depthwise conv's 2f product (weights at f - 1
-    # bits): no truncation between them. Its 3f - 1 output fuses into the ReLU (shift 31), and the
-    # max-pool reuses the opening of the 31-bit truncation: one round fewer per pair, the same bytes
-    # where the truncation's 6 + 2 become the pointwise's 8, fewer where a 31-bit shift sends 33 bits.
+    # At 32-bit comparisons the pointwise conv reads the depthwise conv's 2f product (weights at f - 2
+    # bits): no truncation between them. Its 3f - 2 output fuses into the ReLU (shift 30), and the
+    # max-pool reuses the opening of the 30-bit truncation: one round fewer per pair, the same bytes
+    # where the truncation's 6 + 2 become the pointwise's 8, fewer where a 30-bit shift sends 34 bits.
     m = _SepConvs()
     tp, rep, err = _secure_at_32(m, chain=True)
     tp0, rep0, err0 = _secure_at_32(m, chain=False)
@@ -194,16 +194,16 @@ def test_a_pointwise_conv_takes_the_depthwise_product_untruncated():
     assert ops == ["input", "linear", "linear", "relu", "linear", "linear", "trunc", "maxpool", "output"]
     assert [s.op for s in tp0.plan.steps].count("trunc") == 3
     pw1, relu, pw2, trunc = (tp.plan.steps[i] for i in (2, 3, 5, 6))
-    assert (tp.plan.steps[pw1.inputs[0]].scale, pw1.scale, pw2.scale) == (32, 47, 47)
-    assert relu.get(ShiftAttrs).shift == 31 and trunc.get(ShiftAttrs).shift == 31
-    assert tp.plan.weight_fracs()["pw1.weight"] == 15 and tp.plan.weight_fracs()["pw1.bias"] == 47
+    assert (tp.plan.steps[pw1.inputs[0]].scale, pw1.scale, pw2.scale) == (32, 46, 46)
+    assert relu.get(ShiftAttrs).shift == 30 and trunc.get(ShiftAttrs).shift == 30
+    assert tp.plan.weight_fracs()["pw1.weight"] == 14 and tp.plan.weight_fracs()["pw1.bias"] == 46
     assert rep.rounds == rep0.rounds - 2
     by, by0 = ({op: [s.bytes_per_party[0] for s in r.steps if s.op == op] for op in ("linear", "trunc", "relu",
                                                                                      "maxpool")} for r in (rep, rep0))
     assert by["linear"][1] == 8 * 3 * 64 and by0["linear"][1] == 2 * 3 * 64  # the pointwise opens the product
-    assert by["trunc"] == [5 * 4 * 64] and by0["trunc"] == [6 * 3 * 64, 6 * 6 * 64, 6 * 4 * 64]  # 33 bits in 5
+    assert by["trunc"] == [5 * 4 * 64] and by0["trunc"] == [6 * 3 * 64, 6 * 6 * 64, 6 * 4 * 64]  # 34 bits in 5
     assert sum(by["linear"] + by["trunc"]) < sum(by0["linear"] + by0["trunc"])
-    assert by["maxpool"] == by0["maxpool"]  # reused at 31 bits as at 16
+    assert by["maxpool"] == by0["maxpool"]  # reused at 30 bits as at 16
     assert by["relu"][0] < by0["relu"][0]
 
 
@@ -224,7 +224,7 @@ def test_a_weight_shared_by_a_chained_layer_lifts_its_other_inputs():
     assert err <= 1e-3
     lift = next(s for s in tp.plan.steps if s.name.endswith(".lift"))
     assert lift.op == "add" and (tp.plan.steps[lift.inputs[0]].scale, lift.scale) == (16, 32)
-    assert {s.scale for s in tp.plan.steps if s.op == "linear" and s.name == "pw"} == {47}
+    assert {s.scale for s in tp.plan.steps if s.op == "linear" and s.name == "pw"} == {46}
 
 
 def test_comparisons_wider_than_the_plan_are_refused():
@@ -232,3 +232,34 @@ def test_comparisons_wider_than_the_plan_are_refused():
     plan = build_plan(m, (1, 3, 8, 8), cmp_bits=32)
     with pytest.raises(ValueError, match="comparisons of 40 bits on a plan lowered for 32"):
         Dealer(plan, "ab" * 16, cmp_bits=40)
+    p0, _ = Dealer(plan, "ab" * 16, cmp_bits=32).provision()
+    with pytest.raises(ValueError, match="comparisons of 40 bits on a plan lowered for 32"):
+        Party(0, plan, {}, p0, None, cmp_bits=40)  # type: ignore[arg-type]
+
+
+class _Large(nn.Module):
+    """A depthwise conv (x 200) and a chained pointwise one (x 1.5) whose outputs reach 60,000: near
+    the edge of the 32-bit comparison range (|x| < 2^16), which a chained layer's 3f - 2 scale keeps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(3, 3, 1, groups=3, bias=False)
+        self.pw = nn.Conv2d(3, 3, 1, bias=False)
+        with torch.no_grad():
+            self.dw.weight.fill_(200.0)
+            self.pw.weight.copy_(torch.eye(3).view(3, 3, 1, 1) * 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.pw(self.dw(x)))  # the fused truncation sees values up to 60,000
+
+
+def test_a_chained_layer_is_exact_up_to_the_comparison_range():
+    m = _Large().eval()
+    tp = TwoParty(m, (1, 3, 8, 8), cmp_bits=32)
+    assert any(s.op == "linear" and s.scale == 46 for s in tp.plan.steps)
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 200
+    y, _ = tp(x)
+    with torch.no_grad():  # float64 on the input as encoded (2^-16 steps): what remains is truncation
+        ref = m.double()(torch.round(x.double() * 65536) / 65536)
+    assert float(ref.max()) > 59_000
+    assert (y - ref).abs().max().item() <= 1e-3

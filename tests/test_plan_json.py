@@ -77,11 +77,11 @@ def _edits():
     def version(o):
         o["version"] = 99
 
-    def chained_beyond_the_fuse(o):  # at 40-bit comparisons a 3f - 1 output cannot fuse its truncation
+    def chained_beyond_the_fuse(o):  # at 40-bit comparisons a 3f - 2 output cannot fuse its truncation
         o["cmp_bits"] = 40
 
     def chained_scale(o):
-        next(s for s in o["steps"] if s["op"] == "linear" and s["scale"] == 47)["scale"] = 48
+        next(s for s in o["steps"] if s["op"] == "linear" and s["scale"] == 46)["scale"] = 47
 
 
     return [unknown_op, extra_field, missing_field, bool_for_int, string_for_int, forward_input, huge_shape,
@@ -121,13 +121,13 @@ class _TwoPointwise(nn.Module):
 
 def test_a_weight_at_two_scales_is_refused():
     plan = build_plan(_TwoPointwise(), (1, 4, 8, 8), cmp_bits=32)
-    assert plan.weight_fracs() == {"dw.weight": 16, "dw.bias": 32, "a.weight": 15, "a.bias": 47,
+    assert plan.weight_fracs() == {"dw.weight": 16, "dw.bias": 32, "a.weight": 14, "a.bias": 46,
                                    "b.weight": 16, "b.bias": 32}
     obj = copy.deepcopy(plan.to_obj())
     a = next(s for s in obj["steps"] if s["name"] == "a")
     a["attrs"]["weight"], a["attrs"]["bias_key"] = "b.weight", "b.bias"  # one key, two encodings
     obj["weights"] = [w for w in obj["weights"] if not w[0].startswith("a.")]
-    with pytest.raises(PlanError, match=r"malformed plan.*b.weight is used at 15 and at 16 fractional bits"):
+    with pytest.raises(PlanError, match=r"malformed plan.*b.weight is used at 14 and at 16 fractional bits"):
         Plan.from_json(json.dumps(obj))
 
 
@@ -139,7 +139,7 @@ def test_share_files_without_a_plan_keep_every_weight_at_f_bits(plan):
     info = deployment.ModelInfo("dfdnet-s", 32)
     legacy = deployment.plan_for(info)
     assert set(legacy.weight_fracs()[k] for k in legacy.masked_keys()) == {16}
-    chained = [k for k in plan.masked_keys() if plan.weight_fracs()[k] == 15]
+    chained = [k for k in plan.masked_keys() if plan.weight_fracs()[k] == 14]
     assert len(chained) == 74 and all(".pointwise." in k or ".skip." in k or k.endswith("fc2.weight")
                                       for k in chained)
     assert sum(".skip." in k for k in chained) == 4 and sum("fc2" in k for k in chained) == 2

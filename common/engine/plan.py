@@ -12,9 +12,9 @@ line), propagates shapes with a zero input, folds BatchNorm into the preceding c
 every value: products carry 2f fractional bits and are truncated where a consumer needs f. ReLU,
 sigmoid and the other activations take 2f inputs directly (the truncation is fused into their first
 opening), so a conv + ReLU costs two openings, not three. A linear layer whose input is a product
-at 2f (a depthwise conv feeding a pointwise one) takes it untruncated, with its weights at f - 1
-bits, when its 3f - 1 output can still fuse into a comparison (comparisons of at most 2^(62 - 2f)
-bits, 32 at f = 16): the truncation between the two layers and its round go away.
+at 2f (a depthwise conv feeding a pointwise one) takes it untruncated, with its weights at f - 2
+bits, when its 3f - 2 output fits the comparison range and can fuse into a comparison (comparisons
+of at most 64 - 2f bits, 32 at f = 16): the truncation between the two layers and its round go away.
 
 Shape idioms are resolved at trace time from the declared input shape: `x.size()`, `x.shape`,
 `x.dim()` and arithmetic on them are Python values in the lowering's environment; getitem, view,
@@ -47,6 +47,7 @@ from secdfd.common.errors import PlanError
 
 MEAN_BITS = 24  # fractional bits of the public 1/k multiplier of means and average pools
 FOLD = "+"  # weight key of a layer with a BatchNorm folded in: "<layer>.weight+<batchnorm>"
+CHAIN_BITS = 2  # the fractional bits a linear layer on a 2f input gives up: its weights carry f - 2
 
 SUPPORTED = (
     "Conv2d / F.conv2d (any groups), Linear / F.linear, BatchNorm1d/2d (folded, or affine), ReLU, ReLU6, Hardtanh, "
@@ -306,7 +307,7 @@ class Plan:
 
     def weight_fracs(self) -> dict[str, int]:
         """The fractional bits of every weight key: a weight's are its layer's output scale less its
-        input's (f, or f - 1 for a layer on a 2f input), a bias's its layer's output scale. A key
+        input's (f, or f - CHAIN_BITS for a layer on a 2f input), a bias's its layer's output scale. A key
         whose layers disagree raises PlanError."""
         fracs: dict[str, int] = {}
         for s in self.steps:
@@ -447,7 +448,7 @@ class _Lowering:
         self.mods = dict(module.named_modules())
         self.frac = frac
         self.fuse_limit = 64 - cmp_bits - 1  # largest truncation a comparison can fuse
-        # a linear layer may take a 2f input (weights at f - 1) when its output's truncation fuses
+        # a linear layer may take a 2f input (weights at f - CHAIN_BITS) when its output's truncation fuses
         self.chain = chain and chain_fuses(frac, cmp_bits)
         self.steps: list[Step] = []
         self.weights: dict[str, tuple[int, ...]] = {}
@@ -589,9 +590,12 @@ def _refuse(node: torch.fx.Node, what: str, key: str | None = None, detail: str 
 
 
 def chain_fuses(frac: int, cmp_bits: int) -> bool:
-    """Whether a linear layer on a 2f input (output 3f - 1) can hand its output to a comparison with
-    the truncation fused: a shift of 2f - 1 bits within the comparison's headroom and the ring."""
-    return 2 * frac - 1 <= 64 - cmp_bits - 1 and 3 * frac - 1 <= 62
+    """Whether a linear layer on a 2f input (output at 3f - CHAIN_BITS) can hand its output to a
+    comparison: a value inside the comparison range, |x| < 2^(cmp_bits - f), still truncates exactly
+    at that scale (below 2^62 in the ring), the shift of 2f - CHAIN_BITS bits fits the comparison's
+    headroom (a fused truncation), and the bias encodes (at most 61 fractional bits)."""
+    out = 3 * frac - CHAIN_BITS
+    return 62 - out >= cmp_bits - frac and out - frac <= 64 - cmp_bits - 1 and out <= 61
 
 
 def build_plan(module: nn.Module, input_shape: tuple[int, ...] | list[int], frac: int = 16, cmp_bits: int = 40,
@@ -917,7 +921,7 @@ def _linear(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, kind: st
             keys: tuple[str, str | None] | None = None, **attrs: Any) -> _Val:
     """A conv or fc step; `keys` names the weight and bias parameters (default: the module's).
 
-    The input is at f, or at 2f when chaining is on (then the weights carry f - 1 bits). A weight
+    The input is at f, or at 2f when chaining is on (then the weights carry f - CHAIN_BITS bits). A weight
     used by several layers takes every input at the scale of its first use: one encoding per key."""
     wkey, bkey = keys or (name + ".weight", None)
     bkey = bkey or name + ".bias"
@@ -930,7 +934,7 @@ def _linear(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, kind: st
     low.weights[wkey] = tuple(wshape)
     if bias:
         low.weights[bkey] = (int(wshape[0]),)
-    wfrac = low.frac - 1 if want == 2 * low.frac else low.frac
+    wfrac = low.frac - CHAIN_BITS if want == 2 * low.frac else low.frac
     return low.add("linear", [x], shape, x.scale + wfrac, name, kind=kind, weight=wkey, bias_key=bkey, bias=bias,
                    wshape=tuple(wshape), **attrs)
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from secdfd.common.engine.plan import (
+    CHAIN_BITS,
     MEAN_BITS,
     OP_ATTRS,
     AddAttrs,
@@ -231,9 +232,9 @@ def _check_linear(plan: Plan, s: Step, ins: list[Step]) -> None:
     _need(not a.bias or plan.weights.get(a.bias_key) == (a.wshape[0],), "a bias per output channel")
     f = plan.frac
     _need(ins[0].scale == f and s.scale == 2 * f
-          or ins[0].scale == 2 * f and s.scale == 3 * f - 1 and chain_fuses(f, plan.cmp_bits),
-          "input at f and output at 2f, or (where the output's truncation fuses into a comparison) input at 2f "
-          "and output at 3f - 1")
+          or ins[0].scale == 2 * f and s.scale == 3 * f - CHAIN_BITS and chain_fuses(f, plan.cmp_bits),
+          f"input at f and output at 2f, or (where the output's truncation fuses into a comparison) input at 2f "
+          f"and output at 3f - {CHAIN_BITS}")
     if a.kind == "fc":
         _need(len(a.wshape) == 2 and x[-1] == a.wshape[1] and s.shape == x[:-1] + (a.wshape[0],), "fc shapes")
         return

@@ -54,7 +54,8 @@ class Weights:
     """One role's view of the secret weights.
 
     Dealer: `mask[key]` is the full weight mask B. Party i: `wb[key]` is F + B_0 (party 0) or B_1,
-    `F[key]` the opened F = W - B, `bias[key]` its additive share of each bias (scale 2f).
+    `F[key]` the opened F = W - B, `bias[key]` its additive share of each bias (at its layer's output
+    scale: 2f, or 3f - 2 for a layer on a 2f input).
     """
 
     mask: dict[str, torch.Tensor]
@@ -156,7 +157,7 @@ def kept_inputs(plan: Plan, step: Step) -> tuple[int, ...]:
       (`arith.trunc_mul`);
     - a maximum (`pool.max_lastaxis`): its input, from a truncation by k <= 63 - L bits, whose
       2^(64-k) q m term vanishes below the comparison's L + 1 bits (a chained layer's truncation by
-      2f - 1 = 31 bits at L = 32)."""
+      2f - 2 = 30 bits at L = 32)."""
     if step.op == "linear":
         return (0,) if plan.steps[step.inputs[0]].op == "trunc" else ()
     if step.op == "mul":

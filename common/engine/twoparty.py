@@ -54,7 +54,7 @@ Shares = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 def share_values(values: dict[str, torch.Tensor], plan: Plan) -> Shares:
     """The model owner's split: fixed-point weights per plan key (at `Plan.weight_fracs`: weights at f,
-    or f - 1 for a layer on a 2f input; biases at their layer's output scale) into two random shares."""
+    or f - 2 for a layer on a 2f input; biases at their layer's output scale) into two random shares."""
     fracs = plan.weight_fracs()
     w0: dict[str, torch.Tensor] = {}
     w1: dict[str, torch.Tensor] = {}

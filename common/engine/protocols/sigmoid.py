@@ -5,7 +5,7 @@ sigmoid is fitted by a cubic on each interval between the breakpoints +-{0, 1, 2
 10. Max abs error of the real function: 3.6e-5 (fit) and 4.5e-5 (saturation). It is one instance of
 the interval selection in `secdfd.common.engine.protocols.spline` (see there for the recipe):
 
-Rounds (inputs at scale f, or 2f with the truncation fused into the first opening):
+Rounds (inputs at scale f, or f + shift with the truncation fused into the first opening):
 1. open x + r                                                    1 round
 2. in parallel: 15 comparisons x >= t_k on that one opening (1 round); powers x^2, x^3 computed
    locally from that opening, then truncated (1 round)

@@ -11,7 +11,7 @@ so powers of a huge x that wrap around are multiplied by an exact zero. The tail
 into x (exact), so large positive inputs never meet the coefficients' scale.
 
 Rounds (inputs at scale f, or f + shift with the truncation fused into the first opening):
-1. open x + r: x = P - s + Q m in masked form                      1 round, 8 bytes (6 if fused)
+1. open x + r: x = P - s + Q m in masked form            1 round, 8 bytes (the 64 - shift bits if fused)
 2. in parallel: K comparisons x >= t_k on that one opening (1 round at cmp_bits up to 48); and
    x^2 .. x^D computed locally from the masked form (dealt s^2, s^3, m s, m s^2), then truncated
    to scale f (1 round), which leaves each x^j in masked form too
@@ -20,9 +20,10 @@ Rounds (inputs at scale f, or f + shift with the truncation fused into the first
    [x >= t_(K-1)] x; truncation of the sum (1 round, 4 bytes)
 Four rounds in all, whatever the function (five when K times the elements exceed
 `compare.ONE_ROUND_MAX`, whose comparison trees take two). Coefficients carry COEF_BITS = 32 fractional bits.
-Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation) + 6 + 4 (truncations of
-x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 4 (last truncation) + K (cmp + 1) / 8
-for the comparison trees and bits, where cmp is the number of bits one comparison opens
+Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation, 5 with a 30-bit one) +
+6 + 4 (truncations of x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 4 (last
+truncation) + K (cmp + 1) / 8 for the comparison trees and bits, where cmp is the number of bits one
+comparison opens
 (`compare.tree_bits`). The dealer pays for the local products: 2 D K ring elements per element
 (beta_k times the mask of each x^j) and the mask's monomials.
 
