@@ -59,7 +59,7 @@ SUPPORTED = (
 
 # The nearest supported rewrite of what users meet most; keyed by the name in the refusal.
 REWRITES: dict[str, str] = {
-    "ELU": "use nn.SiLU (5 or 6 rounds, error 2e-4) or nn.LeakyReLU (exact, 4 rounds)",
+    "ELU": "use nn.SiLU (4 or 5 rounds, error 2e-4) or nn.LeakyReLU (exact, 4 rounds)",
     "CELU": "use nn.SiLU or nn.LeakyReLU",
     "SELU": "use nn.SiLU or nn.LeakyReLU",
     "Mish": "use nn.SiLU (x sigmoid(x)), the closest supported smooth activation",

@@ -22,7 +22,7 @@ class FixedPoint:
     frac_bits: int = 16
 
     def __post_init__(self) -> None:
-        if not 0 <= self.frac_bits <= 61:  # 3f - 1 for the biases of chained layers
+        if not 0 <= self.frac_bits <= 61:  # 3f - 2 for the biases of chained layers
             raise ValueError(f"frac_bits must be in [0, 61], got {self.frac_bits}")
 
     @property

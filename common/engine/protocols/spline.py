@@ -23,9 +23,8 @@ Four rounds in all, whatever the function (five when K times the elements exceed
 Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation, 5 with a 30-bit one) +
 6 + 4 (truncations of x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 4 (last
 truncation) + K (cmp + 1) / 8 for the comparison trees and bits, where cmp is the number of bits one
-comparison opens
-(`compare.tree_bits`). The dealer pays for the local products: 2 D K ring elements per element
-(beta_k times the mask of each x^j) and the mask's monomials.
+comparison opens (`compare.tree_bits`). The dealer pays for the local products: 2 D K ring elements
+per element (beta_k times the mask of each x^j) and the mask's monomials.
 
 Instances (`SPLINES`), fitted by least squares on Chebyshev nodes per interval; max abs error of
 the real function over the whole real line, measured on a grid of step 1e-4 (the secure result adds
@@ -211,7 +210,7 @@ def deal_spline(src: Source, n: int, shift: int, frac: int, L: int, sp: Spline) 
     u = [deal_inject(src.child("u"), K * npad, MaskRand(mask.r, mask.s.repeat(K), _tile(mask.m, K), None, shift),
                      shift > 0)]
     for j, t in enumerate(tr, start=2):
-        u.append(_deal_times_beta(src.child(f"u{j}"), u[0], K * npad, _tile(t.s, K), _tile(t.m, K), t.shift))
+        u.append(_deal_times_beta(src.child(f"u{j}"), u[0], K * npad, t.s.repeat(K), _tile(t.m, K), t.shift))
     out = deal_trunc(src.child("out"), npad, COEF_BITS)
     return SplineRand(mask, cmp, pw, tr, u, out)
 
@@ -233,11 +232,10 @@ def _deal_powers(src: Source, mask: MaskRand, D: int) -> dict[str, torch.Tensor]
     return out
 
 
-def _deal_times_beta(src: Source, base: InjectRand, n: int, s: torch.Tensor | None, m: torch.Tensor | None,
+def _deal_times_beta(src: Source, base: InjectRand, n: int, s: torch.Tensor, m: torch.Tensor | None,
                      shift: int) -> InjectRand:
     """`base`'s bits (the same beta) with shares of beta * s and beta * m for another masked value."""
     beta = base.beta
-    assert s is not None
     beta_s = src.ring_from("beta_s", (n,), lambda: unpack(beta, n) * s)
     beta_m = None if m is None else src.ring_from("beta_m", (n,), lambda: unpack(beta, n) * m, bits=shift)
     return InjectRand(beta, base.beta_a, beta_s, beta_m)
