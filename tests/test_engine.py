@@ -185,7 +185,8 @@ def test_a_pointwise_conv_takes_the_depthwise_product_untruncated():
     # At 32-bit comparisons the pointwise conv reads the depthwise conv's 2f product (weights at f - 2
     # bits): no truncation between them. Its 3f - 2 output fuses into the ReLU (shift 30), and the
     # max-pool reuses the opening of the 30-bit truncation: one round fewer per pair, the same bytes
-    # where the truncation's 6 + 2 become the pointwise's 8, fewer where a 30-bit shift sends 34 bits.
+    # where the truncation's 6 + 2 become the pointwise's 8, fewer where a 30-bit shift sends 34 bits
+    # (4.25 bytes: the 2 bits past the int32 as bit planes).
     m = _SepConvs()
     tp, rep, err = _secure_at_32(m, chain=True)
     tp0, rep0, err0 = _secure_at_32(m, chain=False)
@@ -201,7 +202,7 @@ def test_a_pointwise_conv_takes_the_depthwise_product_untruncated():
     by, by0 = ({op: [s.bytes_per_party[0] for s in r.steps if s.op == op] for op in ("linear", "trunc", "relu",
                                                                                      "maxpool")} for r in (rep, rep0))
     assert by["linear"][1] == 8 * 3 * 64 and by0["linear"][1] == 2 * 3 * 64  # the pointwise opens the product
-    assert by["trunc"] == [5 * 4 * 64] and by0["trunc"] == [6 * 3 * 64, 6 * 6 * 64, 6 * 4 * 64]  # 34 bits in 5
+    assert by["trunc"] == [4 * 4 * 64 + 2 * 8 * 4] and by0["trunc"] == [6 * 3 * 64, 6 * 6 * 64, 6 * 4 * 64]
     assert sum(by["linear"] + by["trunc"]) < sum(by0["linear"] + by0["trunc"])
     assert by["maxpool"] == by0["maxpool"]  # reused at 30 bits as at 16
     assert by["relu"][0] < by0["relu"][0]

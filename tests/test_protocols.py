@@ -129,12 +129,16 @@ def test_sign_of_values_near_zero(run2):
     assert torch.equal(out, (x >= 0).long())
 
 
+BOUND = 1 << 16  # a lower bound than the deployed one (2^20), so that both shapes run quickly
+
+
 @pytest.mark.parametrize("L", [32, 40])
-@pytest.mark.parametrize("n", [compare.ONE_ROUND_MAX, compare.ONE_ROUND_MAX + 64])
-def test_comparison_tree_one_round_up_to_its_bound_then_two(run2, n, L):
+@pytest.mark.parametrize("n", [BOUND, BOUND + 64])
+def test_comparison_tree_one_round_up_to_its_bound_then_two(run2, n, L, monkeypatch):
     """Both tree shapes, exact, at the bound that chooses between them: rounds and bits as the cost
     model says (open, tree, bit to arithmetic: 3 rounds and 10 or 12 tree bits per comparison; 4
-    rounds and 16 or 21 bits beyond)."""
+    rounds and 16 or 21 bits beyond). Dealer and parties read the bound when they run."""
+    monkeypatch.setattr(compare, "ONE_ROUND_MAX", BOUND)
     x = _rand_ring(n, L - 1)
     x[:600] = torch.arange(-300, 300, dtype=torch.int64)  # near zero: every borrow chain
 
@@ -153,7 +157,7 @@ def test_comparison_tree_one_round_up_to_its_bound_then_two(run2, n, L):
     assert compare.tree_rounds(L, n) == (1 if one else 2)
     assert compare.tree_bits(L, n) == {(32, True): 10, (40, True): 12, (32, False): 16, (40, False): 21}[(L, one)]
     assert fig["rounds"] == 2 + compare.tree_rounds(L, n)
-    assert fig["bytes_per_party"][0] == n * arith.open_bytes(0) + n * (compare.tree_bits(L, n) + 1) // 8
+    assert fig["bytes_per_party"][0] == arith.open_nbytes(0, n) + n * (compare.tree_bits(L, n) + 1) // 8
 
 
 def _conv_cases(groups: int):
@@ -342,7 +346,7 @@ def test_linear_reusing_a_truncation_is_exact_and_opens_k_bits(run2, k):
         assert int(d.min()) >= -1 and int(d.max()) <= 1
         assert torch.equal(Z, op(X, W))
         assert fig["rounds"] == 2
-        assert fig["bytes_per_party"][0] == arith.open_bytes(k) * x.numel() + {16: 2, 24: 4}[k] * x.numel()
+        assert fig["bytes_per_party"][0] == arith.open_nbytes(k, x.numel()) + {16: 2, 24: 4}[k] * x.numel()
 
 
 @pytest.mark.parametrize("k", [16, 32])
@@ -361,7 +365,7 @@ def test_product_reusing_a_truncation_is_exact_and_opens_k_bits(run2, k):
     X, Z = out[: x.numel()].reshape(x.shape), out[x.numel():].reshape(x.shape)
     assert torch.equal(Z, X * y)
     assert fig["rounds"] == 2
-    assert fig["bytes_per_party"][0] == arith.open_bytes(k) * x.numel() + k // 8 * x.numel() + 8 * y.numel()
+    assert fig["bytes_per_party"][0] == arith.open_nbytes(k, x.numel()) + k // 8 * x.numel() + 8 * y.numel()
 
 
 @pytest.mark.parametrize("gate", ["trunc", "sigmoid"])
@@ -536,18 +540,29 @@ def test_a_server_sees_only_uniform_values_when_a_layer_reuses_a_truncation(run2
 
     run2(deal, watched, x)
     (mine1, peer1), (mine2, peer2) = log
-    c_high = (arith.from_high_bytes(mine1) + arith.from_high_bytes(peer1)) & ((1 << 48) - 1)
+    c_high = (arith.from_high_bytes(mine1, n) + arith.from_high_bytes(peer1, n)) & ((1 << 48) - 1)
     e2 = (mine2[0].long() + peer2[0].long()) & 0xFFFF
     for opened, bits in ((c_high, 48), (e2.reshape(-1), 16)):
         counts = torch.bincount((opened >> (bits - 4)).reshape(-1), minlength=16).double()
         assert ((counts / n - 1 / 16).abs() <= 0.015).all(), counts
 
 
-@pytest.mark.parametrize("k", [16, 20, 24, 32, 40])
-def test_the_bits_above_a_shift_travel_whole(k):
-    # high_bytes relies on integer casts keeping the low bits (two's complement); pin it for every width
-    v = Stream(new_seed(), "hb").ring((10_000,))
+@pytest.mark.parametrize("k", [16, 20, 24, 30, 31, 32, 40, 58, 63])
+def test_the_bits_above_a_shift_travel_whole_and_packed(k):
+    # high_bytes relies on integer casts keeping the low bits (two's complement), and the bits past
+    # the last whole byte travel as bit planes: pin both for every width, over a length that is not a
+    # multiple of 64
+    n = 10_001
+    v = Stream(new_seed(), "hb").ring((n,))
     v[:4] = torch.tensor([0, -1, 2**63 - 1, -(2**63)])
     pieces = arith.high_bytes(v, k)
-    assert sum(p.element_size() for p in pieces) == arith.open_bytes(k)
-    assert torch.equal(arith.from_high_bytes(pieces), lshr(v, k))
+    sent = sum(p.numel() * p.element_size() for p in pieces)
+    assert sent == arith.open_nbytes(k, n) == (64 - k) // 8 * n + (64 - k) % 8 * 8 * 157  # 157 words of 64
+    assert torch.equal(arith.from_high_bytes(pieces, n), lshr(v, k))
+    # 30 bits (a chained layer's fused truncation): 34 bits in 4.25 bytes, not 5
+    # (short tensors, where 64-element planes would be longer, send a whole byte instead)
+    assert arith.open_nbytes(30, 1024) == 4 * 1024 + 2 * 8 * 16 and arith.open_nbytes(16, 1024) == 6 * 1024
+    assert arith.open_nbytes(30, 16) == 5 * 16 and arith.open_nbytes(30, 17) == 4 * 17 + 2 * 8
+    short = Stream(new_seed(), "hs").ring((16,))
+    assert [p.dtype for p in arith.high_bytes(short, 30)] == [torch.int32, torch.uint8]
+    assert torch.equal(arith.from_high_bytes(arith.high_bytes(short, 30), 16), lshr(short, 30))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from secdfd.common.engine.bits import planes, words_for
+from secdfd.common.engine.bits import planes, unpack, words_for
 from secdfd.common.engine.driver import gather
 from secdfd.common.engine.protocols.base import Ctx, Proto, open_sum
 from secdfd.common.engine.randomness import Source
@@ -71,9 +71,25 @@ class Masked:
         return out
 
 
-def open_bytes(shift: int) -> int:
-    """Bytes per element `mask_open` sends: 8, or the bits above a truncation's shift (6 for 16)."""
-    return 8 if shift == 0 else (64 - shift + 7) // 8
+def open_bits(shift: int) -> int:
+    """Bits per element `mask_open` opens: 64, or the bits above a truncation's shift (48 for 16)."""
+    return 64 - shift
+
+
+def _packed(nb: int, n: int) -> bool:
+    """Whether the nb % 8 bits past the last whole byte of n elements travel as bit planes (whole
+    64-element words) rather than as one more byte each: only where that is smaller."""
+    return nb % 8 > 0 and nb % 8 * 8 * words_for(n) < n
+
+
+def open_nbytes(shift: int, n: int) -> int:
+    """Bytes one party sends to `mask_open` n elements: the whole bytes of `open_bits` per element,
+    and the bits past the last whole byte bit-packed where that is smaller (`high_bytes`): 6 n for a
+    16-bit shift, 4.25 n for a 30-bit one (to whole 64-element words; 5 n below 17 elements)."""
+    nb = open_bits(shift)
+    if _packed(nb, n):
+        return nb // 8 * n + nb % 8 * 8 * words_for(n)
+    return (nb + 7) // 8 * n
 
 
 _PIECES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -90,31 +106,41 @@ def _piece_widths(nb: int) -> list[int]:
 
 
 def high_bytes(v: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """The bits k..63 of each int64 element in ceil((64 - k) / 8) bytes, as integer tensors of 4, 2
-    and 1 bytes (for k = 16: an int32 of bits 16..47 and an int16 of bits 48..63)."""
+    """The bits k..63 of each int64 element of a flat v: whole bytes as integer tensors of 4, 2 and 1
+    bytes, and the bits past the last whole byte as bit planes (`bits.planes`) where that is smaller
+    (`_packed`), else as one more byte. For k = 16: an int32 of bits 16..47 and an int16 of bits
+    48..63; for k = 30: an int32 of bits 30..61 and two planes of bits 62 and 63 (34 bits in 4.25
+    bytes), or for short tensors an int32 and a uint8."""
     h = lshr(v, k)
+    nb = open_bits(k)
+    packed = _packed(nb, v.numel())
     out, at = [], 0
-    for w in _piece_widths(open_bytes(k)):
+    for w in _piece_widths(nb // 8 if packed else (nb + 7) // 8):
         out.append((h >> at).to(_PIECES[w]))  # keeps the low 8 w bits (two's complement)
         at += 8 * w
+    if packed:
+        out.append(planes(h, at, nb % 8))
     return out
 
 
-def from_high_bytes(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `high_bytes`: the int64 values (bits k..63 shifted down)."""
-    h: torch.Tensor | None = None
+def from_high_bytes(pieces: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Inverse of `high_bytes` for n elements: the int64 values (bits k..63 shifted down)."""
+    h = torch.zeros(n, dtype=torch.int64, device=pieces[0].device)
     at = 0
     for p in pieces:
+        if p.dim() == 2:  # bit planes of the bits left over
+            for j, plane in enumerate(unpack(p, n)):
+                h |= plane << (at + j)
+            at += p.shape[0]
+            continue
         w = p.element_size()
-        part = (p.to(torch.int64) & ((1 << (8 * w)) - 1)) << at
-        h = part if h is None else h | part
+        h |= (p.to(torch.int64) & ((1 << (8 * w)) - 1)) << at
         at += 8 * w
-    assert h is not None
     return h
 
 
 def mask_open(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[Masked]:
-    """Open x + r for a flat shared x (one round, 8 bytes per element; 6 with a 16-bit shift).
+    """Open x + r for a flat shared x (one round, 8 bytes per element; `open_nbytes` with a shift).
 
     shift = 0: P = c = x + r, so x = P - r exactly.
     shift = k: truncation to one unit in the last place. y = x + 2^62 lies in [0, 2^63) for
@@ -134,7 +160,7 @@ def mask_open(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[Maske
     v = y + R.r
     peer = yield high_bytes(v, k)
     top = (1 << (64 - k)) - 1
-    H = (lshr(v, k) + from_high_bytes(peer)) & top
+    H = (lshr(v, k) + from_high_bytes(peer, v.numel())) & top
     edge = torch.eq(H, top) | torch.eq(H, top >> 1)
     if bool(edge.any()):  # both parties see the same H, so both take this round or neither
         at = edge.nonzero().view(-1)
@@ -151,8 +177,8 @@ def deal_trunc(src: Source, n: int, shift: int) -> MaskRand:
 
 
 def trunc(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[torch.Tensor]:
-    """Shares of x / 2^shift (floor, within one unit). One round, `open_bytes(shift)` bytes per element
-    (6 for a 16-bit shift)."""
+    """Shares of x / 2^shift (floor, within one unit). One round, `open_nbytes(shift, n)` bytes for
+    n elements (6 per element for a 16-bit shift, 4.25 for a 30-bit one)."""
     m = yield from mask_open(ctx, x.reshape(-1), R, shift)
     return m.share(ctx.party).reshape(x.shape)
 

@@ -46,17 +46,17 @@ FANIN = 4  # children per inner node of a deep tree (over more than ONE_ROUND_BI
 ROOT_FANIN = 8  # a one-round tree: up to 8 leaf groups under one root, a product of up to 8 opened bits
 LEAF_MAX = 7  # leaf groups of up to 7 bits (120 dealt monomials each)
 ONE_ROUND_BITS = ROOT_FANIN * LEAF_MAX
-ONE_ROUND_MAX = 1 << 16  # comparisons per batch that take the one-round tree (see `one_round`)
+ONE_ROUND_MAX = 1 << 20  # comparisons per batch that take the one-round tree (see `one_round`)
 
 
 def one_round(nbits: int, n: int) -> bool:
     """Whether a batch of n comparisons over nbits takes the one-round tree. It costs the dealer more
     bits per comparison (301 instead of 133 for 32 bits, 514 instead of 161 for 40) and opens fewer
-    (10 instead of 16, 12 instead of 21). The largest batches, a few steps of the first blocks (their
-    ReLUs and max-pools), keep the two-round tree: at most ONE_ROUND_MAX comparisons, so a round saved
-    costs the dealer at most 1.4 MB at 32 bits (2.9 MB at 40). Full DFDNet at 128 px, 40 bits, in
-    one process: 924 -> 803 rounds for 968 -> 1,207 MB dealt (one round everywhere: 770 rounds for
-    1,801 MB; up to 2^17 comparisons: 791 for 1,332)."""
+    (10 instead of 16, 12 instead of 21): 21 dealt bytes buy 0.75 bytes online and a round. Every
+    batch of DFDNet at 128 px takes it (the largest, a first block's max-pool, has about 700,000
+    comparisons); the bound keeps much larger inputs from making the dealer's bundles grow by 21 bytes
+    per comparison without limit. Full DFDNet at 128 px, 32 bits, in one process, against a bound of
+    2^16: 212.26 -> 202.53 MB online and 723 -> 690 rounds, for 975 -> 1,278 MB dealt."""
     return nbits <= ONE_ROUND_BITS and n <= ONE_ROUND_MAX
 
 

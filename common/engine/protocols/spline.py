@@ -20,7 +20,7 @@ Rounds (inputs at scale f, or f + shift with the truncation fused into the first
    [x >= t_(K-1)] x; truncation of the sum (1 round, 4 bytes)
 Four rounds in all, whatever the function (five when K times the elements exceed
 `compare.ONE_ROUND_MAX`, whose comparison trees take two). Coefficients carry COEF_BITS = 32 fractional bits.
-Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation, 5 with a 30-bit one) +
+Bytes per element per server: 8 (open; 6 with a fused 16-bit truncation, 4.25 with a 30-bit one) +
 6 + 4 (truncations of x^2 and x^3: a truncation by k sends the 64 - k bits above k) + 4 (last
 truncation) + K (cmp + 1) / 8 for the comparison trees and bits, where cmp is the number of bits one
 comparison opens (`compare.tree_bits`). The dealer pays for the local products: 2 D K ring elements
