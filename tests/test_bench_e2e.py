@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -59,3 +67,44 @@ def test_e2e_command_refuses_nonsense():
     for bad, why in (("0", "batch sizes are 1 to 64, not 0"), ("1,x", "comma-separated")):
         r = CliRunner().invoke(main, ["bench", "e2e", "--batch", bad])
         assert r.exit_code == 2 and why in r.output
+
+
+def _parties_under(root: Path, bench: int) -> list[int]:
+    """Pids of processes other than `bench` whose command line names a path under `root`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != bench:
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+                state = (d / "stat").read_text().split(") ", 1)[1][0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z" and any(str(root).encode() in a for a in argv):
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.parametrize("bench", [["e2e", "--images", "50"], ["load", "--clients", "1", "--requests", "50"]])
+def test_a_benchmark_ended_by_sigterm_stops_its_parties(tmp_path, bench):
+    # `timeout` and service managers end a process with SIGTERM, whose default action skips every
+    # `finally`; the parties run in sessions of their own and would outlive the benchmark
+    argv = [sys.executable, "-c", "from secdfd.common.cli.main import main; main()", "bench", *bench,
+            "--model", "dfdnet-s", "--size", "32", "--work", str(tmp_path)]
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_parties_under(tmp_path, p.pid)) < 3 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_parties_under(tmp_path, p.pid)) == 3, "the three parties did not start"
+        time.sleep(2)  # into the run
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+        left = _parties_under(tmp_path, p.pid)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert left == [], "parties outlived the benchmark"
+    assert list(tmp_path.iterdir()) == []  # the scratch folder is gone too

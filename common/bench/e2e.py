@@ -136,16 +136,13 @@ def scratch_deployment(model: torch.nn.Module | Path, arch: str, work: Path | No
         make_keys(layout.keys)
         share_model(model_file, layout.shares)
         model_file.unlink()  # the servers get shares only
-        started = local.start(layout, local.launches(layout, endpoints, options), launcher.spawn)
-        try:
+        with local.running(layout, local.launches(layout, endpoints, options), launcher.spawn) as started:
             local.wait_ready(started, layout.keys, startup, prepared=True)
             client = Client(ClientConfig(layout.keys, endpoints.server_a, endpoints.server_b, options.timeout * 4))
             try:
                 yield Scratch(layout, started, client, time.perf_counter() - t0, startup)
             finally:
                 client.close()
-        finally:
-            local.stop(started)
 
 
 def bench_images(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:

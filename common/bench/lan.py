@@ -39,11 +39,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from types import FrameType
 from typing import IO, Any
 
 from secdfd.common.errors import SecDFDError
 from secdfd.common.roster import PARTIES
+from secdfd.common.service import local
 
 PREFIX = "sdfd-"
 SUBNET = "10.213.0"
@@ -159,13 +159,6 @@ class Rtt:
         return asdict(self)
 
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
 
 
 class Lan:
@@ -268,8 +261,8 @@ class Lan:
     def _install_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; the with-block and atexit still clean up
-        for s in _SIGNALS:
-            self._old_handlers[s] = signal.signal(s, _raise_on_signal)
+        for s in local.EXIT_SIGNALS:
+            self._old_handlers[s] = signal.signal(s, local.raise_on_signal)
 
     def _hold_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():

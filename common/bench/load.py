@@ -174,12 +174,9 @@ def _deployment(plan: LoadPlan, work: Path | None, launcher: local.Launcher,
                 admit(layout.keys / server, server, public, name=f"load-{i}")
                 admit(home, roster.CLIENT, layout.keys / "public" / f"{server}.key")
             clients.append(home)
-        started = local.start(layout, local.launches(layout, endpoints, options), launcher.spawn)
-        try:
+        with local.running(layout, local.launches(layout, endpoints, options), launcher.spawn) as started:
             local.wait_ready(started, layout.keys, 900, prepared=True)
             yield layout, endpoints, started, clients
-        finally:
-            local.stop(started)
 
 
 def run_load(plan: LoadPlan, work: Path | None = None, launcher: local.Launcher = local.ON_LOOPBACK,
@@ -228,11 +225,17 @@ def _run_clients(plan: LoadPlan, clients: list[Path], eps: local.Endpoints, imag
         procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env={**os.environ, "SECDFD_THREADS": str(options.threads)}))
     lines = []
-    for p in procs:
-        out, err = p.communicate()
-        if p.returncode != 0:
-            raise LoadError(f"a load client failed (exit {p.returncode}): {err.strip()[-500:]}")
-        lines += [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+    try:
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                raise LoadError(f"a load client failed (exit {p.returncode}): {err.strip()[-500:]}")
+            lines += [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+    finally:  # a failed client or a signal: the others stop too
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return lines
 
 

@@ -22,10 +22,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from secdfd.common import roster
@@ -225,6 +227,52 @@ def start(layout: Layout, plan: Sequence[Launch], spawn: Spawn = spawn_local) ->
         raise DeploymentError(f"cannot start {launch.name}: {e}") from None
     write_processes(layout, started)
     return started
+
+
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def raise_on_signal(signum: int, frame: FrameType | None) -> None:
+    """A handler that turns SIGINT into KeyboardInterrupt and SIGTERM or SIGHUP into SystemExit, so
+    that `finally` clauses run (a signal's default action ends the process without them)."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored in the block (main thread only): a clean-up is not cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def running(layout: Layout, plan: Sequence[Launch], spawn: Spawn = spawn_local) -> Iterator[list[Started]]:
+    """`start` the parties and `stop` them on leaving the block, also when the process is ended by
+    SIGTERM, SIGHUP or SIGINT in the block (a benchmark stopped by `timeout`, a closed terminal): its
+    parties run in sessions of their own, and without this they would outlive it. Signals are held
+    while the parties stop."""
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, raise_on_signal) for s in EXIT_SIGNALS}
+    try:
+        started = start(layout, plan, spawn)
+        try:
+            yield started
+        finally:
+            with held_signals():
+                stop(started)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def write_processes(layout: Layout, started: Sequence[Started]) -> None:
