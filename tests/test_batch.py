@@ -44,9 +44,10 @@ def test_a_batch_of_three_dfdnet_crops_gives_each_crop_its_own_result_in_the_rou
     # products of a sigmoid's gate and a truncation's result that opened the gate; 3_931_134 and
     # 10_775_514 with a truncation between each depthwise and pointwise conv; 3_845_586 and 10_518_870
     # with five-round sigmoids that opened x - a and Beaver products; 3_515_858 and 9_708_886 with the
-    # 2 bits above a 30-bit truncation's 4 bytes sent as a whole byte)
-    assert rep1.bytes_per_party == [3_445_730] * 2
-    assert rep3.bytes_per_party == [9_497_574] * 2
+    # 2 bits above a 30-bit truncation's 4 bytes sent as a whole byte; 3_445_730 and 9_497_574 with the
+    # spatial attention's channel mean truncated after the cat with the channel max)
+    assert rep1.bytes_per_party == [3_446_342] * 2
+    assert rep3.bytes_per_party == [9_499_410] * 2
     assert 2.5 * rep1.dealer_bytes < rep3.dealer_bytes < 3 * rep1.dealer_bytes
 
 

@@ -58,3 +58,36 @@ def test_full_width_dfdnet_plan_builds():
     assert counts["linear"] == 275 and counts["sigmoid"] == 50 and counts["maxpool"] == 8
     n_params = sum(torch.Size(s).numel() for s in plan.weights.values())
     assert abs(n_params - 2 * 28.15e6) / (2 * 28.15e6) < 0.01
+
+
+class _PoolBeside(nn.Module):
+    """A mean over channels beside a channel max (CBAM's spatial pool), a conv, or its own input."""
+
+    def __init__(self, beside: str) -> None:
+        super().__init__()
+        self.beside = beside
+        self.conv = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        if self.beside == "input":
+            x = torch.relu(x)
+            return torch.cat([x[:, :1], torch.mean(x, 1, keepdim=True)], 1)
+        first = self.conv(x) if self.beside == "conv" else torch.amax(x, 1, keepdim=True)
+        return torch.cat([first, torch.mean(x, 1, keepdim=True)], 1)
+
+
+def test_a_mean_beside_a_later_comparison_is_truncated_before_the_cat():
+    # The mean is local and ready with its input; the max takes rounds after it. Truncating the mean
+    # on its own lets its round pass while the max runs, and the cat is at f.
+    plan = build_plan(_PoolBeside("max"), (1, 8, 4, 4), cmp_bits=32)
+    (cat,) = (s for s in plan.steps if s.op == "cat")
+    inputs = [plan.steps[i] for i in cat.inputs]
+    assert cat.scale == 16 and [s.scale for s in inputs] == [16, 16]
+    assert inputs[1].op == "trunc" and inputs[1].get(ShiftAttrs).shift == 24
+    # Beside a conv's 2f output, or beside the mean's own input (a ReLU before it, no later than the
+    # mean), there is no such gain and a later comparison may fuse one truncation of the whole cat:
+    # both are lifted.
+    for beside, scales in (("conv", [32, 40]), ("input", [16, 40])):
+        plan = build_plan(_PoolBeside(beside), (1, 8, 4, 4), cmp_bits=32)
+        (cat,) = (s for s in plan.steps if s.op == "cat")
+        assert cat.scale == 40 and [plan.steps[i].scale for i in cat.inputs] == scales

@@ -247,6 +247,8 @@ Attrs = (NoAttrs | LinearAttrs | ShiftAttrs | WindowAttrs | ReduceAttrs | AddAtt
          | SplineAttrs)
 
 # Which attributes each op carries: a step of another type is a programming error.
+COMPARING = frozenset({"relu", "maxreduce", "maxpool", "piecewise", "spline", "sigmoid"})  # steps with comparisons
+
 OP_ATTRS: dict[str, type[Attrs]] = {
     "input": NoAttrs, "output": NoAttrs, "reshape": NoAttrs, "mul": NoAttrs, "expand": NoAttrs,
     "linear": LinearAttrs, "trunc": ShiftAttrs, "relu": ShiftAttrs, "sigmoid": ShiftAttrs,
@@ -479,8 +481,44 @@ class _Lowering:
         return v if v.scale - self.frac <= self.fuse_limit else self.at_frac(v, name)
 
     def align(self, vals: list[_Val], name: str) -> tuple[list[_Val], list[int], int]:
-        scale = max(v.scale for v in vals)
-        return vals, [scale - v.scale for v in vals], scale
+        """Values to combine (`cat`, `stack`, `+`) at one scale: each lifted to the largest (exact local
+        shifts), except a mean or average pool beside a value at f that a comparison computed after the
+        pool's input: that pool is truncated to f on its own. It is ready with its input, the comparison
+        only rounds later, so the truncation's round passes while the comparison runs instead of after
+        it (CBAM's spatial attention: the channel mean is truncated while the channel max is computed,
+        and the 7 x 7 conv follows the max one round sooner). Beside an earlier value, or beside a
+        product, lifting keeps the one truncation after the sum that a comparison can fuse."""
+        late = [v for v in vals if v.scale == self.frac]
+        out = []
+        for v in vals:
+            src = self._pool_input(v) if late and v.scale > self.frac else None
+            if src is not None and any(self._compared_after(w, src) for w in late):
+                v = self.at_frac(v, name)
+            out.append(v)
+        scale = max(v.scale for v in out)
+        return out, [scale - v.scale for v in out], scale
+
+    def _pool_input(self, v: _Val) -> int | None:
+        """The input step of v when v is a mean or an average pool (through local reshapes and
+        indexing), else None."""
+        step = self.steps[v.step]
+        while step.op in ("reshape", "permute", "index") and len(step.inputs) == 1:
+            step = self.steps[step.inputs[0]]
+        return step.inputs[0] if step.op in ("mean", "sumpool") else None
+
+    def _compared_after(self, v: _Val, after: int) -> bool:
+        """Whether a comparison step later than step `after` leads to v."""
+        seen: set[int] = set()
+        todo = [v.step]
+        while todo:
+            i = todo.pop()
+            if i <= after or i in seen:
+                continue
+            seen.add(i)
+            if self.steps[i].op in COMPARING:
+                return True
+            todo.extend(self.steps[i].inputs)
+        return False
 
     def reshape(self, v: _Val, shape: tuple[int, ...], name: str) -> _Val:
         """v viewed as `shape` (no step when it already has it)."""
