@@ -159,8 +159,6 @@ class Rtt:
         return asdict(self)
 
 
-
-
 class Lan:
     """An emulated LAN of `roles`, each in its own namespace, links shaped to `rate`.
 
