@@ -128,7 +128,8 @@ def scratch_deployment(model: torch.nn.Module | Path, arch: str, work: Path | No
     from secdfd.common.service.deployment import share_model
 
     options = options or local.Options()
-    with tempfile.TemporaryDirectory(prefix="secdfd-e2e-", dir=work) as tmp:
+    # a signal while the keys and shares are made still removes the folder that holds them
+    with local.exit_on_signals(), tempfile.TemporaryDirectory(prefix="secdfd-e2e-", dir=work) as tmp:
         layout = local.Layout(Path(tmp))
         endpoints = launcher.endpoints or local.Endpoints.free()
         t0 = time.perf_counter()

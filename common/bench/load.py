@@ -159,7 +159,7 @@ def _deployment(plan: LoadPlan, work: Path | None, launcher: local.Launcher,
                 options: local.Options) -> Iterator[_Running]:
     """Scratch deployment with one admitted client key folder per client process."""
     model, _ = bench_model(plan.model, plan.size)
-    with tempfile.TemporaryDirectory(prefix="secdfd-load-", dir=work) as tmp:
+    with local.exit_on_signals(), tempfile.TemporaryDirectory(prefix="secdfd-load-", dir=work) as tmp:
         layout = local.Layout(Path(tmp))
         endpoints = launcher.endpoints or local.Endpoints.free()
         write_model_file(Path(plan.model) if is_model_file(plan.model) else model, plan.model, layout.root / "model.pt")

@@ -225,6 +225,9 @@ def start(layout: Layout, plan: Sequence[Launch], spawn: Spawn = spawn_local) ->
     except OSError as e:
         stop(started)
         raise DeploymentError(f"cannot start {launch.name}: {e}") from None
+    except BaseException:  # a signal turned into an exception (`running`) while some were started
+        stop(started)
+        raise
     write_processes(layout, started)
     return started
 
@@ -241,12 +244,27 @@ def raise_on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise (`raise_on_signal`) in the block, main thread only, so that the
+    block's `finally` clauses and context managers clean up; the handlers before are restored after."""
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, raise_on_signal) for s in EXIT_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def held_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored in the block (main thread only): a clean-up is not cut in half."""
+    """SIGINT, SIGTERM and SIGHUP ignored in the block (main thread only): a clean-up is not cut in
+    half."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in EXIT_SIGNALS}
     try:
         yield
     finally:
@@ -257,22 +275,16 @@ def held_signals() -> Iterator[None]:
 @contextlib.contextmanager
 def running(layout: Layout, plan: Sequence[Launch], spawn: Spawn = spawn_local) -> Iterator[list[Started]]:
     """`start` the parties and `stop` them on leaving the block, also when the process is ended by
-    SIGTERM, SIGHUP or SIGINT in the block (a benchmark stopped by `timeout`, a closed terminal): its
-    parties run in sessions of their own, and without this they would outlive it. Signals are held
-    while the parties stop."""
-    old: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        old = {s: signal.signal(s, raise_on_signal) for s in EXIT_SIGNALS}
-    try:
+    SIGTERM, SIGHUP or SIGINT (a benchmark stopped by `timeout`, a closed terminal): its parties run
+    in sessions of their own, and without this they would outlive it. A signal while they start
+    stops those already started; signals are held while they stop."""
+    with exit_on_signals():
         started = start(layout, plan, spawn)
         try:
             yield started
         finally:
             with held_signals():
                 stop(started)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def write_processes(layout: Layout, started: Sequence[Started]) -> None:

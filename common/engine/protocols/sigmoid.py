@@ -11,8 +11,8 @@ Rounds (inputs at scale f, or f + shift with the truncation fused into the first
    locally from that opening, then truncated (1 round)
 3. the comparison bits opened under a dealer's mask (1 round): each bit times each power is then
    local; truncation of the sum (1 round)
-Four rounds in all (five above 69,905 elements: 15 comparisons each, past `compare.ONE_ROUND_MAX`);
-coefficients carry 32 fractional bits.
+Four rounds in all (five above 69,888 elements, padded to whole words: 15 comparisons each, past
+`compare.ONE_ROUND_MAX`); coefficients carry 32 fractional bits.
 """
 
 from __future__ import annotations
