@@ -246,9 +246,9 @@ Attrs = (NoAttrs | LinearAttrs | ShiftAttrs | WindowAttrs | ReduceAttrs | AddAtt
          | CatAttrs | MeanAttrs | SumPoolAttrs | IndexAttrs | PermuteAttrs | RepeatAttrs | PiecewiseAttrs
          | SplineAttrs)
 
-# Which attributes each op carries: a step of another type is a programming error.
 COMPARING = frozenset({"relu", "maxreduce", "maxpool", "piecewise", "spline", "sigmoid"})  # steps with comparisons
 
+# Which attributes each op carries: a step of another type is a programming error.
 OP_ATTRS: dict[str, type[Attrs]] = {
     "input": NoAttrs, "output": NoAttrs, "reshape": NoAttrs, "mul": NoAttrs, "expand": NoAttrs,
     "linear": LinearAttrs, "trunc": ShiftAttrs, "relu": ShiftAttrs, "sigmoid": ShiftAttrs,

@@ -53,7 +53,7 @@ def one_round(nbits: int, n: int) -> bool:
     """Whether a batch of n comparisons over nbits takes the one-round tree. It costs the dealer more
     bits per comparison (301 instead of 133 for 32 bits, 514 instead of 161 for 40) and opens fewer
     (10 instead of 16, 12 instead of 21): 21 dealt bytes buy 0.75 bytes online and a round. Every
-    batch of DFDNet at 128 px takes it (the largest, a first block's max-pool, has about 700,000
+    batch of DFDNet at 128 px takes it (the largest, a first block's max-pool, has 726,144
     comparisons); the bound keeps much larger inputs from making the dealer's bundles grow by 21 bytes
     per comparison without limit. Full DFDNet at 128 px, 32 bits, in one process, against a bound of
     2^16: 212.26 -> 202.53 MB online and 723 -> 690 rounds, for 975 -> 1,278 MB dealt."""
