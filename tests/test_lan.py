@@ -143,7 +143,7 @@ def _gone(pid: int) -> bool:
 
 
 @needs_lan
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_interrupted_run_cleans_up(sig):
     p, names, child = _start_holder()
     try:

@@ -238,21 +238,22 @@ class Lan:
     def close(self) -> None:
         """Stop every process started here and delete every namespace (and with it every link).
 
-        Idempotent; SIGINT/SIGTERM are ignored while it runs, so a second Ctrl-C cannot leave half.
+        Idempotent; SIGINT, SIGTERM and SIGHUP are ignored while it runs (`local.held_signals`), so a
+        second Ctrl-C cannot leave half.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            held = self._hold_signals()
             try:
-                for p in self._procs:
-                    _stop(p)
-                for ns in reversed(self._created):
-                    _delete_namespace(ns)
-                self._created.clear()
+                with local.held_signals():
+                    for p in self._procs:
+                        _stop(p)
+                    for ns in reversed(self._created):
+                        _delete_namespace(ns)
+                    self._created.clear()
             finally:
-                self._restore_handlers(held)
+                self._restore_handlers()
                 with contextlib.suppress(Exception):
                     atexit.unregister(self.close)
 
@@ -262,16 +263,9 @@ class Lan:
         for s in local.EXIT_SIGNALS:
             self._old_handlers[s] = signal.signal(s, local.raise_on_signal)
 
-    def _hold_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        return {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _restore_handlers(self, held: dict[int, Any]) -> None:
+    def _restore_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for s, h in held.items():
-            signal.signal(s, h)
         for s, h in self._old_handlers.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         self._old_handlers.clear()
