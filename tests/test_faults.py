@@ -159,8 +159,10 @@ def test_full_disk_for_the_ledgers(tmp_path, image):
                     pass
                 finally:
                     os.close(fd)
+                t0 = time.monotonic()
                 with pytest.raises(RandomnessError, match="No space left on device.*the bundle is not used"):
                     client.detect(image)
+                assert time.monotonic() - t0 < 10  # refused before the session runs, not after a wait
                 assert dep.used() == used  # nothing recorded, so nothing could be used twice
                 filler.unlink()
                 r = client.detect(image)

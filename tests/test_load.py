@@ -48,3 +48,14 @@ def test_plans_and_durations():
         LoadPlan(2)
     with pytest.raises(LoadError):
         LoadPlan(3, requests=2)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--lan-rtt-ms", "0.5"], "--lan-rtt-ms is for `bench e2e`"),
+    (["--lan", "1gbit", "--lan-rtt-ms", "0.5"], "--lan-rtt-ms is for `bench e2e`"),
+    (["--report", "out"], "--report is for `bench e2e`"),
+])
+def test_options_of_bench_e2e_only_are_refused_before_anything_starts(tmp_path, args, says):
+    r = CliRunner().invoke(main, ["bench", "load", "--requests", "1", "--work", str(tmp_path), *args])
+    assert r.exit_code == 2 and says in r.output, r.output
+    assert not list(tmp_path.iterdir())

@@ -290,6 +290,8 @@ def load_cmd(ctx: click.Context, clients: int, requests: int | None, duration: s
     """
     from secdfd.common.bench.load import LoadError, LoadPlan, parse_duration, run_load
 
+    if lan_rtt_ms is not None:
+        raise click.UsageError("--lan-rtt-ms is for `bench e2e` (an estimate of one inference's online time)")
     check_lan_options(lan, lan_rtt_ms)
     if report is not None:
         raise click.UsageError("--report is for `bench e2e`")
