@@ -2,6 +2,7 @@ import torch
 
 from secdfd.common.engine.bits import Form, Products, pack, planes, unpack
 from secdfd.common.engine.prng import Stream, new_seed
+from secdfd.common.engine.protocols import compare, pool
 
 
 def test_planes_match_bit_extraction():
@@ -42,3 +43,20 @@ def test_products_of_masked_bits_are_exact():
         for j in p[1:]:
             want = want & v[j]
         assert torch.equal(r0[k] ^ r1[k], want)
+
+
+def test_dealt_monomials_are_the_ands_of_their_variables():
+    # the dealer builds them one size at a time (a_T = a_(T[:-1]) AND a_last); check each against
+    # the plain AND, for a max-of-12 selector (22,396 monomials), a comparison leaf and a tree root
+    root = compare.tree_levels(32)[1][-1][0].spec
+    mixed = Products(5, ((4, 0, 2), (1, 3), (0, 1, 2, 3)))
+    specs = (pool._selector_products(12), compare._leaf_products(6), root, mixed)
+    for spec in specs:
+        a = Stream(new_seed(), "m").ring((spec.nvars, 2, 3))
+        mono = spec.deal(a)
+        assert mono.shape == (len(spec.monomials), 2, 3)
+        for i, t in enumerate(spec.monomials):
+            want = a[t[0]]
+            for v in t[1:]:
+                want = want & a[v]
+            assert torch.equal(mono[i], want), t

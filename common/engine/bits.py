@@ -117,14 +117,26 @@ class Products:
     def index(self) -> dict[tuple[int, ...], int]:
         return {m: i for i, m in enumerate(self.monomials)}
 
-    def deal(self, a: torch.Tensor) -> torch.Tensor:
-        """Dealer: the monomial values (M, ...) from the full mask bits a (nvars, ...)."""
-        out = torch.empty((len(self.monomials), *a.shape[1:]), dtype=torch.int64)
+    @cached_property
+    def _by_size(self) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]:
+        """Per monomial size 2, 3, ...: (the monomials of that size, each one's prefix T[:-1], its last
+        variable). A prefix is a variable for size 2, else a monomial of the size below: every subset
+        of a product is a monomial, so the prefix is one."""
+        sizes: dict[int, list[tuple[int, int, int]]] = {}
         for i, m in enumerate(self.monomials):
-            v = a[m[0]] & a[m[1]]
-            for j in m[2:]:
-                v = v & a[j]
-            out[i] = v
+            sizes.setdefault(len(m), []).append((i, m[0] if len(m) == 2 else self.index[m[:-1]], m[-1]))
+        out = []
+        for k in sorted(sizes):
+            idx, prefix, last = zip(*sizes[k], strict=True)
+            out.append((torch.tensor(idx), torch.tensor(prefix), torch.tensor(last)))
+        return tuple(out)
+
+    def deal(self, a: torch.Tensor) -> torch.Tensor:
+        """Dealer: the monomial values (M, ...) from the full mask bits a (nvars, ...), one AND per
+        monomial size over all monomials of that size (a_T = a_(T[:-1]) AND a_last)."""
+        out = torch.empty((len(self.monomials), *a.shape[1:]), dtype=torch.int64, device=a.device)
+        for k, (idx, prefix, last) in enumerate(self._by_size):
+            out[idx] = (a if k == 0 else out)[prefix] & a[last]
         return out
 
     def _rows(self, prod: tuple[int, ...], live: tuple[int, ...]) -> torch.Tensor:
