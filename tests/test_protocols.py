@@ -223,7 +223,7 @@ def test_reduce_max_exact(run2, fp, n):
     assert fig["rounds"] == sum(3 if k == 2 else 4 for k in pool.reduce_plan(n, 3))
 
 
-@pytest.mark.parametrize("n", [6, 8])
+@pytest.mark.parametrize("n", [6, 8, 12])
 def test_max_wide_exact_bytes_and_rounds(run2, fp, n):
     """One layer of max-of-n: n(n-1)/2 pairs per row, each an 8-byte opening plus its 12 tree bits,
     then n-2 selector bits per pair (the fan-in AND opens every pair bit once) and n-1 injected bits."""
@@ -231,20 +231,29 @@ def test_max_wide_exact_bytes_and_rounds(run2, fp, n):
     x = fp.encode(torch.randn(rows, n) * 100)
     x[1] = 5  # all equal
     x[2, 1] = x[2, 3] = x[2].max() + 1  # a tie at the top
-    out, fig = run2(lambda s: pool.deal_reduce_max(s, rows, n, L), lambda c, R, v: pool.reduce_max(c, v, R), x)
+    x[3, n - 1] = x[3].max() + 1  # the last one wins
+    x[4, 0] = x[4].max() + 1  # the first one wins
+    dealt = []
+    out, fig = run2(lambda s: dealt.append(pool.deal_reduce_max(s, rows, n, L)) or dealt[-1],
+                    lambda c, R, v: pool.reduce_max(c, v, R), x)
     assert torch.equal(out.reshape(rows), x.max(-1).values)
     npairs = n * (n - 1) // 2
     assert fig["rounds"] == 4
     # bits travel packed, 64 to a word: rows // 8 bytes per bit-per-row
     bits = npairs * compare.tree_bits(L) + npairs + (n - 1)
     assert fig["bytes_per_party"][0] == 8 * rows * npairs + rows // 8 * bits
+    # the selectors' monomials, as the plan counts them: 840 per row at n = 8, 22,396 at 12
+    monomials = {6: 130, 8: 840, 12: 22_396}[n]
+    (R,) = dealt[-1]
+    assert R.sel_mono is not None and tuple(R.sel_mono.shape) == (monomials, rows // 64)
+    assert pool.layer_dealt(rows, n, n) == 8 * R.sel_mono.numel() == monomials * rows // 8
 
 
-def test_reduce_plan_weighs_bytes_against_rounds():
+def test_reduce_plan_weighs_bytes_against_rounds(monkeypatch):
     # CBAM in a middle block of DFDNet at 128 px: the spatial max (728 rows of 64) and the channel max
     # (64 rows of 728); max-of-4 layers took 15 and 25 rounds with two-round comparison trees
     assert pool.reduce_plan(64, 728) == [2, 4, 8]  # 11 rounds (14 with two-round trees)
-    assert pool.reduce_plan(728, 64) == [2, 6, 8, 8]  # 15 rounds (19)
+    assert pool.reduce_plan(728, 64) == [2, 4, 8, 12]  # 15 rounds (19)
     assert [pool.layer_rounds(k) for k in (2, 3, 8)] == [3, 4, 4] and pool.layer_rounds(8, kept=True) == 3
     assert pool.reduce_plan(3, 63488) == [3] and pool.reduce_plan(2) == [2]
     for rows, n in ((728, 64), (64, 728), (3, 700)):
@@ -257,6 +266,29 @@ def test_reduce_plan_weighs_bytes_against_rounds():
     # over a truncation's result the first layer opens nothing, so it is taken wider
     assert pool.reduce_plan(64, 728, kept=True) == [8, 8]
     assert pool.reduce_plan(728, 64, kept=True)[0] > 2
+    # CBAM's channel max in a middle block: 11 rounds with a max-of-12 layer, 14 with layers up to 8
+    assert pool.reduce_plan(728, 64, kept=True) == [8, 8, 12]
+    assert sum(pool.layer_rounds(k, i == 0) for i, k in enumerate([8, 8, 12])) == 11
+    assert _plan_with(monkeypatch, 728, 64, MAX_ARITY=8)[0][2] == 14
+    # the dealt monomials keep wide layers where they buy little: an entry block's channel max over
+    # 256 channels would save one round for 8.5 MB more dealt with no weight on them
+    assert pool.reduce_plan(256, 256, kept=True) == [6, 5, 9]
+    (_, _, rounds), ks = _plan_with(monkeypatch, 256, 256, DEALT_WEIGHT=0)
+    assert ks == (11, 2, 12) and rounds == 10
+    extra = sum(pool.layer_dealt(256, m, k) for m, k in ((256, 11), (24, 2), (12, 12)))
+    extra -= sum(pool.layer_dealt(256, m, k) for m, k in ((256, 6), (43, 5), (9, 9)))
+    assert extra == 8_241_728  # bytes, for one round
+
+
+def _plan_with(monkeypatch, n, rows, **settings):
+    """`_best_plan` of a kept reduction under other pool settings (restored after)."""
+    with monkeypatch.context() as m:
+        for k, v in settings.items():
+            m.setattr(pool, k, v)
+        pool._best_plan.cache_clear()
+        out = pool._best_plan(rows, n, True)
+    pool._best_plan.cache_clear()
+    return out
 
 
 def test_sigmoid_error_bound(run2, fp):

@@ -1,6 +1,6 @@
 """SecMaxPool and maximum reductions (no argmax: inference needs only the maximum).
 
-Max of n <= MAX_ARITY (8) values in one comparison layer: all pairwise differences x_i - x_j (i < j) are masked
+Max of n <= MAX_ARITY (12) values in one comparison layer: all pairwise differences x_i - x_j (i < j) are masked
 and opened together (one round), their signs c_ij = [x_i >= x_j] come from the comparison tree (one
 round), the one-hot selectors
     sel_i = prod_{j > i} c_ij * prod_{j < i} NOT c_ji        (the first maximal index wins ties)
@@ -10,9 +10,10 @@ is one bit-injection round that reuses each difference's opening as its mask. So
 rounds, max of 3 to 8 takes 4 (one fewer over a truncation's result, whose differences need no opening).
 
 Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
-repeats an edge element, which never changes a maximum. Global maxima reduce by up to 8 per layer:
+repeats an edge element, which never changes a maximum. Global maxima reduce by up to 12 per layer:
 any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input and needs a
-fan-in-(k-1) AND whose 2^(k-1) monomials the dealer deals offline; `reduce_plan` weighs the two.
+fan-in-(k-1) AND whose monomials (about (k-1) 2^(k-1) bits per row) the dealer deals offline;
+`reduce_plan` weighs the three.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from secdfd.common.engine.protocols.compare import (
 )
 from secdfd.common.engine.randomness import Source
 
-MAX_ARITY = 8  # a selector is a fan-in-(k-1) AND: 2^(k-1) dealer monomials per row
+MAX_ARITY = 12  # a selector is a fan-in-(k-1) AND: 22,396 dealt monomials per row at 12
 
 
 @cache
@@ -223,28 +224,41 @@ def layer_cost(rows: int, n: int, k: int, kept: bool = False) -> tuple[int, int]
     return (0 if kept else 8 * rp * p) + bits, layer_rounds(k, kept, rp * p)
 
 
+# A dealt byte weighs 1/20 of an online byte: it travels ahead of the request, but the dealer makes it
+# and the servers hold it. Without a weight the widest arity would win wherever it saves a round.
+DEALT_WEIGHT = 0.05
+
+
+def layer_dealt(rows: int, n: int, k: int) -> int:
+    """Bytes the dealer sends for the selector monomials of one max-of-k layer over `rows` rows of n
+    values (one server's correction; the other's come from its seed): the part of a layer's
+    randomness that grows as 2^(k-1)."""
+    return 0 if k <= 2 else words_for(rows * ((n + k - 1) // k)) * 8 * len(_selector_products(k).monomials)
+
+
 @cache
-def _best_plan(rows: int, n: int, kept: bool = False) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+def _best_plan(rows: int, n: int, kept: bool = False) -> tuple[tuple[float, int, int], tuple[int, ...]]:
     """((weighted cost, bytes, rounds), arities) of the cheapest reduction of n values to one."""
     if n <= 1:
-        return (0, 0, 0), ()
+        return (0.0, 0, 0), ()
     cands = []
     for k in range(2, min(n, MAX_ARITY) + 1):
         b, r = layer_cost(rows, n, k, kept)
         (t, bb, rr), rest = _best_plan(rows, (n + k - 1) // k)
-        cands.append(((t + b + ROUND_BYTES * r, bb + b, rr + r), (k, *rest)))
+        cands.append(((t + b + ROUND_BYTES * r + DEALT_WEIGHT * layer_dealt(rows, n, k), bb + b, rr + r), (k, *rest)))
     return min(cands)
 
 
 def reduce_plan(n: int, rows: int = 1, kept: bool = False) -> list[int]:
     """Arity of each layer that reduces n values (in each of `rows` rows) to one.
 
-    Any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input. The
-    plan minimises bytes + ROUND_BYTES * rounds (exactly, over all arity sequences up to MAX_ARITY):
-    small reductions take wide layers (an 8 x 8 map over 728 channels: 8, 8, 8 rounds instead of
-    12 with max-of-4 layers), large ones stay narrow where bytes dominate. Over DFDNet this cuts both the bytes and the
-    rounds of the max-of-4 layers it replaces. `kept`: the input is a truncation's result, whose first
-    layer opens no differences (so it may be wider).
+    Any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input and
+    its selectors' dealt monomials grow as 2^(k-1). The plan minimises bytes + ROUND_BYTES * rounds +
+    DEALT_WEIGHT * dealt selector bytes (exactly, over all arity sequences up to MAX_ARITY): small
+    reductions take wide layers (the spatial max of an 8 x 8 map, 728 rows: layers of 2, 4 and 8 in 11
+    rounds; the channel max over 728 channels after a truncation, 64 rows: 8, 8 and 12 in 11 rounds,
+    14 with layers up to 8), large ones stay narrow where bytes dominate. `kept`: the input is a
+    truncation's result, whose first layer opens no differences (so it may be wider).
     """
     return list(_best_plan(rows, n, kept)[1])
 
