@@ -73,7 +73,8 @@ def test_zoo_models_run_batched_with_each_result_as_alone(name):
     # twice one input's openings, less the padding of packed bit planes the two share (and a maximum's
     # layers, planned for twice the rows, may be laid out more cheaply: cbam's small maxima, whose
     # bits fill few words, 1.65 times)
-    assert 1.6 * ZOO[name][1] <= rep.bytes_per_party[0] <= 2 * ZOO[name][1]
+    low = 1.6 if name == "cbam" else 1.7
+    assert low * ZOO[name][1] <= rep.bytes_per_party[0] <= 2 * ZOO[name][1]
 
 
 class _FoldsTheBatch(nn.Module):

@@ -62,10 +62,13 @@ def test_dealt_monomials_are_the_ands_of_their_variables():
             assert torch.equal(mono[i], want), t
 
 
-def test_products_of_one_length_over_opened_bits_are_exact_all_at_once():
+def test_products_of_one_length_over_opened_bits_are_exact_all_at_once(monkeypatch):
     # a max's selectors: products of one length whose variables are v = alpha XOR a (a bit opened
     # under the dealer's mask) take the stacked path; check it against the plain AND, and against
-    # the general path (forms with a beta, which that path takes)
+    # the general path (forms with a beta, which that path takes), share for share
+    stacked = []
+    real = Products._evaluate_stacked
+    monkeypatch.setattr(Products, "_evaluate_stacked", lambda self, *a: stacked.append(1) or real(self, *a))
     s = Stream(new_seed(), "s")
     for spec in (pool._selector_products(3), pool._selector_products(5), pool._selector_products(12)):
         a = s.ring((spec.nvars, 3))
@@ -74,12 +77,16 @@ def test_products_of_one_length_over_opened_bits_are_exact_all_at_once():
         a0 = s.ring(tuple(a.shape))
         m0 = s.ring(tuple(mono.shape))
         v = alpha ^ a
+        shares = []
         for beta in (None, torch.full_like(alpha, -1)):  # beta = all ones: the same forms, the general path
             forms = [[Form(alpha[u], None if beta is None else beta[u]) for u in p] for p in spec.products]
             r0 = spec.evaluate(forms, a0, m0, 0)
             r1 = spec.evaluate(forms, a ^ a0, mono ^ m0, 1)
+            shares.append(r0)
             for k, p in enumerate(spec.products):
                 want = v[p[0]]
                 for u in p[1:]:
                     want = want & v[u]
                 assert torch.equal(r0[k] ^ r1[k], want)
+        assert all(torch.equal(x, y) for x, y in zip(*shares, strict=True))
+    assert len(stacked) == 6  # both parties of three specs, with beta None only

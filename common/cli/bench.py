@@ -5,6 +5,7 @@ The measuring code lives in `secdfd.common.bench`; this module parses options an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -37,11 +38,12 @@ def check_model_name(model: str) -> None:
         raise click.BadParameter(f"{model!r} is neither a known model ({known}) nor a model file", param_hint="--model")
 
 
-def lan_options(f: Any) -> Any:
-    """The options this module adds to `secdfd bench e2e`: --lan, --lan-rtt-ms, --report."""
-    f = click.option("--report", type=click.Path(path_type=Path, file_okay=False), default=None,
+def lan_options(f: Any, e2e: bool = True) -> Any:
+    """The options this module adds to `secdfd bench e2e`: --lan, --lan-rtt-ms, --report. `bench load`
+    (e2e=False) takes --lan; it refuses the other two with a usage error, and its --help omits them."""
+    f = click.option("--report", type=click.Path(path_type=Path, file_okay=False), default=None, hidden=not e2e,
                      help="Write DIR/e2e.json, DIR/e2e.md (tables) and DIR/e2e.png (plot; needs matplotlib).")(f)
-    f = click.option("--lan-rtt-ms", type=float, default=None,
+    f = click.option("--lan-rtt-ms", type=float, default=None, hidden=not e2e,
                      help="With --lan: also report an ESTIMATE of the online time at this round-trip time.")(f)
     return click.option("--lan", default=None, metavar="RATE",
                         help="Run each party in its own network namespace, links shaped to RATE "
@@ -275,7 +277,7 @@ def weights_line(res: dict[str, Any]) -> str:
 @click.option("--work", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder for the scratch deployment [default: the system's temporary folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@lan_options
+@functools.partial(lan_options, e2e=False)
 @click.pass_context
 def load_cmd(ctx: click.Context, clients: int, requests: int | None, duration: str | None, model: str, size: int,
              threads: int, depth: int, max_pending: int | None, work: Path | None, as_json: bool, lan: str | None,

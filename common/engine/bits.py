@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from itertools import combinations
 
 import torch
@@ -90,13 +90,6 @@ class Form:
     def __init__(self, alpha: torch.Tensor | None, beta: torch.Tensor | None = None) -> None:
         self.alpha = alpha
         self.beta = beta
-
-
-@cache
-def _grown(live: tuple[int, ...], j: int) -> tuple[int, ...]:
-    """The subsets `live` with variable j added (a max-of-12 selector grows 2,047 of them per call:
-    cached, since the same few sequences recur every round)."""
-    return tuple(t | 1 << j for t in live)
 
 
 @dataclass(frozen=True)
@@ -180,6 +173,8 @@ class Products:
         a comparison bit opened under the dealer's mask): every product at once, so a max-of-12's 11
         selectors of 11 variables take about 3 x 11 + 2 tensor operations instead of 11 times that.
         prod_j (alpha_j XOR a_j) = XOR over subsets T of a_T AND (the alphas of the variables not in T)."""
+        assert len(forms) == len(self.products)
+        assert all(len(fs) == len(p) for fs, p in zip(forms, self.products, strict=True))
         alpha = torch.stack([torch.stack([f.alpha for f in fs]) for fs in forms])  # type: ignore[misc]
         coef = torch.full_like(alpha[:, :1], ONES)  # (products, 1, ...): the empty prefix
         for j in range(alpha.shape[1]):
@@ -226,7 +221,7 @@ class Products:
                     coef, live = cache[key]
                     continue
                 with_ = coef if f.beta is None else coef & f.beta
-                grown = _grown(live, j)
+                grown = tuple(t | 1 << j for t in live)
                 if f.alpha is None:  # v = beta AND a: every subset without v has coefficient 0
                     coef, live = with_, grown
                 else:

@@ -7,7 +7,7 @@ round), the one-hot selectors
 are one fan-in-(n-1) AND round (none for n = 2), and
     max = x_(n-1) + sum_{i < n-1} sel_i * (x_i - x_(n-1))
 is one bit-injection round that reuses each difference's opening as its mask. So max of 2 takes 3
-rounds, max of 3 to 8 takes 4 (one fewer over a truncation's result, whose differences need no opening).
+rounds, max of 3 to 12 takes 4 (one fewer over a truncation's result, whose differences need no opening).
 
 Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
 repeats an edge element, which never changes a maximum. Global maxima reduce by up to 12 per layer:
