@@ -37,6 +37,7 @@ def test_a_short_soak_reports_slopes(tmp_path):
     for party in ("dealer", "server_a", "server_b"):
         s = res["slopes"][party]
         assert s["samples"] >= 4 and s["fds_end"] > 0 and s["rss_mb_end"] > 50
+        assert len(s["rss_mb_mean_by_quarter"]) == 4 and min(s["rss_mb_mean_by_quarter"]) > 50
     assert res["ledgers"]["consistent"]
 
 
@@ -59,3 +60,22 @@ def test_options_of_bench_e2e_only_are_refused_before_anything_starts(tmp_path, 
     r = CliRunner().invoke(main, ["bench", "load", "--requests", "1", "--work", str(tmp_path), *args])
     assert r.exit_code == 2 and says in r.output, r.output
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tail, whole, last_half, quarters", [
+    # 1 MB per sample (2 s): 1,800 MB/h throughout, the same in the last half
+    (lambda t: 100.0 + t / 2, 1800.0, 1800.0, [119.5, 159.5, 199.5, 240.0]),
+    # grows over the first half, then flat: the last half says 0 where the whole fit still rises
+    (lambda t: 100.0 + min(t, 160.0) / 2, 469.936, 0.0, [119.5, 159.5, 180.0, 180.0]),
+])
+def test_slopes_tell_memory_that_settles_from_memory_that_grows(tail, whole, last_half, quarters):
+    """161 samples 2 s apart (0..320 s): exact slopes and quarter means of a synthetic RSS series."""
+    from secdfd.common.bench.load import Sampler
+
+    sampler = Sampler({"server_a": 0})
+    sampler.samples["server_a"] = [(float(t), tail(t), 30) for t in range(0, 321, 2)]
+    s = sampler.slopes()["server_a"]
+    assert s["rss_mb_per_hour"] == pytest.approx(whole, abs=1e-3)  # settled or not, the fit from 80 s rises
+    assert s["rss_mb_per_hour_last_half"] == pytest.approx(last_half, abs=1e-9)
+    assert s["rss_mb_mean_by_quarter"] == quarters
+    assert s["fds_per_hour"] == 0 and s["fds_end"] == 30 and s["samples"] == 121

@@ -8,7 +8,9 @@
    the client and counted.
 4. While it runs, the dealer's and both servers' memory (RSS) and open file descriptors are sampled;
    after a warm-up (the first quarter of the run) their slopes are fitted (least squares), so a long
-   run shows whether anything grows.
+   run shows whether anything grows; the slope of the last half and the mean RSS of each quarter
+   tell memory that settles (last half flat, quarters level off) from memory that leaks (the same
+   slope throughout).
 
 Figures: throughput (answered inferences per minute), latency percentiles p50/p95/max of answered
 requests (what a client waited, busy retries included), errors by kind, verdicts checked, peak
@@ -123,17 +125,25 @@ class Sampler:
         while not self._stop.wait(self.every):
             self._sample()
 
-    def slopes(self) -> dict[str, dict[str, float]]:
-        """Per party, after the warm-up: RSS MB per hour and descriptors per hour (least squares)."""
+    def slopes(self) -> dict[str, dict[str, Any]]:
+        """Per party, after the warm-up: RSS MB per hour and descriptors per hour (least squares); the RSS
+        slope of the last half and the mean RSS of each quarter of the run."""
         out = {}
         for name, rows in self.samples.items():
             if len(rows) < 4:
-                out[name] = {"rss_mb_per_hour": 0.0, "fds_per_hour": 0.0, "samples": len(rows)}
+                out[name] = {"rss_mb_per_hour": 0.0, "rss_mb_per_hour_last_half": 0.0, "rss_mb_mean_by_quarter": [],
+                             "fds_per_hour": 0.0, "rss_mb_end": rows[-1][1] if rows else 0.0,
+                             "fds_end": rows[-1][2] if rows else 0, "samples": len(rows)}
                 continue
-            t_end = rows[-1][0]
-            t0 = rows[0][0] + WARMUP_SHARE * (t_end - rows[0][0])
-            kept = [r for r in rows if r[0] >= t0] or rows
+            start, t_end = rows[0][0], rows[-1][0]
+            kept = [r for r in rows if r[0] >= start + WARMUP_SHARE * (t_end - start)] or rows
+            late = [r for r in rows if r[0] >= start + 0.5 * (t_end - start)] or rows
+            quarters: list[list[float]] = [[], [], [], []]
+            for r in rows:
+                quarters[min(3, int(4 * (r[0] - start) / max(t_end - start, 1e-9)))].append(r[1])
             out[name] = {"rss_mb_per_hour": 3600 * _slope([r[0] for r in kept], [r[1] for r in kept]),
+                         "rss_mb_per_hour_last_half": 3600 * _slope([r[0] for r in late], [r[1] for r in late]),
+                         "rss_mb_mean_by_quarter": [round(statistics.fmean(q), 1) if q else 0.0 for q in quarters],
                          "fds_per_hour": 3600 * _slope([r[0] for r in kept], [float(r[2]) for r in kept]),
                          "rss_mb_end": kept[-1][1], "fds_end": kept[-1][2], "samples": len(kept)}
         return out

@@ -320,5 +320,7 @@ def load_cmd(ctx: click.Context, clients: int, requests: int | None, duration: s
                f"verdicts; errors {res['errors'] or 'none'}; busy retries {res['busy_retries']}")
     click.echo("peak RSS MB: " + ", ".join(f"{k} {v}" for k, v in res["peak_rss_mb"].items()))
     for name, s in res["slopes"].items():
-        click.echo(f"  {name:9s} RSS {s['rss_mb_per_hour']:+.1f} MB/h, descriptors {s['fds_per_hour']:+.1f}/h")
+        click.echo(f"  {name:9s} RSS {s['rss_mb_per_hour']:+.1f} MB/h (last half "
+                   f"{s['rss_mb_per_hour_last_half']:+.1f}; mean by quarter {s['rss_mb_mean_by_quarter']} MB), "
+                   f"descriptors {s['fds_per_hour']:+.1f}/h")
     click.echo(f"ledgers {'consistent' if res['ledgers']['consistent'] else 'NOT consistent'}: {res['ledgers']}")
