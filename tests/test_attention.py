@@ -32,9 +32,9 @@ def test_sec_channel_attention():
     torch.manual_seed(0)
     rounds = _check(ChannelAttention(64), (1, 64, 8, 8), 2e-4)
     # global max over 64 (2 layers of max-of-8, 8 rounds) dominates the avg branch; the shared MLP's
-    # two calls run side by side: conv (1) + ReLU (2 after its fused truncation's round) + conv (1) +
-    # sigmoid (4) = 8; + the mean's truncation
-    assert rounds == 8 + 8 + 1
+    # two calls run side by side: conv (1) + ReLU (3, its truncation fused) + conv (0: it takes the
+    # ReLU's output in masked form) + sigmoid (4) = 8 (was 9, the second conv opening its input)
+    assert rounds == 8 + 8
     _check(Gated(ChannelAttention(64)), (1, 64, 8, 8), 1e-3)
 
 

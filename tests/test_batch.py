@@ -46,12 +46,16 @@ def test_a_batch_of_three_dfdnet_crops_gives_each_crop_its_own_result_in_the_rou
     # with five-round sigmoids that opened x - a and Beaver products; 3_515_858 and 9_708_886 with the
     # 2 bits above a 30-bit truncation's 4 bytes sent as a whole byte; 3_445_730 and 9_497_574 with the
     # spatial attention's channel mean truncated after the cat with the channel max; 3_446_342 and
-    # 9_499_410 in 579 rounds with max layers of up to 8, now 569)
-    assert rep1.bytes_per_party == [3_584_742] * 2
-    assert rep3.bytes_per_party == [9_860_290] * 2
-    assert rep1.rounds == 569
+    # 9_499_410 in 579 rounds with max layers of up to 8; 3_584_742 and 9_860_290 while a max layer opened
+    # its differences, not its values; 3_242_326 and 9_192_722 in 569 rounds while channel attention's
+    # max after an entry block's max-pool waited for the pool, and a gated max-pooled map was opened
+    # by its product; 3_298_326 and 9_378_338 in 551 rounds while the fusion's fixed difference and mean
+    # were layers with secret weights and each channel MLP's second conv opened its ReLU's output)
+    assert rep1.bytes_per_party == [3_294_178] * 2
+    assert rep3.bytes_per_party == [9_366_342] * 2
+    assert rep1.rounds == 536
     # the dealt bits of the wide maxima's selectors pad to 64 rows, which three crops fill better
-    assert 2.4 * rep1.dealer_bytes < rep3.dealer_bytes < 3 * rep1.dealer_bytes
+    assert 2.3 * rep1.dealer_bytes < rep3.dealer_bytes < 3 * rep1.dealer_bytes  # 2.49 measured
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -72,9 +76,8 @@ def test_zoo_models_run_batched_with_each_result_as_alone(name):
     assert rep.rounds == ZOO[name][2]
     # twice one input's openings, less the padding of packed bit planes the two share (and a maximum's
     # layers, planned for twice the rows, may be laid out more cheaply: cbam's small maxima, whose
-    # bits fill few words, 1.65 times)
-    low = 1.6 if name == "cbam" else 1.7
-    assert low * ZOO[name][1] <= rep.bytes_per_party[0] <= 2 * ZOO[name][1]
+    # bits fill few words, 1.75 times)
+    assert 1.7 * ZOO[name][1] <= rep.bytes_per_party[0] <= 2 * ZOO[name][1]
 
 
 class _FoldsTheBatch(nn.Module):

@@ -21,7 +21,7 @@ from secdfd.common.ml.dfdnet import (
 # Engine-supported graph nodes (see the module docstring of secdfd.common.ml.dfdnet).
 SUPPORTED_MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                      nn.AdaptiveMaxPool2d, nn.Linear, nn.Sigmoid)
-SUPPORTED_FUNCTIONS = {"add", "mul", "cat", "flatten", "mean", "amax"}
+SUPPORTED_FUNCTIONS = {"add", "sub", "mul", "cat", "flatten", "mean", "amax", "getitem"}
 
 
 def test_full_width_params_and_shapes() -> None:
@@ -81,6 +81,23 @@ def test_fused_output_is_softmax_mean() -> None:
     assert p.shape == (3, 1)
     assert bool(((p >= 0) & (p <= 1)).all())
     torch.testing.assert_close(p[:, 0], expected, atol=1e-6, rtol=0)
+
+
+def test_files_with_the_fused_heads_fixed_weights_load_and_others_are_refused() -> None:
+    """Files written while the fusion's difference and mean were Linear(2, 1) layers hold their fixed
+    weights; they load when those are exactly [-1, 1] and [1/2, 1/2] and are refused otherwise."""
+    torch.manual_seed(0)
+    fused = FusedDFDNet(DFDNet(0.0625, 64), DFDNet(0.0625, 64)).eval()
+    state = fused.state_dict()
+    assert not any(k.startswith(("diff.", "mean.")) for k in state)
+    old = {**state, "diff.weight": torch.tensor([[-1.0, 1.0]]), "mean.weight": torch.tensor([[0.5, 0.5]])}
+    again = FusedDFDNet(DFDNet(0.0625, 64), DFDNet(0.0625, 64)).eval()
+    again.load_state_dict(old, strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), fused(x))
+    with pytest.raises(RuntimeError, match="diff.weight"):
+        again.load_state_dict({**old, "diff.weight": torch.tensor([[-1.0, 2.0]])}, strict=True)
 
 
 def test_fx_trace_uses_only_supported_ops() -> None:

@@ -55,7 +55,8 @@ def test_full_width_dfdnet_plan_builds():
     fused = FusedDFDNet(build_model("dfdnet"), build_model("dfdnet"))
     plan = build_plan(fused, (1, 3, 128, 128))
     counts = plan.describe()
-    assert counts["linear"] == 275 and counts["sigmoid"] == 50 and counts["maxpool"] == 8
+    # 2 x 136 convs and fcs; the fusion's fixed differences and mean are local, not layers
+    assert counts["linear"] == 272 and counts["sigmoid"] == 50 and counts["maxpool"] == 8
     n_params = sum(torch.Size(s).numel() for s in plan.weights.values())
     assert abs(n_params - 2 * 28.15e6) / (2 * 28.15e6) < 0.01
 
@@ -91,3 +92,75 @@ def test_a_mean_beside_a_later_comparison_is_truncated_before_the_cat():
         plan = build_plan(_PoolBeside(beside), (1, 8, 4, 4), cmp_bits=32)
         (cat,) = (s for s in plan.steps if s.op == "cat")
         assert cat.scale == 40 and [plan.steps[i].scale for i in cat.inputs] == scales
+
+
+class _PooledMax(nn.Module):
+    """A conv, a max-pool, and the pooled map's global max added back to it (the pool stays in use)."""
+
+    def __init__(self, k: int, s: int, p: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.pool = nn.MaxPool2d(k, s, p)
+
+    def forward(self, x):
+        y = self.pool(self.conv(x))
+        return torch.amax(y, dim=(2, 3), keepdim=True) + y
+
+
+@pytest.mark.parametrize("k, s, p, covers", [(3, 2, 1, True), (3, 3, 0, True), (2, 3, 0, False), (2, 2, 0, False)])
+def test_a_global_max_after_a_covering_max_pool_starts_from_the_pool_input(k, s, p, covers):
+    """Windows that cover every input element (an Xception block's 3 x 3 / 2 pool) keep the global
+    maximum: the reduction then starts from the pool's input, a truncation's result, in the rounds of
+    the pool. A stride past the kernel (2 / 3) skips elements, and 2 / 2 on 9 x 9 drops the last row
+    and column: those reduce the pooled map."""
+    from secdfd.common.engine.twoparty import TwoParty
+
+    m = _PooledMax(k, s, p).eval()
+    plan = build_plan(m, (1, 3, 9, 9), cmp_bits=32)
+    (red,) = (st for st in plan.steps if st.op == "maxreduce")
+    src = plan.steps[red.inputs[0]]
+    assert src.op == ("trunc" if covers else "maxpool") and (src.shape[2:] == (9, 9)) == covers
+    x = torch.randn(1, 3, 9, 9) * 3
+    y, rep = TwoParty(m, (1, 3, 9, 9), cmp_bits=32)(x)
+    with torch.no_grad():
+        assert (y - m(x).double()).abs().max().item() < 1e-3
+
+
+class _GatedPool(nn.Module):
+    """A max-pooled map gated by a sigmoid of its mean (channel attention on an entry block's output)."""
+
+    def __init__(self, gated: bool) -> None:
+        super().__init__()
+        self.gated = gated
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 3, 2, 1)
+        gate = torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        return gate * y if self.gated else gate
+
+
+def test_a_product_remasks_its_early_operand_and_costs_no_round():
+    """gate * y, y max-pooled (not a truncation's result), the gate a sigmoid's: y is remasked (a
+    truncation by 0, 8 bytes per element) as soon as it exists, the product is local, and the gated
+    map costs one round more than the gate alone: its own truncation, not the product's opening."""
+    from secdfd.common.engine.steps import kept_inputs
+    from secdfd.common.engine.twoparty import TwoParty
+
+    m = _GatedPool(True).eval()
+    plan = build_plan(m, (1, 3, 8, 8), cmp_bits=32)
+    (mul,) = (st for st in plan.steps if st.op == "mul")
+    ins = [plan.steps[i] for i in mul.inputs]
+    assert sorted(st.op for st in ins) == ["sigmoid", "trunc"]
+    (remask,) = (st for st in ins if st.op == "trunc")
+    assert remask.get(ShiftAttrs).shift == 0 and plan.steps[remask.inputs[0]].op == "maxpool"
+    assert kept_inputs(plan, mul) == (0, 1)
+    x = torch.randn(1, 3, 8, 8) * 2
+    y, rep = TwoParty(m, (1, 3, 8, 8), cmp_bits=32)(x)
+    with torch.no_grad():
+        assert (y - m(x).double()).abs().max().item() < 1e-3
+    _, alone = TwoParty(_GatedPool(False).eval(), (1, 3, 8, 8), cmp_bits=32)(x)
+    assert rep.rounds == alone.rounds + 1
+    (fig,) = (f for f in rep.steps if f.index == remask.index)
+    assert fig.bytes_per_party == (8 * 4 * 4 * 4, 8 * 4 * 4 * 4) and fig.rounds == 1

@@ -80,13 +80,24 @@ def _edits():
     def chained_beyond_the_fuse(o):  # at 40-bit comparisons a 3f - 2 output cannot fuse its truncation
         o["cmp_bits"] = 40
 
+    def remask_into_a_relu(o):  # a truncation by 0 exists for products; a ReLU must not take it
+        i = next(n for n, st in enumerate(o["steps"]) if st["op"] == "relu")
+        at = o["steps"][i]["inputs"][0]
+        src = o["steps"][at]
+        o["steps"].insert(at + 1, {"op": "trunc", "inputs": [at], "shape": src["shape"], "scale": src["scale"],
+                                   "name": "r", "attrs": {"shift": 0}})
+        for st in o["steps"][at + 2:]:
+            st["inputs"] = [j + 1 if j > at else j for j in st["inputs"]]
+        o["steps"][i + 1]["inputs"] = [at + 1]
+        o["output"] += 1
+
     def chained_scale(o):
         next(s for s in o["steps"] if s["op"] == "linear" and s["scale"] == 46)["scale"] = 47
 
 
     return [unknown_op, extra_field, missing_field, bool_for_int, string_for_int, forward_input, huge_shape,
             inconsistent_shape, wrong_weight_shape, unused_weight, big_shift, not_a_permutation, two_outputs,
-            version, chained_beyond_the_fuse, chained_scale]
+            version, chained_beyond_the_fuse, chained_scale, remask_into_a_relu]
 
 
 @pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
@@ -94,6 +105,18 @@ def test_malformed_plans_are_refused(plan, edit):
     obj = copy.deepcopy(plan.to_obj())
     edit(obj)
     with pytest.raises(PlanError, match="malformed plan"):
+        Plan.from_json(json.dumps(obj))
+
+
+def test_a_remask_feeds_products_only(plan):
+    """A truncation by 0 (a remask) is refused anywhere but as a product's input: it is what a plan
+    that `build_plan` makes uses it for, and a consumer that reuses a truncation's opening by its
+    shift has no use for a shift of 0."""
+    obj = copy.deepcopy(plan.to_obj())
+    assert any(st["op"] == "trunc" and st["attrs"]["shift"] == 0 for st in obj["steps"])  # dfdnet-s has some
+    (edit,) = (e for e in _edits() if e.__name__ == "remask_into_a_relu")
+    edit(obj)
+    with pytest.raises(PlanError, match="a truncation by 0 feeds products only"):
         Plan.from_json(json.dumps(obj))
 
 

@@ -225,8 +225,9 @@ def test_reduce_max_exact(run2, fp, n):
 
 @pytest.mark.parametrize("n", [6, 8, 12])
 def test_max_wide_exact_bytes_and_rounds(run2, fp, n):
-    """One layer of max-of-n: n(n-1)/2 pairs per row, each an 8-byte opening plus its 12 tree bits,
-    then n-2 selector bits per pair (the fan-in AND opens every pair bit once) and n-1 injected bits."""
+    """One layer of max-of-n: an 8-byte opening per value (not per pair), then n(n-1)/2 pairs per row,
+    each with its 12 tree bits and one selector bit (the fan-in AND opens every pair bit once), and
+    n-1 injected bits."""
     rows = 128
     x = fp.encode(torch.randn(rows, n) * 100)
     x[1] = 5  # all equal
@@ -241,7 +242,7 @@ def test_max_wide_exact_bytes_and_rounds(run2, fp, n):
     assert fig["rounds"] == 4
     # bits travel packed, 64 to a word: rows // 8 bytes per bit-per-row
     bits = npairs * compare.tree_bits(L) + npairs + (n - 1)
-    assert fig["bytes_per_party"][0] == 8 * rows * npairs + rows // 8 * bits
+    assert fig["bytes_per_party"][0] == 8 * rows * n + rows // 8 * bits
     # the selectors' monomials, as the plan counts them: 840 per row at n = 8, 22,396 at 12
     monomials = {6: 130, 8: 840, 12: 22_396}[n]
     (R,) = dealt[-1]
@@ -251,9 +252,15 @@ def test_max_wide_exact_bytes_and_rounds(run2, fp, n):
 
 def test_reduce_plan_weighs_bytes_against_rounds(monkeypatch):
     # CBAM in a middle block of DFDNet at 128 px: the spatial max (728 rows of 64) and the channel max
-    # (64 rows of 728); max-of-4 layers took 15 and 25 rounds with two-round comparison trees
-    assert pool.reduce_plan(64, 728) == [2, 4, 8]  # 11 rounds (14 with two-round trees)
-    assert pool.reduce_plan(728, 64) == [2, 4, 8, 12]  # 15 rounds (19)
+    # (64 rows of 728); max-of-4 layers took 15 and 25 rounds with two-round comparison trees, and
+    # 11 and 15 while a layer opened its differences (2, 4, 8 and 2, 4, 8, 12): opening each value
+    # once makes wide layers cheap in bytes
+    assert pool.reduce_plan(64, 728) == [8, 8] and pool._best_plan(728, 64)[0][2] == 8
+    assert pool.reduce_plan(728, 64) == [7, 9, 12] and pool._best_plan(64, 728)[0][2] == 12
+    # one row (64 padded): 8 bytes per opened element; per pair 12 tree bits and a selector bit
+    assert [pool.layer_cost(1, 8, k)[0] for k in (3, 4, 12)] == [8 * 64 * 3 + 8 * (3 * 13 + 2),
+                                                                 8 * 64 * 4 + 8 * (6 * 13 + 3),
+                                                                 8 * 64 * 12 + 8 * (66 * 13 + 11)]
     assert [pool.layer_rounds(k) for k in (2, 3, 8)] == [3, 4, 4] and pool.layer_rounds(8, kept=True) == 3
     assert pool.reduce_plan(3, 63488) == [3] and pool.reduce_plan(2) == [2]
     for rows, n in ((728, 64), (64, 728), (3, 700)):
@@ -263,21 +270,20 @@ def test_reduce_plan_weighs_bytes_against_rounds(monkeypatch):
             lb, lr = pool.layer_cost(rows, m, k)
             b, r, m = b + lb, r + lr, (m + k - 1) // k
         assert m == 1 and pool._best_plan(rows, n)[0][1:] == (b, r)
-    # over a truncation's result the first layer opens nothing, so it is taken wider
-    assert pool.reduce_plan(64, 728, kept=True) == [8, 8]
-    assert pool.reduce_plan(728, 64, kept=True)[0] > 2
+    # over a truncation's result the first layer opens nothing
+    assert pool.reduce_plan(64, 728, kept=True) == [8, 8] and pool._best_plan(728, 64, True)[0][2] == 7
     # CBAM's channel max in a middle block: 11 rounds with a max-of-12 layer, 14 with layers up to 8
-    assert pool.reduce_plan(728, 64, kept=True) == [8, 8, 12]
+    assert pool.reduce_plan(728, 64, kept=True) == [7, 9, 12]
     assert pool._best_plan(64, 728, True)[0][2] == 11
     assert _plan_with(monkeypatch, 728, 64, MAX_ARITY=8)[0][2] == 14
-    # the dealt monomials keep wide layers where they buy little: an entry block's channel max over
-    # 256 channels would save one round for 8.2 MB more dealt with no weight on them
-    assert pool.reduce_plan(256, 256, kept=True) == [6, 5, 9]
-    (_, _, rounds), ks = _plan_with(monkeypatch, 256, 256, DEALT_WEIGHT=0)
+    # the dealt monomials keep wide layers where they buy little: a channel max over 256 channels at
+    # 128 positions would save one round for 4.1 MB more dealt with no weight on them
+    assert pool.reduce_plan(256, 128, kept=True) == [4, 8, 8]
+    (_, _, rounds), ks = _plan_with(monkeypatch, 256, 128, DEALT_WEIGHT=0)
     assert ks == (11, 2, 12) and rounds == 10
-    extra = sum(pool.layer_dealt(256, m, k) for m, k in ((256, 11), (24, 2), (12, 12)))
-    extra -= sum(pool.layer_dealt(256, m, k) for m, k in ((256, 6), (43, 5), (9, 9)))
-    assert extra == 8_241_728  # bytes, for one round
+    extra = sum(pool.layer_dealt(128, m, k) for m, k in ((256, 11), (24, 2), (12, 12)))
+    extra -= sum(pool.layer_dealt(128, m, k) for m, k in ((256, 4), (64, 8), (8, 8)))
+    assert extra == 4_115_008  # bytes, for one round
 
 
 def _plan_with(monkeypatch, n, rows, **settings):
@@ -599,3 +605,41 @@ def test_the_bits_above_a_shift_travel_whole_and_packed(k):
     short = Stream(new_seed(), "hs").ring((16,))
     assert [p.dtype for p in arith.high_bytes(short, 30)] == [torch.int32, torch.uint8]
     assert torch.equal(arith.from_high_bytes(arith.high_bytes(short, 30), 16), lshr(short, 30))
+
+
+@pytest.mark.parametrize("shift", [0, 16])
+def test_a_matrix_layer_takes_a_relus_masked_form_with_no_opening(run2, shift):
+    """relu_form then form_linear: W relu(x) exactly in the ring (the products wrap mod 2^64), in
+    the ReLU's 3 rounds and bytes alone: the layer opens nothing (a linear layer would open its
+    input, 8 bytes per element, in a fourth round). With a fused truncation (shift 16) the q m terms
+    are dealt mod 2^16 and still give the exact result."""
+    s = Stream(new_seed(), "w")
+    rows, ins, outs = 3, 45, 20
+    x = _rand_ring(rows * ins, 30).view(rows, ins)
+    x[0, :4] = torch.tensor([0, 1, -1, -(2**29)])
+    W, B, B0 = s.ring((outs, ins)), s.ring((outs, ins)), s.ring((outs, ins))
+    Fw = W - B
+
+    def deal(src):
+        R = compare.deal_relu(src, rows * ins, shift, L)
+        terms = compare.inject_terms(R)
+        return R, arith.deal_form_linear(src, terms, B if src.is_dealer else None, rows, outs, ins)
+
+    def proto(c, R, v):
+        Rr, Rl = R
+        Rr.form = True
+        Rl = arith.prepare_form_linear(Rl, Fw)
+        wbT = (Fw + B0 if c.party == 0 else B - B0).t()
+        y = yield from compare.relu_form(c, v, Rr, shift)
+        z = yield from arith.form_linear(y, Rl, lambda e: e @ wbT, (rows, ins))
+        return torch.cat([y.shares.reshape(-1), z.reshape(-1)])
+
+    out, fig = run2(deal, proto, x)
+    y, z = out[: rows * ins].view(rows, ins), out[rows * ins:].view(rows, outs)
+    ref = torch.where(x >= 0, x >> shift, 0)
+    assert int((y - ref).abs().max()) <= 1  # the fused truncation: within one unit
+    assert torch.equal(z, y @ W.t())  # exact in the ring, given the ReLU's result
+    _, relu_fig = run2(lambda src: compare.deal_relu(src, rows * ins, shift, L),
+                       lambda c, R, v: compare.relu(c, v, R, shift), x)
+    assert fig["rounds"] == relu_fig["rounds"] == 3
+    assert fig["bytes_per_party"] == relu_fig["bytes_per_party"]

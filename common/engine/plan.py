@@ -476,6 +476,20 @@ class _Lowering:
             self._trunc[v.step] = self.add("trunc", [v], shape, self.frac, name + ".trunc", shift=v.scale - self.frac)
         return self._trunc[v.step]
 
+    def truncated(self, v: _Val) -> bool:
+        """Whether v is a truncation's result (a truncation step or a sigmoid, whose output ends in one)."""
+        return self.steps[v.step].op in ("trunc", "sigmoid")
+
+    def remasked(self, v: _Val, other: _Val, name: str) -> _Val:
+        """A product's operand v, remasked (a truncation by 0: one opening under a fresh mask, 8 bytes
+        per element) when the other operand is a truncation's result and v is not. The product of the
+        two is then local (`arith.kept_mul`), and the remask's round passes as soon as v exists, while
+        the other operand is still being computed (an Xception entry block's max-pooled map, gated by
+        channel attention: one round fewer, the same bytes as a product that opens v)."""
+        if self.truncated(v) or not self.truncated(other):
+            return v
+        return self.add("trunc", [v], self.shape_of(v), v.scale, name + ".remask", shift=0)
+
     def fusable(self, v: _Val, name: str) -> _Val:
         """For comparisons: keep a 2f input (truncation fused) when the comparison allows it."""
         return v if v.scale - self.frac <= self.fuse_limit else self.at_frac(v, name)
@@ -1064,7 +1078,23 @@ def _maxpool(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, k: Any,
 
 def _maxreduce(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, dims: tuple[int, ...]) -> _Val:
     x = low.at_frac(x, name)
+    x = _before_covering_pool(low, x, dims)
     return low.add("maxreduce", [x], shape, low.frac, name, dims=dims)
+
+
+def _before_covering_pool(low: _Lowering, x: _Val, dims: tuple[int, ...]) -> _Val:
+    """The input of a max-pool whose output x is reduced over both spatial dims, when the pool's
+    windows cover every input element: the maximum is the same, and the reduction starts from the
+    pool's input, in the rounds of the pool instead of after them (CBAM's channel attention after
+    an Xception entry block's 3 x 3 / 2 max-pool: 7 rounds sooner, from a truncation's result)."""
+    step = low.steps[x.step]
+    if step.op != "maxpool" or not {2, 3} <= {d % 4 for d in dims}:
+        return x
+    a = step.get(WindowAttrs)
+    src = low.steps[step.inputs[0]]
+    covers = all(a.s <= a.k and (out - 1) * a.s - a.p + a.k >= size
+                 for out, size in zip(step.shape[2:], src.shape[2:], strict=True))
+    return _Val(src.index, src.scale) if covers else x
 
 
 def _minreduce(low: _Lowering, x: _Val, shape: tuple[int, ...], name: str, dims: tuple[int, ...]) -> _Val:
@@ -1173,6 +1203,7 @@ def _fn_mul(low: _Lowering, args: list[Any], kwargs: dict[str, Any], shape: tupl
     if isinstance(a, _Val) and isinstance(b, _Val):
         a, b = _unexpanded(low, a, b, shape)
         a, b = low.at_frac(a, name), low.at_frac(b, name)
+        a, b = low.remasked(a, b, name), low.remasked(b, a, name)
         return low.add("mul", [a, b], shape, 2 * low.frac, name)
     v, c = (a, b) if isinstance(a, _Val) else (b, a)
     return _scale(low, v, float(_number(c, name, "a factor") or 0.0), shape, name)

@@ -173,6 +173,7 @@ def _check_plan(plan: Plan) -> None:
         raise _bad("steps[0]", "the first step is the input, of the plan's input shape, at scale frac")
     if [s.index for s in steps if s.op in ("input", "output")] != [0, plan.output]:
         raise _bad("steps", "one input step (the first) and one output step (the plan's output)")
+    _check_remasks(steps)
     used: set[str] = set()
     for s in steps:
         lo, hi = _ARITY.get(s.op, (1, 1))
@@ -196,6 +197,13 @@ def _check_plan(plan: Plan) -> None:
         raise _bad("output", "the output is at scale frac")
 
 
+def _check_remasks(steps: tuple[Step, ...]) -> None:
+    """A remask (a truncation by 0) exists for a product to reuse (`arith.kept_mul`): nothing else takes it."""
+    for s in steps:
+        if s.op != "mul" and any(steps[i].op == "trunc" and steps[i].get(ShiftAttrs).shift == 0 for i in s.inputs):
+            raise _bad(f"steps[{s.index}] ({s.op} {s.name})", "a truncation by 0 feeds products only")
+
+
 def _need(cond: bool, what: str) -> None:
     if not cond:
         raise PlanError(what)
@@ -210,7 +218,7 @@ def _check_same(plan: Plan, s: Step, ins: list[Step]) -> None:
 def _check_shift(plan: Plan, s: Step, ins: list[Step]) -> None:
     shift = s.get(ShiftAttrs).shift if s.op != "spline" and s.op != "piecewise" else s.attrs.shift  # type: ignore[union-attr]
     limit = 62 if s.op == "trunc" else 64 - plan.cmp_bits - 1
-    _need(0 <= shift <= limit and (s.op != "trunc" or shift > 0), f"shift {shift} outside [0, {limit}]")
+    _need(0 <= shift <= limit, f"shift {shift} outside [0, {limit}]")
     _need(s.shape == ins[0].shape, "the shape of its input")
     _need(ins[0].scale == plan.frac + shift if s.op != "trunc" else ins[0].scale == s.scale + shift,
           "the input's scale is f + shift")

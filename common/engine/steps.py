@@ -151,25 +151,61 @@ def _truncation_shift(step: Step) -> int | None:
 def kept_inputs(plan: Plan, step: Step) -> tuple[int, ...]:
     """Which inputs of a step come straight from a truncation whose opening the step reuses. Dealer
     and parties decide alike, from the plan.
-    - a linear layer (`arith.trunc_linear`): its input, from a truncation step;
+    - a linear layer (`arith.trunc_linear`): its input, from a truncation step; or from a ReLU, in
+      its masked form, where the layer is a small matrix (`takes_form`, `arith.form_linear`);
     - a product: both inputs when both come from truncations (a truncation step or a sigmoid) whose
-      shifts add up to 64 or less (`arith.kept_mul`, no round), else the one of fewer bits
-      (`arith.trunc_mul`);
+      shifts add up to 64 or less (`arith.kept_mul`, no round; a remask, a truncation by 0, counts),
+      else the one of fewer bits (`arith.trunc_mul`; never a remask);
     - a maximum (`pool.max_lastaxis`): its input, from a truncation by k <= 63 - L bits, whose
       2^(64-k) q m term vanishes below the comparison's L + 1 bits (a chained layer's truncation by
       2f - 2 = 30 bits at L = 32)."""
     if step.op == "linear":
-        return (0,) if plan.steps[step.inputs[0]].op == "trunc" else ()
+        return (0,) if plan.steps[step.inputs[0]].op == "trunc" or takes_form(plan, step) else ()
     if step.op == "mul":
         shifts = [_truncation_shift(plan.steps[i]) for i in step.inputs]
         both = all(k is not None for k in shifts) and sum(k or 0 for k in shifts) <= 64
         kept = tuple(pos for pos, k in enumerate(shifts) if k is not None)
-        return kept if both else tuple(sorted(kept, key=lambda pos: shifts[pos] or 0))[:1]  # fewest bits
+        if both:
+            return kept
+        # fewest bits; a remask (shift 0) only pairs with another truncation's result
+        return tuple(sorted((pos for pos in kept if shifts[pos]), key=lambda pos: shifts[pos] or 0))[:1]
     if step.op in ("maxpool", "maxreduce"):
         src = plan.steps[step.inputs[0]]
         if src.op == "trunc" and src.get(ShiftAttrs).shift <= 63 - plan.cmp_bits:
             return (0,)
     return ()
+
+
+FORM_MAX_PRODUCTS = 1 << 17  # rows x outputs x inputs of a linear layer that takes a ReLU's form
+
+
+def takes_form(plan: Plan, step: Step) -> bool:
+    """Whether a linear layer takes its ReLU input in masked form, with no opening (`arith.form_linear`):
+    a matrix on vectors (an fc, or a 1 x 1 conv on a 1 x 1 map: CBAM's channel MLP) of at most
+    FORM_MAX_PRODUCTS products. Its round goes; the dealer pays 3 ring elements per product (5, two
+    of them mod 2^k, after a fused truncation): 0.9 MB for a 45 -> 728 layer, under what a round weighs
+    (`pool.ROUND_BYTES` over `pool.DEALT_WEIGHT`: 4 MB)."""
+    src = plan.steps[step.inputs[0]]
+    if step.op != "linear" or src.op != "relu":
+        return False
+    a = step.get(LinearAttrs)
+    if a.kind == "fc":
+        matrix = len(src.shape) == 2
+    else:
+        matrix = (len(src.shape) == 4 and src.shape[2:] == (1, 1) and a.wshape[2:] == (1, 1) and a.groups == 1
+                  and a.stride == 1 and a.padding == 0)
+    rows, ins = src.shape[0], _numel(src.shape[1:])
+    return matrix and rows * ins * step.shape[1] <= FORM_MAX_PRODUCTS
+
+
+def _form_consumed(plan: Plan, step: Step) -> bool:
+    """Whether a later step takes this step's result in masked form (`takes_form`)."""
+    return any(s.op == "linear" and s.inputs[0] == step.index and takes_form(plan, s) for s in plan.steps)
+
+
+def _matrix(step: Step, W: torch.Tensor) -> torch.Tensor:
+    """A matrix layer's weights (fc: kept transposed, (in, out); a 1 x 1 conv: (out, in, 1, 1)) as (out, in)."""
+    return W.t() if step.get(LinearAttrs).kind == "fc" else W.reshape(W.shape[0], -1)
 
 
 def kept_input(plan: Plan, step: Step) -> int | None:
@@ -206,8 +242,8 @@ class StepKind:
 
 
 def shares_of(value: Any) -> torch.Tensor:
-    """The shares of a step's result (a truncation's result carries more)."""
-    return value.shares if isinstance(value, arith.Truncated) else value
+    """The shares of a step's result (a truncation's result, or a result in masked form, carries more)."""
+    return value.shares if isinstance(value, (arith.Truncated, arith.AffineForm)) else value
 
 
 def _none(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> None:
@@ -243,6 +279,11 @@ def _deal_linear(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | Non
     if w is not None and src.is_dealer:
         with_B = _apply(step, ctx, w, "mask")
         op = lambda a, _b: with_B(a)  # noqa: E731 - the dealer's mask B is bound (its limbs split once)
+    if takes_form(plan, step):
+        shape = _in_shape(plan, step)
+        B = _matrix(step, mask) if src.is_dealer else None
+        return arith.deal_form_linear(src, compare.inject_terms(dealt[step.inputs[0]]), B, shape[0],
+                                      step.shape[1], _numel(shape[1:]))
     if kept_input(plan, step) is not None:
         M = dealt[step.inputs[0]]
         low = low_linear_op(step, M.shift)
@@ -254,6 +295,8 @@ def _prepare_linear(R: Any, step: Step, w: Weights, ctx: Ctx) -> Any:
     F_ = w.F[step.get(LinearAttrs).weight]
     with_F = _apply(step, ctx, w, "F")
     op: arith.LinearOp = lambda a, _f: with_F(a)  # noqa: E731 - F is bound (its limbs split once)
+    if isinstance(R, arith.FormLinearRand):
+        return arith.prepare_form_linear(R, _matrix(step, F_))
     if isinstance(R, arith.TruncLinearRand):
         return arith.prepare_trunc_linear(R, op, F_, low_linear_op(step, R.M.shift, ctx.limbs))
     return arith.prepare_linear(R, op, F_)
@@ -298,7 +341,13 @@ def _apply(step: Step, ctx: Ctx, w: Weights, which: str = "wb") -> arith.Apply:
 def _run_linear(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
     a = step.get(LinearAttrs)
     apply = _apply(step, ctx, w)
-    if isinstance(R, arith.TruncLinearRand):
+    if isinstance(R, arith.FormLinearRand):
+        x = ins[0]
+        if not isinstance(x, arith.AffineForm):
+            raise ProtocolError(f"step {step.name}: randomness for an input in masked form, got another")
+        y = yield from arith.form_linear(x, R, apply, tuple(x.shares.shape))
+        y = y.reshape(step.shape)
+    elif isinstance(R, arith.TruncLinearRand):
         x = ins[0]
         if not isinstance(x, arith.Truncated):
             raise ProtocolError(f"step {step.name}: randomness for a truncated input, got another")
@@ -320,7 +369,9 @@ def _run_trunc(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights
     return (yield from arith.trunc_kept(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
-def _run_relu(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[torch.Tensor]:
+def _run_relu(ctx: Ctx, step: Step, ins: list[torch.Tensor], R: Any, w: Weights) -> Proto[Any]:
+    if R.form:  # a linear layer takes the result in masked form
+        return (yield from compare.relu_form(ctx, ins[0], R, step.get(ShiftAttrs).shift))
     return (yield from compare.relu(ctx, ins[0], R, step.get(ShiftAttrs).shift))
 
 
@@ -496,7 +547,9 @@ def _deal_trunc(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None
 
 
 def _deal_relu(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:
-    return compare.deal_relu(src, _numel(step.shape), step.get(ShiftAttrs).shift, ctx.cmp_bits)
+    R = compare.deal_relu(src, _numel(step.shape), step.get(ShiftAttrs).shift, ctx.cmp_bits)
+    R.form = _form_consumed(plan, step)
+    return R
 
 
 def _deal_sigmoid(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | None, dealt: Mapping[int, Any]) -> Any:

@@ -280,36 +280,48 @@ class FusedDFDNet(nn.Module):
 
     Both streams read the same RGB tensor: the YCbCr map is folded into the YCbCr stream's first
     conv at export. A two-class softmax's fake probability is sigmoid(l_fake - l_real), so each
-    stream ends with a fixed Linear(2, 1) of weights [-1, 1] and a sigmoid; a fixed Linear(2, 1) of
-    weights [1/2, 1/2] takes the mean. Only supported operations, no softmax.
+    stream's two logits are subtracted and gated, and the mean of the two probabilities is the
+    output. The subtraction and the mean have fixed, public coefficients: they are local in the
+    secure evaluation (no weights, no rounds). Only supported operations, no softmax.
     """
 
     def __init__(self, rgb: DFDNet, ycbcr: DFDNet, gate: GateFactory = nn.Sigmoid) -> None:
         super().__init__()
         self.rgb = rgb
         self.ycbcr = ycbcr
-        self.diff = fixed_linear([-1.0, 1.0])
         self.gate = gate()
-        self.mean = fixed_linear([0.5, 0.5])
+        self.register_load_state_dict_pre_hook(_drop_fixed_head)  # type: ignore[no-untyped-call]
 
     def stream_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 2): the RGB stream's and the YCbCr stream's fake probabilities."""
-        p_rgb = self.gate(self.diff(self.rgb(x)))
-        p_ycc = self.gate(self.diff(self.ycbcr(x)))
+        p_rgb = self.gate(_fake_minus_real(self.rgb(x)))
+        p_ycc = self.gate(_fake_minus_real(self.ycbcr(x)))
         return torch.cat([p_rgb, p_ycc], dim=1)
 
+    @staticmethod
+    def fuse_probs(p: torch.Tensor) -> torch.Tensor:
+        """(N, 2) stream probabilities -> (N, 1) their mean."""
+        return (p[:, :1] + p[:, 1:]) * 0.5
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.mean(self.stream_probs(x))
-        return out
+        return self.fuse_probs(self.stream_probs(x))
 
 
-def fixed_linear(weights: list[float]) -> nn.Linear:
-    """A bias-free Linear(len(weights), 1) with the given weights and no gradient."""
-    layer = nn.Linear(len(weights), 1, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([weights]))
-    layer.weight.requires_grad_(False)
-    return layer
+def _fake_minus_real(logits: torch.Tensor) -> torch.Tensor:
+    """(N, 2) logits (real, fake) -> (N, 1) fake minus real."""
+    return logits[:, 1:] - logits[:, :1]
+
+
+# Files written before the fusion's fixed coefficients became local ops hold them as two Linear(2, 1)
+# layers' weights; they load if those are exactly the fixed values, and are refused otherwise.
+FIXED_HEAD = {"diff.weight": (-1.0, 1.0), "mean.weight": (0.5, 0.5)}
+
+
+def _drop_fixed_head(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    for key, want in FIXED_HEAD.items():
+        value = state.get(prefix + key)
+        if value is not None and torch.equal(value.double().reshape(-1), torch.tensor(want, dtype=torch.float64)):
+            del state[prefix + key]
 
 
 # --- registry -------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def fused_probs(model: FusedDFDNet, data: ImageSet, batch_size: int = 64) -> tor
     rows = []
     for x, _ in batches(data, batch_size):
         streams = model.stream_probs(x)
-        rows.append(torch.cat([model.mean(streams), streams], dim=1))
+        rows.append(torch.cat([model.fuse_probs(streams), streams], dim=1))
     return torch.cat(rows)
 
 

@@ -198,8 +198,12 @@ class Truncated:
 
 
 def trunc_kept(ctx: Ctx, x: torch.Tensor, R: MaskRand, shift: int) -> Proto[Truncated]:
-    """`trunc`, keeping the public part of the opening for consumers that reuse it."""
+    """`trunc`, keeping the public part of the opening for consumers that reuse it. A shift of 0 is a
+    remask: x + r opened under a fresh uniform r (8 bytes per element), x = P - r, no q m term; a
+    product of it and another truncation's result is then local (`kept_mul`)."""
     m = yield from mask_open(ctx, x.reshape(-1), R, shift)
+    if shift == 0:
+        return Truncated(m.share(ctx.party).reshape(x.shape), m.P, torch.zeros_like(m.P, dtype=torch.bool), 0)
     assert m.Q is not None
     return Truncated(m.share(ctx.party).reshape(x.shape), m.P, m.Q != 0, shift)
 
@@ -222,6 +226,72 @@ def _low_term(t: Truncated, M: MaskRand, a2: torch.Tensor, shape: tuple[int, ...
     """This party's shares, mod 2^k, of q m - a2 (what a fused consumer opens)."""
     assert M.m is not None
     return torch.where(t.q, M.m, 0).reshape(shape) - a2
+
+
+# ---------------------------------------------------------------------------------------------
+# A result in masked form, and small linear layers on it with no opening.
+
+
+@dataclass
+class AffineForm:
+    """A step's result y = const + sum_t coefs[t] * T_t (element-wise, flat), where const and the
+    coefs are public (the same on both parties) and the T_t are dealer values whose shares the
+    producing step's randomness holds: what a bit injection leaves (a ReLU's output). A consumer
+    that knows the T_t's order (`compare.inject_terms`) need not open y again (`form_linear`)."""
+
+    shares: torch.Tensor
+    const: torch.Tensor
+    coefs: list[torch.Tensor]
+
+
+FormTerms = list[tuple[torch.Tensor, int]]  # the T_t (dealer: values, party: shares) and the bits they matter to
+
+
+@dataclass
+class FormLinearRand:
+    """A linear map W (O x I) on an `AffineForm` input of N rows: shares of G_t = B (x) T_t, (N, O, I) for
+    each term (B: the dealer's weight mask), folded at `prepare_form_linear` into H_t = F (x) T_t_i + G_t_i,
+    shares of W (x) T_t. `terms` (this party's shares of the T_t, (N, I)) is dropped once folded."""
+
+    H: list[torch.Tensor]
+    terms: list[torch.Tensor] | None
+
+
+def deal_form_linear(src: Source, terms: FormTerms, B: torch.Tensor | None, rows: int, outs: int,
+                     ins: int) -> FormLinearRand:
+    """`B`: the dealer's weight mask as an (O, I) matrix; None on a party. Terms that matter mod
+    2^bits (a truncation's m) are dealt mod 2^bits: their coefficients carry 2^(64 - bits)."""
+    def product(T: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def value() -> torch.Tensor:
+            assert B is not None  # only the dealer computes it
+            return B.unsqueeze(0) * T.unsqueeze(1)
+
+        return value
+
+    Ts = [T.reshape(rows, ins) for T, _ in terms]
+    H = [src.ring_from(f"G{t}", (rows, outs, ins), product(T), bits=bits)
+         for t, (T, (_, bits)) in enumerate(zip(Ts, terms, strict=True))]
+    return FormLinearRand(H, Ts)
+
+
+def prepare_form_linear(R: FormLinearRand, F: torch.Tensor) -> FormLinearRand:
+    """Party: H_t = F (x) T_t_i + G_t_i with F the opened W - B as an (O, I) matrix."""
+    assert R.terms is not None
+    return FormLinearRand([G + F.unsqueeze(0) * T.unsqueeze(1) for G, T in zip(R.H, R.terms, strict=True)], None)
+
+
+def form_linear(x: AffineForm, R: FormLinearRand, apply: Apply, in_shape: tuple[int, ...]) -> Proto[torch.Tensor]:
+    """W y for y = const + sum_t c_t T_t (`AffineForm`), with NO round and no byte:
+        W y = op(const, wb_i) summed over the parties + sum_t sum_i c_t[i] (W[o, i] T_t[i]),
+    the first local (const public, wb_0 + wb_1 = W), the second local given H_t, shares of W (x) T_t.
+    Nothing is opened. Returns (rows, O); exact in the ring."""
+    if False:  # a generator that never communicates
+        yield []
+    rows, ins = R.H[0].shape[0], R.H[0].shape[2]
+    out = apply(x.const.reshape(in_shape)).reshape(rows, -1)
+    for c, H in zip(x.coefs, R.H, strict=True):
+        out = out + (c.reshape(rows, 1, ins) * H).sum(-1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,19 +362,23 @@ class KeptMulRand:
     Mx: MaskRand
     My: MaskRand
     ss: torch.Tensor
-    sm: torch.Tensor
-    ms: torch.Tensor
+    sm: torch.Tensor | None  # None where y is a remask (shift 0: no m term)
+    ms: torch.Tensor | None  # None where x is a remask
 
 
 def deal_kept_mul(src: Source, Mx: MaskRand, My: MaskRand, xshape: tuple[int, ...],
                   yshape: tuple[int, ...]) -> KeptMulRand:
-    assert Mx.m is not None and My.m is not None and Mx.shift + My.shift <= 64
-    sx, mx = Mx.s.reshape(xshape), Mx.m.reshape(xshape)
-    sy, my = My.s.reshape(yshape), My.m.reshape(yshape)
+    assert Mx.shift + My.shift <= 64 and (Mx.m is not None or not Mx.shift) and (My.m is not None or not My.shift)
+    sx, sy = Mx.s.reshape(xshape), My.s.reshape(yshape)
     oshape = tuple(torch.broadcast_shapes(xshape, yshape))  # type: ignore[no-untyped-call]
     ss = src.ring_from("ss", oshape, lambda: sx * sy)
-    sm = src.ring_from("sm", oshape, lambda: sx * my, bits=My.shift)
-    ms = src.ring_from("ms", oshape, lambda: mx * sy, bits=Mx.shift)
+    sm = ms = None
+    if My.m is not None:
+        my = My.m.reshape(yshape)
+        sm = src.ring_from("sm", oshape, lambda: sx * my, bits=My.shift)
+    if Mx.m is not None:
+        mx = Mx.m.reshape(xshape)
+        ms = src.ring_from("ms", oshape, lambda: mx * sy, bits=Mx.shift)
     return KeptMulRand(Mx, My, ss, sm, ms)
 
 
@@ -319,12 +393,16 @@ def kept_mul(ctx: Ctx, x: Truncated, y: Truncated, R: KeptMulRand) -> Proto[torc
         yield []
     xs, ys = tuple(x.shares.shape), tuple(y.shares.shape)
     Px, Py = x.P.reshape(xs), y.P.reshape(ys)
-    Qx = x.q.reshape(xs).to(torch.int64) << (64 - x.shift)
-    Qy = y.q.reshape(ys).to(torch.int64) << (64 - y.shift)
-    assert R.Mx.m is not None and R.My.m is not None
-    sx, mx = R.Mx.s.reshape(xs), R.Mx.m.reshape(xs)
-    sy, my = R.My.s.reshape(ys), R.My.m.reshape(ys)
-    z = R.ss - Px * sy - Py * sx + Qy * (Px * my - R.sm) + Qx * (Py * mx - R.ms)
+    sx, sy = R.Mx.s.reshape(xs), R.My.s.reshape(ys)
+    z = R.ss - Px * sy - Py * sx
+    if y.shift:  # a remask (shift 0) has no q m term
+        assert R.My.m is not None and R.sm is not None
+        Qy = y.q.reshape(ys).to(torch.int64) << (64 - y.shift)
+        z = z + Qy * (Px * R.My.m.reshape(ys) - R.sm)
+    if x.shift:
+        assert R.Mx.m is not None and R.ms is not None
+        Qx = x.q.reshape(xs).to(torch.int64) << (64 - x.shift)
+        z = z + Qx * (Py * R.Mx.m.reshape(xs) - R.ms)
     return z + Px * Py if ctx.party == 0 else z
 
 

@@ -35,7 +35,7 @@ from functools import cache
 import torch
 
 from secdfd.common.engine.bits import ONES, Form, Products, planes, unpack, words_for
-from secdfd.common.engine.protocols.arith import Masked, MaskRand, deal_mask, mask_open
+from secdfd.common.engine.protocols.arith import AffineForm, Masked, MaskRand, deal_mask, mask_open
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
 
@@ -379,11 +379,38 @@ class ReluRand:
     mask: MaskRand
     cmp: CmpRand
     inj: InjectRand
+    form: bool = False  # the result is wanted in masked form (`relu_form`)
 
 
 def deal_relu(src: Source, n: int, shift: int, L: int) -> ReluRand:
     mask = deal_mask(src, n, shift, L + 1)
     return ReluRand(mask, deal_sign_of_masked(src, mask, n, L), deal_inject(src, n, mask, shift > 0))
+
+
+def inject_terms(R: ReluRand) -> list[tuple[torch.Tensor, int]]:
+    """The dealer values an injected b * x is made of (`injected`), in `AffineForm` order: beta, beta s, s,
+    and for a fused truncation m and beta m (mod 2^shift)."""
+    assert R.inj.beta_s is not None
+    terms = [(R.inj.beta_a, 64), (R.inj.beta_s, 64), (R.mask.s, 64)]
+    if R.inj.beta_m is not None and R.mask.m is not None:
+        terms += [(R.mask.m, R.mask.shift), (R.inj.beta_m, R.mask.shift)]
+    return terms
+
+
+def relu_form(ctx: Ctx, x: torch.Tensor, R: ReluRand, shift: int = 0) -> Proto[AffineForm]:
+    """`relu`, keeping its output's masked form for a linear layer that takes it with no opening
+    (`arith.form_linear`): b x = d P + k P [beta] - k [beta s] - d [s] + Q (d [m] + k [beta m]),
+    k = 1 - 2d, d and P (and Q) public."""
+    shape = x.shape
+    m = yield from mask_open(ctx, x.reshape(-1), R.mask, shift)
+    b = yield from sign(ctx, m, R.cmp)
+    d = yield from open_bits(ctx, b, R.inj, m.s.numel())
+    y = injected(ctx, d, m, R.inj)
+    k = 1 - 2 * d
+    coefs = [k * m.P, -k, -d]
+    if m.Q is not None:
+        coefs += [m.Q * d, m.Q * k]
+    return AffineForm(y.reshape(shape), d * m.P, coefs)
 
 
 def relu(ctx: Ctx, x: torch.Tensor, R: ReluRand, shift: int = 0) -> Proto[torch.Tensor]:

@@ -9,6 +9,12 @@ are one fan-in-(n-1) AND round (none for n = 2), and
 is one bit-injection round that reuses each difference's opening as its mask. So max of 2 takes 3
 rounds, max of 3 to 12 takes 4 (one fewer over a truncation's result, whose differences need no opening).
 
+From 4 values up the layer opens the values, not the differences: each x_i + r_i once (8 bytes),
+and x_i - x_j = (P_i - P_j) - (r_i - r_j), whose mask's bit planes the dealer deals as it does for
+a truncation's result. n openings instead of n(n-1)/2 (a max-of-12 sends 8 bytes per value, not
+44); every opened value is masked by a fresh uniform r_i, and every later opening of the layer
+(the tree's bits, the selectors, the injection) by fresh dealer bits, so nothing more is revealed.
+
 Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
 repeats an edge element, which never changes a maximum. Global maxima reduce by up to 12 per layer:
 any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input and needs a
@@ -26,7 +32,7 @@ import torch
 
 from secdfd.common.engine.bits import ONES, Form, Products, planes, unpack, words_for
 from secdfd.common.engine.protocols.arith import Masked, MaskRand, deal_mask, mask_open
-from secdfd.common.engine.protocols.base import Ctx, Proto
+from secdfd.common.engine.protocols.base import Ctx, Proto, open_sum
 from secdfd.common.engine.protocols.compare import (
     CmpRand,
     InjectRand,
@@ -42,6 +48,11 @@ from secdfd.common.engine.protocols.compare import (
 from secdfd.common.engine.randomness import Source
 
 MAX_ARITY = 12  # a selector is a fan-in-(k-1) AND: 22,396 dealt monomials per row at 12
+
+
+def opens_values(n: int) -> bool:
+    """Whether a max-of-n layer opens its n values (n >= 4) rather than its n(n-1)/2 differences."""
+    return n > 3
 
 
 @cache
@@ -105,7 +116,12 @@ def deal_max(src: Source, rows: int, n: int, L: int, kept: KeptDeal | None = Non
     masks every difference already (no opening: the dealer deals the bit planes of s_i - s_j)."""
     rows_p = words_for(rows) * 64
     npairs = len(_pairs(n))
-    if kept is None:
+    if kept is None and opens_values(n):
+        r = src.ring("r", (n * rows_p,))
+        sp = _pair_diffs(r.view(n, rows_p), n)
+        sbits = src.bits_from("sbits", (L + 1, words_for(npairs * rows_p)), lambda: planes(sp, 0, L + 1))
+        mask = MaskRand(r, sp, None, sbits)
+    elif kept is None:
         mask = deal_mask(src, npairs * rows_p, 0, L + 1)
     else:
         sp = _pair_diffs(_columns(kept[0], rows_p), n)
@@ -152,7 +168,10 @@ def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand, kept: Kept | None = None
     rows_p = words_for(rows) * 64
     xs = _columns(x, rows_p)
     pairs = _pairs(n)
-    if kept is None:
+    if kept is None and opens_values(n):
+        c = yield from open_sum(xs.reshape(-1) + R.mask.r)  # one round, each value once
+        m = Masked(_pair_diffs(c.view(n, rows_p), n), R.mask.s, R.mask.sbits)
+    elif kept is None:
         m = yield from mask_open(ctx, _pair_diffs(xs, n), R.mask, 0)  # one round for every pair
     else:
         m = Masked(_pair_diffs(_columns(kept[0], rows_p), n), R.mask.s, R.mask.sbits)
@@ -215,13 +234,14 @@ ROUND_BYTES = 200_000  # one round weighs as much as 200 kB per server: 1 Gbit/s
 
 
 def layer_cost(rows: int, n: int, k: int, kept: bool = False) -> tuple[int, int]:
-    """(bytes per server, rounds) of one max-of-k layer over `rows` rows of n values: per pair an
-    8-byte opening (none over a truncation's result) and its tree bits, then the selector bits
-    (k > 2) and k - 1 injected bits, all bit-packed over rows padded to a multiple of 64."""
+    """(bytes per server, rounds) of one max-of-k layer over `rows` rows of n values: an 8-byte
+    opening per pair (k <= 3) or per value (k >= 4; none over a truncation's result), each pair's
+    tree bits, then the selector bits (k > 2) and k - 1 injected bits, all bit-packed over rows
+    padded to a multiple of 64."""
     rp = words_for(rows * ((n + k - 1) // k)) * 64
     p = k * (k - 1) // 2
     bits = rp // 8 * (p * tree_bits(COMPARE_BITS, rp * p) + (p if k > 2 else 0) + k - 1)
-    return (0 if kept else 8 * rp * p) + bits, layer_rounds(k, kept, rp * p)
+    return (0 if kept else 8 * rp * (k if opens_values(k) else p)) + bits, layer_rounds(k, kept, rp * p)
 
 
 # A dealt byte weighs 1/20 of an online byte: it travels ahead of the request, but the dealer makes it
