@@ -107,6 +107,30 @@ class _PooledMax(nn.Module):
         return torch.amax(y, dim=(2, 3), keepdim=True) + y
 
 
+class _PooledAmax(nn.Module):
+    """The pooled map's max over channels and space, without keepdim (the pool is then unused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x):
+        return torch.amax(self.pool(self.conv(x)), dim=(1, 2, 3))
+
+
+def test_a_max_over_channels_and_space_after_a_covering_pool_drops_the_pool():
+    from secdfd.common.engine.twoparty import TwoParty
+
+    m = _PooledAmax().eval()
+    plan = build_plan(m, (1, 3, 9, 9), cmp_bits=32)
+    assert [s.op for s in plan.steps if s.op in ("maxpool", "maxreduce")] == ["maxreduce"]  # the pool is pruned
+    x = torch.randn(1, 3, 9, 9) * 3
+    y, _ = TwoParty(m, (1, 3, 9, 9), cmp_bits=32)(x)
+    with torch.no_grad():
+        assert y.shape == (1,) and (y - m(x).double()).abs().max().item() < 1e-3
+
+
 @pytest.mark.parametrize("k, s, p, covers", [(3, 2, 1, True), (3, 3, 0, True), (2, 3, 0, False), (2, 2, 0, False)])
 def test_a_global_max_after_a_covering_max_pool_starts_from_the_pool_input(k, s, p, covers):
     """Windows that cover every input element (an Xception block's 3 x 3 / 2 pool) keep the global
@@ -164,3 +188,24 @@ def test_a_product_remasks_its_early_operand_and_costs_no_round():
     assert rep.rounds == alone.rounds + 1
     (fig,) = (f for f in rep.steps if f.index == remask.index)
     assert fig.bytes_per_party == (8 * 4 * 4 * 4, 8 * 4 * 4 * 4) and fig.rounds == 1
+
+
+def test_a_matrix_layer_takes_a_relus_form_up_to_its_bound_for_any_batch():
+    """CBAM's channel MLP (1 x 1 convs on 1 x 1 maps) takes its ReLU's output in masked form, also in
+    a plan widened to 4 crops (the bound counts weights, not rows); an fc past FORM_MAX_PRODUCTS
+    weights, or a 3 x 3 conv, opens its input as any linear layer."""
+    from secdfd.common.engine.steps import FORM_MAX_PRODUCTS, kept_inputs, takes_form
+    from secdfd.common.ml.dfdnet import ChannelAttention
+
+    plan = build_plan(ChannelAttention(1024).eval(), (1, 1024, 4, 4), cmp_bits=32)
+    for p in (plan, plan.batched(4)):
+        seconds = [s for s in p.steps if s.op == "linear" and p.steps[s.inputs[0]].op == "relu"]
+        assert len(seconds) == 2  # the shared MLP on the average and on the maximum
+        assert all(takes_form(p, s) and kept_inputs(p, s) == (0,) for s in seconds)
+    big = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 512))  # 262,144 weights
+    conv = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    for m, shape in ((big, (1, 8)), (conv, (1, 3, 6, 6))):
+        p = build_plan(m.eval(), shape, cmp_bits=32)
+        (last,) = (s for s in p.steps if s.op == "linear" and p.steps[s.inputs[0]].op == "relu")
+        assert not takes_form(p, last) and kept_inputs(p, last) == ()
+    assert 512 * 512 > FORM_MAX_PRODUCTS >= 1024 * 64

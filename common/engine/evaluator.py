@@ -188,7 +188,7 @@ class _Dataflow:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.values: dict[int, Any] = {}  # share tensors, or a truncation's `Truncated`
+        self.values: dict[int, Any] = {}  # share tensors, a truncation's `Truncated`, or a ReLU's `AffineForm`
         self._users = [0] * len(plan.steps)
         self._waiting = {s.index: len(set(s.inputs)) for s in plan.steps}
         self._consumers: dict[int, list[int]] = {}

@@ -456,6 +456,7 @@ class _Lowering:
         self.weights: dict[str, tuple[int, ...]] = {}
         self.weight_input: dict[str, int] = {}  # weight key -> the input scale of its layers
         self._trunc: dict[int, _Val] = {}
+        self._remask: dict[int, _Val] = {}
 
     def add(self, op: str, inputs: list[_Val], shape: Any, scale: int, name: str, **attrs: Any) -> _Val:
         """Append a step; `attrs` are the fields of the op's attribute class (OP_ATTRS)."""
@@ -488,7 +489,9 @@ class _Lowering:
         channel attention: one round fewer, the same bytes as a product that opens v)."""
         if self.truncated(v) or not self.truncated(other):
             return v
-        return self.add("trunc", [v], self.shape_of(v), v.scale, name + ".remask", shift=0)
+        if v.step not in self._remask:  # one opening however many products take it
+            self._remask[v.step] = self.add("trunc", [v], self.shape_of(v), v.scale, name + ".remask", shift=0)
+        return self._remask[v.step]
 
     def fusable(self, v: _Val, name: str) -> _Val:
         """For comparisons: keep a 2f input (truncation fused) when the comparison allows it."""

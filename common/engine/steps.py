@@ -176,15 +176,16 @@ def kept_inputs(plan: Plan, step: Step) -> tuple[int, ...]:
     return ()
 
 
-FORM_MAX_PRODUCTS = 1 << 17  # rows x outputs x inputs of a linear layer that takes a ReLU's form
+FORM_MAX_PRODUCTS = 1 << 17  # outputs x inputs of a linear layer that takes a ReLU's form
 
 
 def takes_form(plan: Plan, step: Step) -> bool:
     """Whether a linear layer takes its ReLU input in masked form, with no opening (`arith.form_linear`):
     a matrix on vectors (an fc, or a 1 x 1 conv on a 1 x 1 map: CBAM's channel MLP) of at most
-    FORM_MAX_PRODUCTS products. Its round goes; the dealer pays 3 ring elements per product (5, two
-    of them mod 2^k, after a fused truncation): 0.9 MB for a 45 -> 728 layer, under what a round weighs
-    (`pool.ROUND_BYTES` over `pool.DEALT_WEIGHT`: 4 MB)."""
+    FORM_MAX_PRODUCTS weights. Its round goes; the dealer pays 3 ring elements per weight and input row
+    (5, two of them mod 2^k, after a fused truncation): 0.9 MB for a 45 -> 728 layer and one crop,
+    under what a round weighs (`pool.ROUND_BYTES` over `pool.DEALT_WEIGHT`: 4 MB). The bound is per
+    row, so the crops of a batch keep the round saved."""
     src = plan.steps[step.inputs[0]]
     if step.op != "linear" or src.op != "relu":
         return False
@@ -194,8 +195,7 @@ def takes_form(plan: Plan, step: Step) -> bool:
     else:
         matrix = (len(src.shape) == 4 and src.shape[2:] == (1, 1) and a.wshape[2:] == (1, 1) and a.groups == 1
                   and a.stride == 1 and a.padding == 0)
-    rows, ins = src.shape[0], _numel(src.shape[1:])
-    return matrix and rows * ins * step.shape[1] <= FORM_MAX_PRODUCTS
+    return matrix and _numel(src.shape[1:]) * step.shape[1] <= FORM_MAX_PRODUCTS
 
 
 def _form_consumed(plan: Plan, step: Step) -> bool:
@@ -234,7 +234,8 @@ class StepKind:
     """How one op deals its randomness, folds what is input-independent (`prepare`) and runs.
 
     Inputs arrive as share tensors, except those `kept_inputs` names: a truncation's
-    `arith.Truncated` arrives as it is (a truncation step and a sigmoid return one)."""
+    `arith.Truncated` arrives as it is (a truncation step and a sigmoid return one), and so does a
+    ReLU's `arith.AffineForm` (a ReLU returns one where a matrix layer takes it, `takes_form`)."""
 
     deal: Deal
     run: Run

@@ -282,7 +282,8 @@ class FusedDFDNet(nn.Module):
     conv at export. A two-class softmax's fake probability is sigmoid(l_fake - l_real), so each
     stream's two logits are subtracted and gated, and the mean of the two probabilities is the
     output. The subtraction and the mean have fixed, public coefficients: they are local in the
-    secure evaluation (no weights, no rounds). Only supported operations, no softmax.
+    secure evaluation (no secret weights; the mean's 1/2 leaves one truncation of the output, as any
+    fractional factor). Only supported operations, no softmax.
     """
 
     def __init__(self, rgb: DFDNet, ycbcr: DFDNet, gate: GateFactory = nn.Sigmoid) -> None:
@@ -320,7 +321,8 @@ FIXED_HEAD = {"diff.weight": (-1.0, 1.0), "mean.weight": (0.5, 0.5)}
 def _drop_fixed_head(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
     for key, want in FIXED_HEAD.items():
         value = state.get(prefix + key)
-        if value is not None and torch.equal(value.double().reshape(-1), torch.tensor(want, dtype=torch.float64)):
+        if value is not None and torch.equal(value.detach().cpu().double().reshape(-1),
+                                             torch.tensor(want, dtype=torch.float64)):
             del state[prefix + key]
 
 

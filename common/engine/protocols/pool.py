@@ -17,7 +17,8 @@ a truncation's result. n openings instead of n(n-1)/2 (a max-of-12 sends 8 bytes
 
 Max-pool k x k, stride s, padding p runs as two separable passes (rows, then columns); padding
 repeats an edge element, which never changes a maximum. Global maxima reduce by up to 12 per layer:
-any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input and needs a
+any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input (k <= 3; one
+value per input from 4 up), compares (k-1)/2 pairs per input and needs a
 fan-in-(k-1) AND whose monomials (about (k-1) 2^(k-1) bits per row) the dealer deals offline;
 `reduce_plan` weighs the three.
 """
@@ -272,14 +273,14 @@ def _best_plan(rows: int, n: int, kept: bool = False) -> tuple[tuple[float, int,
 def reduce_plan(n: int, rows: int = 1, kept: bool = False) -> list[int]:
     """Arity of each layer that reduces n values (in each of `rows` rows) to one.
 
-    Any arity above 2 costs the same 4 rounds, but arity k opens (k-1)/2 differences per input and
-    its selectors' dealt monomials grow as 2^(k-1). The plan minimises bytes + ROUND_BYTES * rounds +
-    DEALT_WEIGHT * dealt selector bytes (exactly, over all arity sequences up to MAX_ARITY): small
-    reductions take wide layers (the spatial max of an 8 x 8 map, 728 rows: layers of 2, 4 and 8 in 11
-    rounds; the channel max over 728 channels after a truncation, 64 rows: 8, 8 and 12 in 11 rounds,
-    14 with layers up to 8), large ones stay narrow where bytes dominate. `kept`: the input is a
-    truncation's result, whose first layer opens no differences (so it may be wider).
-    """
+    Any arity above 2 costs the same 4 rounds; arity k opens (k-1)/2 differences per input up to k = 3
+    and one value per input from 4 up, compares (k-1)/2 pairs per input, and its selectors' dealt
+    monomials grow as 2^(k-1). The plan minimises bytes + ROUND_BYTES * rounds + DEALT_WEIGHT *
+    dealt selector bytes (exactly, over all arity sequences up to MAX_ARITY): small reductions take
+    wide layers (the spatial max of an 8 x 8 map, 728 rows: layers of 8 and 8 in 8 rounds; the channel
+    max over 728 channels after a truncation, 64 rows: 7, 9 and 12 in 11 rounds, 14 with layers up to
+    8), large ones stay narrower where bytes dominate. `kept`: the input is a truncation's result,
+    whose first layer opens nothing but its comparison bits."""
     return list(_best_plan(rows, n, kept)[1])
 
 
