@@ -60,6 +60,22 @@ def test_piecewise_linear_is_exact(run2, name, shift):
 FUNCTIONS = {"tanh": 2.3e-4, "silu": 2.3e-4, "gelu": 1.6e-4, "gelu_tanh": 1.6e-4, "hardswish": 8e-5}
 
 
+def _fixed_point_units(sp: spline.Spline) -> float:
+    """Units of 2^-16 the fixed point adds to the fit's error, at most: the input's encoding (half a
+    unit) and its truncation (one) times the steepest piece's slope, the truncations of x^2 and x^3
+    (one each) times the largest c2 and c3, the output's truncation and the coefficients' 32-bit
+    encoding (one each). Which way each truncation rounds depends on the masks, so a bound tighter
+    than this fails now and then (tanh after a 40-bit truncation: 2.312e-4 once against 2.3e-4)."""
+    slope = 0.0
+    edges = (-8.0, *sp.breaks, 8.0)
+    for c, lo, hi in zip(sp.polys, edges[:-1], edges[1:], strict=True):
+        t = torch.linspace(lo, hi, 1001, dtype=torch.float64)
+        d = sum(j * c[j] * t ** (j - 1) for j in range(1, sp.degree + 1))
+        slope = max(slope, float(torch.as_tensor(d).abs().max()) + (1.0 if sp.tail and lo >= sp.breaks[-1] else 0.0))
+    high = [max(abs(c[j]) for c in sp.polys) for j in range(2, sp.degree + 1)]
+    return 1.5 * slope + sum(high) + 2
+
+
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 def test_spline_error_bytes_and_rounds(run2, name):
     sp = spline.get(name)
@@ -115,5 +131,6 @@ def test_spline_powers_after_a_fused_truncation_of_more_than_32_bits(run2, name,
     out, fig = run2(lambda s: spline.deal_spline(s, N, shift, 16, L, sp),
                     lambda c, R, v: spline.spline(c, v, R, sp, shift), FixedPoint(16).encode(x) << shift, 16, L)
     err = (FixedPoint(16).decode(out) - spline.FUNCTIONS[name](x)).abs().max().item()
-    assert err <= FUNCTIONS[name]
+    fit = (spline.reference(sp, x) - spline.FUNCTIONS[name](x)).abs().max().item()
+    assert err <= fit + _fixed_point_units(sp) * 2.0**-16
     assert fig["rounds"] == 3 + compare.tree_rounds(L, len(sp.breaks) * N)
