@@ -1,12 +1,47 @@
-"""The float64 limb path (what CUDA uses) is bit-exact against int64 on CPU."""
+"""Ring products: the CPU's int64 convolution as a matrix product and the float64 limb path (what
+CUDA uses) are bit-exact against torch's int64 convolution."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from secdfd.common.engine.prng import Stream, new_seed
-from secdfd.common.engine.ringops import limb_product, limb_product_split, split_limbs
+from secdfd.common.engine.ringops import conv2d, limb_product, limb_product_split, split_limbs
+from secdfd.common.engine.steps import _split_pays
 from secdfd.common.engine.twoparty import TwoParty
+
+
+@pytest.mark.parametrize(("shape", "out", "k", "stride", "padding", "dilation"), [
+    ((1, 3, 16, 16), 8, 3, 2, 0, 1),  # a stem conv
+    ((2, 8, 9, 9), 6, 3, 2, 1, 1),
+    ((3, 4, 11, 7), 5, 1, 2, 0, 1),  # a strided 1x1 skip conv, odd sizes
+    ((2, 5, 12, 12), 4, 3, 1, 2, 2),  # dilated
+    ((1, 2, 10, 10), 1, 7, 1, 3, 1),  # spatial attention's 7x7 conv on two maps
+    ((4, 6, 8, 8), 7, 1, 1, 0, 1),  # pointwise, four crops
+])
+def test_int64_conv_as_matrix_product_is_exact(shape, out, k, stride, padding, dilation):
+    s = Stream(new_seed(), "c")
+    w = s.ring((out, shape[1], k, k))
+    ref = lambda x: F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)  # noqa: E731
+    x = s.ring(shape)
+    assert torch.equal(conv2d(x, w, stride, padding, dilation), ref(x))
+    n, c, h, wd = shape
+    xt = s.ring((n, wd, c, h)).permute(0, 2, 3, 1)  # a non-contiguous input
+    assert torch.equal(conv2d(xt, w, stride, padding, dilation), ref(xt))
+    xs = s.ring((n, c + 2, h, wd))[:, 1 : c + 1]  # a view with a storage offset
+    assert torch.equal(conv2d(xs, w, stride, padding, dilation), ref(xs))
+
+
+def test_limbs_only_where_asked_for():
+    """On CPU every layer multiplies in int64 (no weight limbs kept); with limbs (CUDA) the dense
+    layers split their weights, depthwise never."""
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.Conv2d(64, 64, 3, groups=64),
+                            torch.nn.Conv2d(64, 8, 1))
+    cpu, cuda = TwoParty(m, (1, 3, 8, 8)), TwoParty(m, (1, 3, 8, 8), limbs=True)
+    assert cpu.parties[0].weights is not None and not cpu.parties[0].weights.limbs
+    assert cuda.parties[0].weights is not None and len(cuda.parties[0].weights.limbs) == 4  # wb and F, 2 layers
+    linear = [s for s in cpu.plan.steps if s.op == "linear"]
+    assert [_split_pays(s, cuda.parties[0].ctx) for s in linear] == [True, False, True]
 
 
 def test_limb_conv_and_matmul_are_exact():

@@ -34,7 +34,7 @@ from secdfd.common.engine.plan import (
 from secdfd.common.engine.protocols import arith, compare, piecewise, pool, sigmoid, spline
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
-from secdfd.common.engine.ringops import MAX_REDUCTION, limb_product_split, ring_op, split_limbs
+from secdfd.common.engine.ringops import MAX_REDUCTION, conv2d, limb_product_split, ring_op, split_limbs
 from secdfd.common.errors import ProtocolError
 
 
@@ -102,6 +102,8 @@ def _bilinear(step: Step) -> tuple[arith.LinearOp, int, bool]:
     def conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if groups > 1 and groups == x.shape[1] and w.shape[0] == groups and w.shape[1] == 1:
             return depthwise(x, w, stride, padding, dilation)
+        if groups == 1 and x.dtype == torch.int64:
+            return conv2d(x, w, stride, padding, dilation)  # one int64 matrix product
         return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
     return conv, reduction, groups > 1 and wshape[1] == 1 and wshape[0] == groups
@@ -303,15 +305,12 @@ def _prepare_linear(R: Any, step: Step, w: Weights, ctx: Ctx) -> Any:
     return arith.prepare_linear(R, op, F_)
 
 
-LIMB_MIN_REDUCTION = 64  # below this many terms, CPU int64 products are as fast as float64 limbs
-
-
 def _split_pays(step: Step, ctx: Ctx) -> bool:
-    """Whether this layer's online products run on float64 limbs of its split weights
-    (`ringops.limb_product_split`): on CUDA always, on CPU for reductions of 64 terms and more
-    (int64 convolutions and matrix products have no fast kernels there); never depthwise."""
+    """Whether this layer's products run on float64 limbs of its split weights
+    (`ringops.limb_product_split`): where limbs are asked for (CUDA, which has no int64 products;
+    `--limbs` on CPU), never depthwise. On CPU the int64 matrix products are faster (`ringops`)."""
     _, reduction, elementwise = _bilinear(step)
-    return not elementwise and reduction < MAX_REDUCTION and (ctx.limbs or reduction >= LIMB_MIN_REDUCTION)
+    return ctx.limbs and not elementwise and reduction < MAX_REDUCTION
 
 
 def split_weights(plan: Plan, ctx: Ctx, w: Weights) -> None:
