@@ -90,3 +90,22 @@ def test_secure_inference_with_limbs_matches_int64_path():
     y_limbs, _ = TwoParty(m, (1, 3, 16, 16), limbs=True)(x)
     ref = m(x).double()
     assert (y_native - ref).abs().max() < 1e-3 and (y_limbs - ref).abs().max() < 1e-3
+
+
+def test_low_products_keep_their_weights_converted_once():
+    """A layer on a truncation's result multiplies the low 16 bits of its weight share in float64; that
+    conversion is kept after the first request and the second request is as exact as the first."""
+    torch.manual_seed(1)
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    tp = TwoParty(m, (1, 3, 8, 8))
+    w = tp.parties[0].weights
+    assert w is not None and not w.low
+    for _ in range(2):
+        x = torch.rand(1, 3, 8, 8)
+        y, _ = tp(x)
+        assert (y - m(x).double()).abs().max() < 1e-3
+    assert sorted(w.low) == ["1.weight:16", "3.weight:16"]  # the layers after the first truncation
+    for key, low in w.low.items():
+        assert low.dtype == torch.float64
+        assert torch.equal(low.to(torch.int64), w.wb[key.split(":")[0]] & 0xFFFF)

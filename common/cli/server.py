@@ -60,7 +60,8 @@ def server_command(role: type[ServerBase]) -> click.Command:
                   help="CPU threads for torch [default: every core; `secdfd up` uses 1].")
     @click.option("--device", default="cpu", show_default=True, help="Where the ring arithmetic runs: cpu or cuda.")
     @click.option("--limbs", is_flag=True, default=None,
-                  help="Use float64 limb ring products on CPU too (always on with CUDA).")
+                  help="Use float64 limb ring products on CPU too, as CUDA always does (slower on CPU than "
+                       "its default int64 matrix products; for checking the CUDA path without a GPU).")
     def command(party: str, keys: Path, weights: Path, state: Path, listen: str, peer: str, dealer: str,
                 depth: int, timeout: float, client_wait: float, queue_wait: float, max_pending: int,
                 max_pending_per_client: int, max_batch: int, threads: int, device: str, limbs: bool | None) -> None:

@@ -170,7 +170,7 @@ def _endpoint_options(f: Any) -> Any:
 @click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True,
               help="Bundles each server keeps ready (the prepared one included).")
 @click.option("--device", default="cpu", show_default=True, help="Servers' device: cpu or cuda.")
-@click.option("--limbs", is_flag=True, help="Float64 limb ring products on CPU too.")
+@click.option("--limbs", is_flag=True, help="Float64 limb ring products on CPU too, as CUDA does (slower).")
 @click.option("--wait", type=float, default=600.0, show_default=True, help="Seconds to wait for readiness.")
 def up_cmd(state: Path, model: Path | None, embedded: bool, dealer: str, server_a: str, server_b: str, peer: str,
            threads: int, depth: int, device: str, limbs: bool, wait: float) -> None:
