@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from secdfd.common.engine.bits import Form, Products, pack, planes, unpack
@@ -14,6 +15,9 @@ def test_planes_match_bit_extraction():
             want = (x >> (lo + j)) & 1
             got = unpack(p[j], 1000)
             assert torch.equal(got, want)
+        assert torch.equal(p[:, -1] >> (1000 % 64), torch.zeros(count, dtype=torch.int64))  # zero padding
+    wide = Stream(new_seed(), "w").ring((2000,))
+    assert torch.equal(planes(wide[::2], 3, 33), planes(wide[::2].clone(), 3, 33))  # a strided view
 
 
 def test_pack_unpack_roundtrip():
@@ -89,4 +93,99 @@ def test_products_of_one_length_over_opened_bits_are_exact_all_at_once(monkeypat
                     want = want & v[u]
                 assert torch.equal(r0[k] ^ r1[k], want)
         assert all(torch.equal(x, y) for x, y in zip(*shares, strict=True))
+        # the same shares from the table each server lays out when it prepares the bundle
+        forms = [[Form(alpha[u], None) for u in p] for p in spec.products]
+        t0, t1 = spec.stacked_table(a0, m0, 0), spec.stacked_table(a ^ a0, mono ^ m0, 1)
+        assert tuple(t0.shape) == (len(spec.products), 1 << len(spec.products[0]), 3)
+        p0, p1 = spec.evaluate_stacked(forms, t0), spec.evaluate_stacked(forms, t1)
+        assert all(torch.equal(x, y) for x, y in zip(p0, shares[0], strict=True))
+        for k, p in enumerate(spec.products):
+            want = v[p[0]]
+            for u in p[1:]:
+                want = want & v[u]
+            assert torch.equal(p0[k] ^ p1[k], want)
+        with pytest.raises(ValueError):
+            spec.evaluate_stacked(forms, t0[:, :-1])
     assert len(stacked) == 6  # both parties of three specs, with beta None only
+
+
+def _max_layer(seeds, corrections, n, x0, x1, prepared):
+    """One max-of-n layer over (100, n) shares, both parties, from the bundle of `seeds`."""
+    from secdfd.common.engine.channel import pair, run_pair
+    from secdfd.common.engine.driver import drive
+    from secdfd.common.engine.protocols.base import Ctx
+    from secdfd.common.engine.randomness import Source
+
+    R = [pool.deal_max(Source.party(0, seeds[0], "m"), 100, n, 32),
+         pool.deal_max(Source.party(1, seeds[1], "m", corrections), 100, n, 32)]
+    if prepared:
+        R = [pool.prepare_max(r, p) for p, r in enumerate(R)]
+        assert all(r.sel_mono is None and r.sel_table is not None for r in R)
+    c0, c1 = pair()
+    y = run_pair(lambda: drive(c0, pool.max_lastaxis(Ctx(0, 16, 32), x0, R[0]), "m"),
+                 lambda: drive(c1, pool.max_lastaxis(Ctx(1, 16, 32), x1, R[1]), "m"))
+    return y, R
+
+
+def test_a_prepared_max_layer_matches_the_unprepared_one_and_consumes_its_table():
+    """A max-of-k layer's selectors from the prepared table: the same shares as from the dealt
+    monomials, and the table is gone after its one use."""
+    from secdfd.common.engine.randomness import Source
+    from secdfd.common.engine.sharing import share
+
+    for n in (3, 5, 12):
+        seeds = (new_seed(), new_seed())
+        dealer = Source.dealer(seeds, "m")
+        pool.deal_max(dealer, 100, n, 32)
+        x = Stream(new_seed(), "x").ring((100, n)) >> 34  # |x| < 2^30
+        x0, x1 = share(x)
+        (y0, y1), _ = _max_layer(seeds, dealer.corrections, n, x0, x1, False)
+        (z0, z1), R = _max_layer(seeds, dealer.corrections, n, x0, x1, True)
+        assert torch.equal(y0, z0) and torch.equal(y1, z1)
+        assert torch.equal(z0 + z1, x.max(-1).values)
+        assert all(r.sel_table is None for r in R)  # used once
+
+
+def _leaf_by_products(party, nu, a, mono):
+    """A leaf group's (g, e) shares by the generic product evaluation (`Products.evaluate`)."""
+    size = nu.shape[0]
+    spec = compare._leaf_products(size)
+    e_forms = [Form(nu[k], None) for k in range(size)]
+    g_forms = [Form(None, nu[k]) for k in range(size)]
+    forms = [[e_forms[v] for v in p[:-1]] + [g_forms[p[-1]]] for p in spec.products[:-1]]
+    forms.append([e_forms[v] for v in spec.products[-1]])
+    prods = spec.evaluate(forms, a, mono, party)
+    g = a[size - 1] & nu[size - 1]
+    for p in prods[: size - 1]:
+        g = g ^ p
+    return g, prods[size - 1]
+
+
+def test_leaf_groups_by_the_position_table_are_exact():
+    """The leaf's table evaluation gives each party the very shares the generic product evaluation
+    gives, and they open to e = AND of e_k and g = the group's borrow, for every group size used."""
+    s = Stream(new_seed(), "leaf")
+    for size in range(1, 8):
+        count, W = 3, 5
+        nu = s.ring((size, count, W))
+        bits = s.ring((size, count, W))  # the dealer's mask bits s_k
+        spec = compare._leaf_products(size)
+        mono = spec.deal(bits) if spec.monomials else torch.empty((0, count, W), dtype=torch.int64)
+        a0, m0 = s.ring(bits.shape), s.ring(mono.shape)
+        a1, m1 = bits ^ a0, mono ^ m0
+        out = [compare._leaf_group(p, nu, a, m) for p, a, m in ((0, a0, m0), (1, a1, m1))]
+        ref = [_leaf_by_products(p, nu, a, m) for p, a, m in ((0, a0, m0), (1, a1, m1))]
+        for (g, e), (gr, er) in zip(out, ref, strict=True):
+            assert torch.equal(g, gr) and torch.equal(e, er)
+        e_k = nu ^ bits
+        g_k = nu & bits
+        hi = size - 1
+        e_want = e_k[0].clone()
+        for k in range(1, size):
+            e_want &= e_k[k]
+        g_want, run = g_k[hi].clone(), e_k[hi].clone()
+        for k in range(hi - 1, -1, -1):
+            g_want ^= run & g_k[k]
+            run &= e_k[k]
+        assert torch.equal(out[0][0] ^ out[1][0], g_want)
+        assert torch.equal(out[0][1] ^ out[1][1], e_want)

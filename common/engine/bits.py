@@ -38,25 +38,36 @@ def planes(x: torch.Tensor, lo: int, count: int) -> torch.Tensor:
     Returns an int64 tensor (count, words_for(n)): bit i of word w of plane j is bit lo+j of element
     64*w + i. Elements beyond n (padding) are zero.
     """
-    x = x.reshape(-1)
+    x = x.reshape(-1).contiguous()
     n = x.numel()
     pad = (-n) % 64
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad)])
     shift, b0 = lo % 8, lo // 8
     if shift:
         x = x >> shift
     nbytes = (count + shift + 7) // 8 if shift else (count + 7) // 8
     nbytes = min(nbytes, 8 - b0)
-    by = x.view(torch.uint8).view(-1, 8)[:, b0 : b0 + nbytes].t().contiguous()
+    by = torch.zeros((nbytes, n + pad), dtype=torch.uint8, device=x.device)  # the padding: zero elements
+    by[:, :n] = x.view(torch.uint8).view(-1, 8)[:, b0 : b0 + nbytes].t()
     w = by.view(torch.int64)  # word (b, q): byte b of elements 8q .. 8q+7
-    # 8x8 bit transpose inside each word (Hacker's Delight, transpose8).
-    t = (w ^ (w >> 7)) & 0x00AA00AA00AA00AA
-    w = w ^ t ^ (t << 7)
-    t = (w ^ (w >> 14)) & 0x0000CCCC0000CCCC
-    w = w ^ t ^ (t << 14)
-    t = (w ^ (w >> 28)) & 0x00000000F0F0F0F0
-    w = w ^ t ^ (t << 28)
+    # 8x8 bit transpose inside each word (Hacker's Delight, transpose8), in place: one temporary.
+    t = w >> 7
+    t ^= w
+    t &= 0x00AA00AA00AA00AA
+    w ^= t
+    t <<= 7
+    w ^= t
+    torch.bitwise_right_shift(w, 14, out=t)
+    t ^= w
+    t &= 0x0000CCCC0000CCCC
+    w ^= t
+    t <<= 14
+    w ^= t
+    torch.bitwise_right_shift(w, 28, out=t)
+    t ^= w
+    t &= 0x00000000F0F0F0F0
+    w ^= t
+    t <<= 28
+    w ^= t
     y = w.view(torch.uint8).view(nbytes, -1, 8).transpose(1, 2).contiguous()
     return y.view(nbytes * 8, -1).view(torch.int64)[:count]
 
@@ -173,13 +184,33 @@ class Products:
         a comparison bit opened under the dealer's mask): every product at once, so a max-of-12's 11
         selectors of 11 variables take about 3 x 11 + 2 tensor operations instead of 11 times that.
         prod_j (alpha_j XOR a_j) = XOR over subsets T of a_T AND (the alphas of the variables not in T)."""
+        return self._reduce_stacked(forms, table[self._stacked_rows])  # a fresh tensor, reduced in place
+
+    def stacked_table(self, a: torch.Tensor, mono: torch.Tensor, party: int) -> torch.Tensor:
+        """Offline: this party's shares of every a_T laid out (products, 2^k, ...) as `evaluate_stacked`
+        reads them, the constant, the variables and the monomials gathered once ahead of the request
+        (online, that gather was most of a max layer's selector step)."""
+        const = torch.full_like(a[:1], ONES) if party == 0 else torch.zeros_like(a[:1])
+        return torch.cat([const, a, mono])[self._stacked_rows]
+
+    def evaluate_stacked(self, forms: Sequence[Sequence[Form]], table: torch.Tensor) -> list[torch.Tensor]:
+        """`evaluate` for products of one length over opened bits (v = alpha XOR a), from a prepared
+        `stacked_table`, which it consumes: the table is reduced in place, as randomness is used once."""
+        if not self._uniform or tuple(table.shape[:2]) != (len(self.products), 1 << len(self.products[0])):
+            raise ValueError("a stacked table of other products")
+        if not all(f.beta is None and f.alpha is not None for fs in forms for f in fs):
+            raise ValueError("stacked products take opened bits only")
+        return self._reduce_stacked(forms, table)
+
+    def _reduce_stacked(self, forms: Sequence[Sequence[Form]], x: torch.Tensor) -> list[torch.Tensor]:
+        """XOR over the subsets T of x[product, T] AND (the alphas of the variables not in T); x, the
+        shares of a_T (products, 2^k, ...), is reduced in place."""
         assert len(forms) == len(self.products)
         assert all(len(fs) == len(p) for fs, p in zip(forms, self.products, strict=True))
         alpha = torch.stack([torch.stack([f.alpha for f in fs]) for fs in forms])  # type: ignore[misc]
         coef = torch.full_like(alpha[:, :1], ONES)  # (products, 1, ...): the empty prefix
         for j in range(alpha.shape[1]):
             coef = torch.cat([coef & alpha[:, j : j + 1], coef], 1)  # subsets without j, then with j
-        x = table[self._stacked_rows]  # (products, 2^k, ...), a fresh tensor reduced in place
         x &= coef
         while x.shape[1] > 1:
             h = x.shape[1] // 2

@@ -443,6 +443,14 @@ def _deal_maxreduce(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | 
     return pool.deal_reduce_max(src, rows, n, ctx.cmp_bits, kept)
 
 
+def _prepare_maxreduce(R: list[pool.MaxRand], step: Step, w: Weights, ctx: Ctx) -> list[pool.MaxRand]:
+    return [pool.prepare_max(r, ctx.party) for r in R]
+
+
+def _prepare_maxpool(R: list[list[pool.MaxRand]], step: Step, w: Weights, ctx: Ctx) -> list[list[pool.MaxRand]]:
+    return [_prepare_maxreduce(r, step, w, ctx) for r in R]
+
+
 def _run_maxreduce(ctx: Ctx, step: Step, ins: list[Any], R: Any, w: Weights) -> Proto[torch.Tensor]:
     x, kept = _kept_public(ins[0], tuple(shares_of(ins[0]).shape))
     if R and (kept is None) != (R[0].kept is None):  # (a maximum over one value has no layers)
@@ -620,7 +628,7 @@ STEP_KINDS: dict[str, StepKind] = {
     "sigmoid": StepKind(_deal_sigmoid, _run_sigmoid),
     "spline": StepKind(_deal_spline, _run_spline),
     "piecewise": StepKind(_deal_piecewise, _run_piecewise),
-    "maxpool": StepKind(_deal_maxpool, _run_maxpool),
-    "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce),
+    "maxpool": StepKind(_deal_maxpool, _run_maxpool, _prepare_maxpool),
+    "maxreduce": StepKind(_deal_maxreduce, _run_maxreduce, _prepare_maxreduce),
     "mul": StepKind(_deal_mul, _run_mul),
 }

@@ -239,18 +239,56 @@ def _leaf(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int
     for i, (first, size, count) in enumerate(_leaf_layout(nbits, R.one)):
         nu = _not(_group_bits(u, first, size, count))  # public NOT u_k, (size, count, W)
         sb = _group_bits(sbits, first, size, count)
-        spec = _leaf_products(size)
-        e_forms = [Form(nu[k], None) for k in range(size)]  # e_k = NOT u_k XOR s_k
-        g_forms = [Form(None, nu[k]) for k in range(size)]  # g_k = NOT u_k AND s_k
-        forms = [[e_forms[v] for v in p[:-1]] + [g_forms[p[-1]]] for p in spec.products[:-1]]
-        forms.append([e_forms[v] for v in spec.products[-1]])
-        prods = spec.evaluate(forms, sb, R.leaf_mono[i], ctx.party)
-        g = sb[size - 1] & nu[size - 1]
-        for p in prods[: size - 1]:
-            g = g ^ p
+        g, e = _leaf_group(ctx.party, nu, sb, R.leaf_mono[i])
         gs.append(g)
-        es.append(prods[size - 1])
+        es.append(e)
     return torch.cat(gs, 0), torch.cat(es, 0)
+
+
+@cache
+def _leaf_rows(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the leaf table T (see `_leaf_group`) that hold each bit's share a_k and each dealt monomial
+    (in `_leaf_products(size).monomials` order): the subset's position mask, bit p for bit size-1-p."""
+    hi = size - 1
+    singles = torch.tensor([1 << (hi - k) for k in range(size)], dtype=torch.int64)
+    monos = torch.tensor([sum(1 << (hi - k) for k in m) for m in _leaf_products(size).monomials], dtype=torch.int64)
+    return singles, monos
+
+
+def _leaf_group(party: int, nu: torch.Tensor, a: torch.Tensor, mono: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, e) shares of leaf groups of one size: nu (size, count, W) the public NOT u_k, a and mono this
+    party's shares of the mask bits s_k and of their dealt monomials (`_leaf_products`).
+
+    Bit hi - p of a group sits at position p. With e_k = nu_k XOR s_k and g_k = nu_k AND s_k,
+        e = prod_p e_(hi-p),   g = XOR over q of (prod_(p<q) e_(hi-p)) AND g_(hi-q),
+    and expanding each product over the subsets T of positions (`bits.Products`):
+        e = XOR_T  Z[T] AND s_T,   Z[T] = AND of nu over the positions not in T,
+        g = XOR_T  C[T] AND s_T,   C[T] = Z_q[T'] AND nu_(hi-q), q the highest position in T, T' = T - q,
+    where Z_q covers positions 0 .. q-1; C's rows for q are the first half of Z_(q+1). With the shares
+    s_T in one table T indexed by position mask (T[0] the constant 1), both are one AND and one XOR
+    reduction over the 2^size rows, built by doubling, with no gathered copies."""
+    size = nu.shape[0]
+    n = 1 << size
+    singles, monos = _leaf_rows(size)
+    table = torch.empty((n, *nu.shape[1:]), dtype=torch.int64, device=nu.device)
+    table[0] = ONES if party == 0 else 0
+    table.index_copy_(0, singles.to(nu.device), a)
+    if len(monos):
+        table.index_copy_(0, monos.to(nu.device), mono)
+    zc = torch.empty((2, *table.shape), dtype=torch.int64, device=nu.device)  # Z, C
+    z, c = zc[0], zc[1]
+    z[0] = ONES
+    c[0] = 0
+    for q in range(size):
+        h = 1 << q
+        torch.bitwise_and(z[:h], nu[size - 1 - q], out=c[h : 2 * h])  # g at position q
+        z[h : 2 * h] = z[:h]  # subsets holding position q: no factor
+        z[:h] = c[h : 2 * h]  # the others: times nu
+    zc &= table
+    while n > 1:
+        n //= 2
+        zc[:, :n] ^= zc[:, n : 2 * n]
+    return zc[1, 0], zc[0, 0]
 
 
 def borrow(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int) -> Proto[torch.Tensor]:

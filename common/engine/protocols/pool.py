@@ -25,6 +25,7 @@ fan-in-(k-1) AND whose monomials (about (k-1) 2^(k-1) bits per row) the dealer d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
 from itertools import combinations
@@ -91,6 +92,7 @@ class MaxRand:
     sel_mono: torch.Tensor | None
     inj: InjectRand
     kept: KeptRand | None = None
+    sel_table: torch.Tensor | None = None  # sel_a and sel_mono laid out for the selectors (`prepare_max`)
 
 
 KeptDeal = tuple[torch.Tensor, torch.Tensor, int]  # a truncation's s and m laid out as its input, and k
@@ -199,9 +201,19 @@ def max_lastaxis(ctx: Ctx, x: torch.Tensor, R: MaxRand, kept: Kept | None = None
     return out[:rows].reshape(lead)
 
 
+def prepare_max(R: MaxRand, party: int) -> MaxRand:
+    """Offline (a server's `prepare`): the selectors' shares of every dealt product, gathered into the
+    layout their one evaluation reads (`Products.stacked_table`), in place of the monomials."""
+    if R.sel_a is None or R.sel_mono is None:
+        return R
+    n = next(k for k in range(3, MAX_ARITY + 1) if len(_pairs(k)) == R.sel_a.shape[0])
+    table = _selector_products(n).stacked_table(R.sel_a, R.sel_mono, party)
+    return dataclasses.replace(R, sel_mono=None, sel_table=table)
+
+
 def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Tensor]:
     """One-hot selectors sel_0 .. sel_(n-2) as XOR-shared words (n-1, W): one fan-in AND round."""
-    assert R.sel_a is not None and R.sel_mono is not None
+    assert R.sel_a is not None and (R.sel_mono is not None or R.sel_table is not None)
     spec = _selector_products(n)
     mine = c ^ R.sel_a
     (peer,) = yield [mine]
@@ -215,6 +227,10 @@ def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Ten
             # c_ab = [x_a >= x_b]; sel_i wants c_ij for j > i and NOT c_ji for j < i.
             f.append(Form(d[v] if a == i else d[v] ^ ONES, None))
         forms.append(f)
+    if R.sel_table is not None:
+        table, R.sel_table = R.sel_table, None  # reduced in place: this randomness is used once
+        return torch.stack(spec.evaluate_stacked(forms, table))
+    assert R.sel_mono is not None
     return torch.stack(spec.evaluate(forms, R.sel_a, R.sel_mono, ctx.party))
 
 
