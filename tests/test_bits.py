@@ -106,6 +106,8 @@ def test_products_of_one_length_over_opened_bits_are_exact_all_at_once(monkeypat
             assert torch.equal(p0[k] ^ p1[k], want)
         with pytest.raises(ValueError):
             spec.evaluate_stacked(forms, t0[:, :-1])
+        with pytest.raises(ValueError):  # forms with a beta are not opened bits
+            spec.evaluate_stacked([[Form(alpha[u], alpha[u]) for u in p] for p in spec.products], t0)
     assert len(stacked) == 6  # both parties of three specs, with beta None only
 
 
@@ -130,8 +132,10 @@ def _max_layer(seeds, corrections, n, x0, x1, prepared):
 def test_a_prepared_max_layer_matches_the_unprepared_one_and_consumes_its_table():
     """A max-of-k layer's selectors from the prepared table: the same shares as from the dealt
     monomials, and the table is gone after its one use."""
+    from secdfd.common.engine.protocols.base import Ctx
     from secdfd.common.engine.randomness import Source
     from secdfd.common.engine.sharing import share
+    from secdfd.common.errors import RandomnessError
 
     for n in (3, 5, 12):
         seeds = (new_seed(), new_seed())
@@ -144,6 +148,8 @@ def test_a_prepared_max_layer_matches_the_unprepared_one_and_consumes_its_table(
         assert torch.equal(y0, z0) and torch.equal(y1, z1)
         assert torch.equal(z0 + z1, x.max(-1).values)
         assert all(r.sel_table is None for r in R)  # used once
+        with pytest.raises(RandomnessError, match="already used"):  # and refused a second time
+            list(pool._selectors(Ctx(0, 16, 32), torch.zeros((len(pool._pairs(n)), 2), dtype=torch.int64), n, R[0]))
 
 
 def _leaf_by_products(party, nu, a, mono):
@@ -167,8 +173,8 @@ def test_leaf_groups_by_the_position_table_are_exact():
     s = Stream(new_seed(), "leaf")
     for size in range(1, 8):
         count, W = 3, 5
-        nu = s.ring((size, count, W))
-        bits = s.ring((size, count, W))  # the dealer's mask bits s_k
+        nu = s.ring((count, size, W)).transpose(0, 1)  # laid out as `_group_bits` gives them: views
+        bits = s.ring((count, size, W)).transpose(0, 1)  # the dealer's mask bits s_k
         spec = compare._leaf_products(size)
         mono = spec.deal(bits) if spec.monomials else torch.empty((0, count, W), dtype=torch.int64)
         a0, m0 = s.ring(bits.shape), s.ring(mono.shape)

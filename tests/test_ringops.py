@@ -11,25 +11,28 @@ from secdfd.common.engine.steps import _split_pays
 from secdfd.common.engine.twoparty import TwoParty
 
 
-@pytest.mark.parametrize(("shape", "out", "k", "stride", "padding", "dilation"), [
-    ((1, 3, 16, 16), 8, 3, 2, 0, 1),  # a stem conv
-    ((2, 8, 9, 9), 6, 3, 2, 1, 1),
-    ((3, 4, 11, 7), 5, 1, 2, 0, 1),  # a strided 1x1 skip conv, odd sizes
-    ((2, 5, 12, 12), 4, 3, 1, 2, 2),  # dilated
-    ((1, 2, 10, 10), 1, 7, 1, 3, 1),  # spatial attention's 7x7 conv on two maps
-    ((4, 6, 8, 8), 7, 1, 1, 0, 1),  # pointwise, four crops
+@pytest.mark.parametrize(("shape", "out", "k", "stride", "padding", "dilation", "groups"), [
+    ((1, 3, 16, 16), 8, (3, 3), 2, 0, 1, 1),  # a stem conv
+    ((2, 8, 9, 9), 6, (3, 3), 2, 1, 1, 1),
+    ((3, 4, 11, 7), 5, (1, 1), 2, 0, 1, 1),  # a strided 1x1 skip conv, odd sizes
+    ((2, 5, 12, 12), 4, (3, 3), 1, 2, 2, 1),  # dilated
+    ((2, 5, 13, 12), 4, (3, 2), 2, 1, 2, 1),  # a rectangular kernel, strided and dilated
+    ((1, 2, 10, 10), 1, (7, 7), 1, 3, 1, 1),  # spatial attention's 7x7 conv on two maps
+    ((4, 6, 8, 8), 7, (1, 1), 1, 0, 1, 1),  # pointwise, four crops
+    ((2, 8, 9, 9), 6, (3, 3), 2, 1, 1, 2),  # grouped, not depthwise
+    ((1, 12, 7, 7), 12, (1, 1), 1, 0, 1, 4),  # grouped pointwise
 ])
-def test_int64_conv_as_matrix_product_is_exact(shape, out, k, stride, padding, dilation):
+def test_int64_conv_as_matrix_product_is_exact(shape, out, k, stride, padding, dilation, groups):
     s = Stream(new_seed(), "c")
-    w = s.ring((out, shape[1], k, k))
-    ref = lambda x: F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)  # noqa: E731
+    w = s.ring((out, shape[1] // groups, *k))
+    ref = lambda x: F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)  # noqa: E731
     x = s.ring(shape)
-    assert torch.equal(conv2d(x, w, stride, padding, dilation), ref(x))
+    assert torch.equal(conv2d(x, w, stride, padding, dilation, groups), ref(x))
     n, c, h, wd = shape
     xt = s.ring((n, wd, c, h)).permute(0, 2, 3, 1)  # a non-contiguous input
-    assert torch.equal(conv2d(xt, w, stride, padding, dilation), ref(xt))
+    assert torch.equal(conv2d(xt, w, stride, padding, dilation, groups), ref(xt))
     xs = s.ring((n, c + 2, h, wd))[:, 1 : c + 1]  # a view with a storage offset
-    assert torch.equal(conv2d(xs, w, stride, padding, dilation), ref(xs))
+    assert torch.equal(conv2d(xs, w, stride, padding, dilation, groups), ref(xs))
 
 
 def test_limbs_only_where_asked_for():

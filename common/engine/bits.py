@@ -2,8 +2,9 @@
 
 Boolean (XOR) shares are bit-sliced: one int64 word holds one bit of 64 elements, so an AND or XOR
 of whole words processes 64 elements at once. `planes` turns ring elements into bit planes with
-three masked-shift stages of an 8x8 bit transpose plus byte shuffles (about 10 ms per 10^6
-elements and 40 bits here).
+three masked-shift stages of an 8x8 bit transpose plus byte shuffles, in place with one temporary
+(half the time of the same stages with a fresh tensor per operation: 8 against 16 ms for 476,000
+elements and 33 bits on the 2-core machine).
 
 Products of shared bits (`Products`): every input bit is an affine form v = alpha XOR (beta AND a)
 of a dealer bit `a` with public planes alpha, beta. Expanding prod(v_i for i in S) gives

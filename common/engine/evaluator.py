@@ -267,7 +267,7 @@ class Dealer:
                 k: Source.dealer(self._prov_seeds, mask_purpose(self.split, k)).ring("B", self.plan.weights[k])
                 for k in self.plan.masked_keys()
             })
-            self._w = Weights(masks, {}, {}, {})  # its limbs of B are split on first use and kept
+            self._w = Weights(masks, {}, {}, {})  # with limbs (CUDA), B is split on first use and kept
         return self._w
 
     def bundle(self, bundle_id: str, batch: int = 1) -> tuple[Bundle, Bundle]:

@@ -26,12 +26,13 @@ MAX_REDUCTION = 1 << (53 - 2 * LIMB_BITS)
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0, dilation: int = 1) -> torch.Tensor:
-    """F.conv2d(x, w) for int64 x (N, C, H, W) and w (O, C, kh, kw), groups 1, mod 2^64: the im2col
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0, dilation: int = 1,
+           groups: int = 1) -> torch.Tensor:
+    """F.conv2d(x, w) for int64 x (N, C, H, W) and w (O, C / groups, kh, kw), mod 2^64: the im2col
     columns of x are a strided view (copied once by the reshape; a 1x1 conv without stride copies
-    nothing), multiplied by w as an (O, C kh kw) matrix."""
+    nothing), multiplied by w as a (groups, O / groups, C / groups kh kw) stack of matrices."""
     N, C, H, W = x.shape
-    O, _, kh, kw = w.shape
+    O, Cg, kh, kw = w.shape
     if padding:
         x = torch.nn.functional.pad(x, (padding,) * 4)
     Ho = (H + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
@@ -39,7 +40,10 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0, 
     sN, sC, sH, sW = x.stride()
     cols = x.as_strided((N, C, kh, kw, Ho, Wo), (sN, sC, dilation * sH, dilation * sW, stride * sH, stride * sW),
                         x.storage_offset())
-    return (w.reshape(O, C * kh * kw) @ cols.reshape(N, C * kh * kw, Ho * Wo)).view(N, O, Ho, Wo)
+    if groups == 1:
+        return (w.reshape(O, Cg * kh * kw) @ cols.reshape(N, Cg * kh * kw, Ho * Wo)).view(N, O, Ho, Wo)
+    y = w.reshape(groups, O // groups, Cg * kh * kw) @ cols.reshape(N, groups, Cg * kh * kw, Ho * Wo)
+    return y.view(N, O, Ho, Wo)
 
 
 def _limbs(x: torch.Tensor) -> list[torch.Tensor]:

@@ -103,8 +103,8 @@ def _bilinear(step: Step) -> tuple[arith.LinearOp, int, bool]:
     def conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if groups > 1 and groups == x.shape[1] and w.shape[0] == groups and w.shape[1] == 1:
             return depthwise(x, w, stride, padding, dilation)
-        if groups == 1 and x.dtype == torch.int64:
-            return conv2d(x, w, stride, padding, dilation)  # one int64 matrix product
+        if x.dtype == torch.int64:
+            return conv2d(x, w, stride, padding, dilation, groups)  # int64 matrix products
         return F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
     return conv, reduction, groups > 1 and wshape[1] == 1 and wshape[0] == groups
@@ -282,7 +282,7 @@ def _deal_linear(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | Non
     op = linear_op(step)
     if w is not None and src.is_dealer:
         with_B = _apply(step, ctx, w, "mask")
-        op = lambda a, _b: with_B(a)  # noqa: E731 - the dealer's mask B is bound (its limbs split once)
+        op = lambda a, _b: with_B(a)  # noqa: E731 - the dealer's mask B is bound (split once where limbs pay)
     if takes_form(plan, step):
         shape = _in_shape(plan, step)
         B = _matrix(step, mask) if src.is_dealer else None
@@ -298,7 +298,7 @@ def _deal_linear(src: Source, step: Step, plan: Plan, ctx: Ctx, w: Weights | Non
 def _prepare_linear(R: Any, step: Step, w: Weights, ctx: Ctx) -> Any:
     F_ = w.F[step.get(LinearAttrs).weight]
     with_F = _apply(step, ctx, w, "F")
-    op: arith.LinearOp = lambda a, _f: with_F(a)  # noqa: E731 - F is bound (its limbs split once)
+    op: arith.LinearOp = lambda a, _f: with_F(a)  # noqa: E731 - F is bound (split once where limbs pay)
     if isinstance(R, arith.FormLinearRand):
         return arith.prepare_form_linear(R, _matrix(step, F_))
     if isinstance(R, arith.TruncLinearRand):

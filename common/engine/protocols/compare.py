@@ -252,6 +252,9 @@ def _leaf_rows(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     hi = size - 1
     singles = torch.tensor([1 << (hi - k) for k in range(size)], dtype=torch.int64)
     monos = torch.tensor([sum(1 << (hi - k) for k in m) for m in _leaf_products(size).monomials], dtype=torch.int64)
+    # every row of the table is written (the constant, the bits, the monomials): none is left uninitialised
+    if sorted([0, *singles.tolist(), *monos.tolist()]) != list(range(1 << size)):
+        raise AssertionError(f"leaf products of {size} bits do not cover every subset")
     return singles, monos
 
 

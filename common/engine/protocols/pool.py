@@ -48,6 +48,7 @@ from secdfd.common.engine.protocols.compare import (
     tree_rounds,
 )
 from secdfd.common.engine.randomness import Source
+from secdfd.common.errors import RandomnessError
 
 MAX_ARITY = 12  # a selector is a fan-in-(k-1) AND: 22,396 dealt monomials per row at 12
 
@@ -206,14 +207,17 @@ def prepare_max(R: MaxRand, party: int) -> MaxRand:
     layout their one evaluation reads (`Products.stacked_table`), in place of the monomials."""
     if R.sel_a is None or R.sel_mono is None:
         return R
-    n = next(k for k in range(3, MAX_ARITY + 1) if len(_pairs(k)) == R.sel_a.shape[0])
-    table = _selector_products(n).stacked_table(R.sel_a, R.sel_mono, party)
+    arity = {len(_pairs(k)): k for k in range(3, MAX_ARITY + 1)}.get(R.sel_a.shape[0])
+    if arity is None:
+        raise RandomnessError(f"selector randomness of {R.sel_a.shape[0]} pairs fits no max layer")
+    table = _selector_products(arity).stacked_table(R.sel_a, R.sel_mono, party)
     return dataclasses.replace(R, sel_mono=None, sel_table=table)
 
 
 def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Tensor]:
     """One-hot selectors sel_0 .. sel_(n-2) as XOR-shared words (n-1, W): one fan-in AND round."""
-    assert R.sel_a is not None and (R.sel_mono is not None or R.sel_table is not None)
+    if R.sel_a is None or (R.sel_mono is None and R.sel_table is None):
+        raise RandomnessError("a max layer's selector randomness is missing or was already used")
     spec = _selector_products(n)
     mine = c ^ R.sel_a
     (peer,) = yield [mine]
@@ -230,7 +234,7 @@ def _selectors(ctx: Ctx, c: torch.Tensor, n: int, R: MaxRand) -> Proto[torch.Ten
     if R.sel_table is not None:
         table, R.sel_table = R.sel_table, None  # reduced in place: this randomness is used once
         return torch.stack(spec.evaluate_stacked(forms, table))
-    assert R.sel_mono is not None
+    assert R.sel_mono is not None  # (checked above)
     return torch.stack(spec.evaluate(forms, R.sel_a, R.sel_mono, ctx.party))
 
 
