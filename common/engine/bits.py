@@ -51,24 +51,14 @@ def planes(x: torch.Tensor, lo: int, count: int) -> torch.Tensor:
     by[:, :n] = x.view(torch.uint8).view(-1, 8)[:, b0 : b0 + nbytes].t()
     w = by.view(torch.int64)  # word (b, q): byte b of elements 8q .. 8q+7
     # 8x8 bit transpose inside each word (Hacker's Delight, transpose8), in place: one temporary.
-    t = w >> 7
-    t ^= w
-    t &= 0x00AA00AA00AA00AA
-    w ^= t
-    t <<= 7
-    w ^= t
-    torch.bitwise_right_shift(w, 14, out=t)
-    t ^= w
-    t &= 0x0000CCCC0000CCCC
-    w ^= t
-    t <<= 14
-    w ^= t
-    torch.bitwise_right_shift(w, 28, out=t)
-    t ^= w
-    t &= 0x00000000F0F0F0F0
-    w ^= t
-    t <<= 28
-    w ^= t
+    t = torch.empty_like(w)
+    for k, m in ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0)):
+        torch.bitwise_right_shift(w, k, out=t)
+        t ^= w
+        t &= m
+        w ^= t
+        t <<= k
+        w ^= t
     y = w.view(torch.uint8).view(nbytes, -1, 8).transpose(1, 2).contiguous()
     return y.view(nbytes * 8, -1).view(torch.int64)[:count]
 
