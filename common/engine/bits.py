@@ -181,8 +181,7 @@ class Products:
         """Offline: this party's shares of every a_T laid out (products, 2^k, ...) as `evaluate_stacked`
         reads them, the constant, the variables and the monomials gathered once ahead of the request
         (online, that gather was most of a max layer's selector step)."""
-        const = torch.full_like(a[:1], ONES) if party == 0 else torch.zeros_like(a[:1])
-        return torch.cat([const, a, mono])[self._stacked_rows]
+        return _table(a, mono, party)[self._stacked_rows]
 
     def evaluate_stacked(self, forms: Sequence[Sequence[Form]], table: torch.Tensor) -> list[torch.Tensor]:
         """`evaluate` for products of one length over opened bits (v = alpha XOR a), from a prepared
@@ -226,8 +225,7 @@ class Products:
         reduced by halving, so a k-input product costs about 3k + 3 tensor operations. Products that
         start with the same forms share their coefficient prefix.
         """
-        const = torch.full_like(a[:1], ONES) if party == 0 else torch.zeros_like(a[:1])
-        table = torch.cat([const, a, mono])
+        table = _table(a, mono, party)
         if self._uniform and all(f.beta is None and f.alpha is not None for fs in forms for f in fs):
             return self._evaluate_stacked(forms, table)
         ones = torch.full_like(a[:1], ONES)
@@ -263,3 +261,7 @@ class Products:
         return out
 
 
+def _table(a: torch.Tensor, mono: torch.Tensor, party: int) -> torch.Tensor:
+    """This party's shares of [constant 1, a_0 .. a_(n-1), monomials]: the table `Products` reads."""
+    const = torch.full_like(a[:1], ONES) if party == 0 else torch.zeros_like(a[:1])
+    return torch.cat([const, a, mono])

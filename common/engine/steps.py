@@ -120,15 +120,23 @@ def low_linear_op(step: Step, bits: int, limbs: bool = False) -> arith.LinearOp:
     """op(e, w) mod 2^bits for e in [0, 2^bits): one float64 product where every output's sum of
     products stays exact (reduction * 2^(2 bits) <= 2^53: bits = 16 up to 2^21 terms), else the ring
     operator. Only the low `bits` bits of the result are meaningful."""
-    op, reduction, elementwise = _bilinear(step)
-    if reduction << (2 * bits) > 1 << 53:
+    op, reduction, _ = _bilinear(step)
+    if not _low_in_float(reduction, bits):
         return linear_op(step, limbs)
-    mask = (1 << bits) - 1
+    return lambda e, w: _low_product(op, e, _low_weight(w, bits))
 
-    def low(e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.round(op(e.to(torch.float64), (w & mask).to(torch.float64))).to(torch.int64)
 
-    return low
+def _low_in_float(reduction: int, bits: int) -> bool:
+    """Whether op(e, w mod 2^bits), e in [0, 2^bits), is exact as one float64 product."""
+    return reduction << (2 * bits) <= 1 << 53
+
+
+def _low_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    return (w & ((1 << bits) - 1)).to(torch.float64)
+
+
+def _low_product(op: arith.LinearOp, e: torch.Tensor, w_low: torch.Tensor) -> torch.Tensor:
+    return torch.round(op(e.to(torch.float64), w_low)).to(torch.int64)
 
 
 def kept_until(plan: Plan) -> dict[int, int]:
@@ -367,14 +375,14 @@ def _low_apply(step: Step, ctx: Ctx, w: Weights, bits: int) -> arith.Apply:
     cost more than the product (a 1,536 x 2,048 conv on 4 x 4: 17.6 ms against 1.9)."""
     key = step.get(LinearAttrs).weight
     op, reduction, _ = _bilinear(step)
-    if reduction << (2 * bits) > 1 << 53:
-        low = low_linear_op(step, bits, ctx.limbs)  # the ring operator
-        return lambda e: low(e, w.wb[key])
+    if not _low_in_float(reduction, bits):
+        ring = linear_op(step, ctx.limbs)
+        return lambda e: ring(e, w.wb[key])
     cache = f"{key}:{bits}"
     if cache not in w.low:
-        w.low[cache] = (w.wb[key] & ((1 << bits) - 1)).to(torch.float64)
-    wl = w.low[cache]
-    return lambda e: torch.round(op(e.to(torch.float64), wl)).to(torch.int64)
+        w.low[cache] = _low_weight(w.wb[key], bits)
+    w_low = w.low[cache]
+    return lambda e: _low_product(op, e, w_low)
 
 
 # truncation and non-linear steps -------------------------------------------------------------
