@@ -195,3 +195,45 @@ def test_leaf_groups_by_the_position_table_are_exact():
             run &= e_k[k]
         assert torch.equal(out[0][0] ^ out[1][0], g_want)
         assert torch.equal(out[0][1] ^ out[1][1], e_want)
+
+
+def _node_by_products(party, batch, d, a, mono):
+    """A node batch's (XOR of its products below the top's g, its e) by `Products.evaluate`."""
+    spec, k = batch.spec, batch.arity
+    forms = [[Form(d[v], None) for v in p] for p in spec.products]
+    prods = spec.evaluate(forms, a, mono, party)
+    below = prods[0].clone()
+    for p in prods[1 : k - 1]:
+        below ^= p
+    return below, prods[k - 1] if batch.need_e else None
+
+
+def test_tree_nodes_by_the_chain_fold_are_exact():
+    """A tree node's chain fold gives each party the very shares the generic product evaluation
+    gives, and they open to the node's borrow and equality over its children, for every arity a
+    tree uses (2 to 8), with and without the node's e."""
+    s = Stream(new_seed(), "node")
+    for arity in range(2, compare.ROOT_FANIN + 1):
+        for need_e in (False, True):
+            nodes, W = 3, 5
+            batch = compare.Batch(tuple((0,) * arity for _ in range(nodes)), arity, need_e)
+            spec = batch.spec
+            v = s.ring((spec.nvars, nodes, W))  # the children's e (index k) and g (arity + k)
+            bits = s.ring(v.shape)  # the dealer's masks a
+            mono = spec.deal(bits)
+            a0, m0 = s.ring(bits.shape), s.ring(mono.shape)
+            shares = ((0, a0, m0), (1, bits ^ a0, mono ^ m0))
+            d = {u: v[u] ^ bits[u] for u in compare._used(spec)}  # the opened d = v XOR a
+            out = [compare._node(p, batch, d, a, m) for p, a, m in shares]
+            ref = [_node_by_products(p, batch, d, a, m) for p, a, m in shares]
+            for (g, e), (gr, er) in zip(out, ref, strict=True):
+                assert torch.equal(g, gr)
+                assert (e is None and er is None) if not need_e else torch.equal(e, er)
+            e_k, g_k = v[:arity], v[arity:]
+            g_want, run = torch.zeros_like(v[0]), e_k[arity - 1].clone()
+            for low in range(arity - 2, -1, -1):  # e_hi .. e_(low+1) g_low
+                g_want ^= run & g_k[low]
+                run &= e_k[low]
+            assert torch.equal(out[0][0] ^ out[1][0], g_want)
+            if need_e:
+                assert torch.equal(out[0][1] ^ out[1][1], run)

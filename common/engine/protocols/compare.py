@@ -10,10 +10,12 @@ over the bits, from low to high: a node's (g, e) = (s > u, s == u) on its range;
 - Leaves: groups of 4 to 7 bits. g_i = s_i AND NOT u_i and e_i = s_i XOR NOT u_i are affine in the
   dealer's bits with public coefficients, so with shares of every product of the group's bits
   (2^size - size - 1 dealer bits per group: 11 for 4 bits, 26 for 5, 57 for 6) a group's (g, e) is
-  local: no round.
+  local: no round. A party evaluates it by folding its table of those shares along one bit at a
+  time (`_leaf_group`).
 - Inner nodes, one round each: open d = v XOR a for each child bit used in a product, then every
   product of the opened bits is local given the dealer's shares of the mask products (a root of a
-  children opens 2(a - 1) bits and needs 3 * 2^(a-1) - 2a - 1 dealt monomials: 83 for 6, 177 for 7).
+  children opens 2(a - 1) bits and needs 3 * 2^(a-1) - 2a - 1 dealt monomials: 83 for 6, 177 for 7),
+  evaluated by the same kind of fold along its children (`_node`).
 Up to 56 bits the tree is ONE round: the leaves are as wide as it takes for one root of at most 8
 children, split where the dealer's bits are fewest (`leaf_groups`): L = 32 is 6 groups (6, 6, 5, 5,
 5, 5), 10 bits opened and 301 dealt per comparison; L = 40 is 7 groups, 12 bits opened and 514
@@ -34,7 +36,7 @@ from functools import cache
 
 import torch
 
-from secdfd.common.engine.bits import ONES, Form, Products, planes, unpack, words_for
+from secdfd.common.engine.bits import ONES, Products, planes, unpack, words_for
 from secdfd.common.engine.protocols.arith import AffineForm, Masked, MaskRand, deal_mask, mask_open
 from secdfd.common.engine.protocols.base import Ctx, Proto
 from secdfd.common.engine.randomness import Source
@@ -247,7 +249,7 @@ def _leaf(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int
 
 @cache
 def _leaf_rows(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the leaf table T (see `_leaf_group`) that hold each bit's share a_k and each dealt monomial
+    """Rows of the leaf table (see `_leaf_group`) that hold each bit's share a_k and each dealt monomial
     (in `_leaf_products(size).monomials` order): the subset's position mask, bit p for bit size-1-p."""
     hi = size - 1
     singles = torch.tensor([1 << (hi - k) for k in range(size)], dtype=torch.int64)
@@ -262,14 +264,17 @@ def _leaf_group(party: int, nu: torch.Tensor, a: torch.Tensor, mono: torch.Tenso
     """(g, e) shares of leaf groups of one size: nu (size, count, W) the public NOT u_k, a and mono this
     party's shares of the mask bits s_k and of their dealt monomials (`_leaf_products`).
 
-    Bit hi - p of a group sits at position p. With e_k = nu_k XOR s_k and g_k = nu_k AND s_k,
-        e = prod_p e_(hi-p),   g = XOR over q of (prod_(p<q) e_(hi-p)) AND g_(hi-q),
-    and expanding each product over the subsets T of positions (`bits.Products`):
-        e = XOR_T  Z[T] AND s_T,   Z[T] = AND of nu over the positions not in T,
-        g = XOR_T  C[T] AND s_T,   C[T] = Z_q[T'] AND nu_(hi-q), q the highest position in T, T' = T - q,
-    where Z_q covers positions 0 .. q-1; C's rows for q are the first half of Z_(q+1). With the shares
-    s_T in one table T indexed by position mask (T[0] the constant 1), both are one AND and one XOR
-    reduction over the 2^size rows, built by doubling, with no gathered copies."""
+    Bit hi - p of a group sits at position p (p = 0 is its highest bit). With e_p = nu_p XOR s_p and
+    g_p = nu_p AND s_p, the suffixes from position p down are
+        E_p = e_p E_(p+1) = nu_p E_(p+1) XOR s_p E_(p+1),
+        G_p = g_p XOR e_p G_(p+1) = nu_p s_p XOR nu_p G_(p+1) XOR s_p G_(p+1),
+    with E_size = 1 and G_size = 0, and e = E_0, g = G_0. Both are polynomials in the s bits with
+    public coefficients; a party's share of one is the same linear map applied to its shares s_T of
+    every product of s bits. Held in one table T indexed by position mask (T[0] the constant 1), the
+    map is a fold along each position in turn: E_p and G_p over T equal E_(p+1) and G_(p+1) over
+        T'[U] = nu_p AND T[U] XOR T[U + p]      (U the subsets of the later positions),
+    plus nu_p AND T[{p}] for G. The table halves at each fold: about 2^size rows read and half as
+    many written in all, with no coefficient table."""
     size = nu.shape[0]
     n = 1 << size
     singles, monos = _leaf_rows(size)
@@ -278,20 +283,77 @@ def _leaf_group(party: int, nu: torch.Tensor, a: torch.Tensor, mono: torch.Tenso
     table.index_copy_(0, singles.to(nu.device), a)
     if len(monos):
         table.index_copy_(0, monos.to(nu.device), mono)
-    zc = torch.empty((2, *table.shape), dtype=torch.int64, device=nu.device)  # Z, C
-    z, c = zc[0], zc[1]
-    z[0] = ONES
-    c[0] = 0
-    for q in range(size):
-        h = 1 << q
-        torch.bitwise_and(z[:h], nu[size - 1 - q], out=c[h : 2 * h])  # g at position q
-        z[h : 2 * h] = z[:h]  # subsets holding position q: no factor
-        z[:h] = c[h : 2 * h]  # the others: times nu
-    zc &= table
-    while n > 1:
+    t, spare = table, torch.empty((n // 2, *nu.shape[1:]), dtype=torch.int64, device=nu.device)
+    g = torch.zeros_like(table[0])
+    for p in range(size):  # position p is mask bit 0 of the table folded so far
+        pairs = t.view(n // 2, 2, *t.shape[1:])  # [U, 0] = T[U], [U, 1] = T[U + p]
+        g ^= pairs[0, 1] & nu[size - 1 - p]
         n //= 2
-        zc[:, :n] ^= zc[:, n : 2 * n]
-    return zc[1, 0], zc[0, 0]
+        folded = spare[:n]
+        torch.bitwise_and(pairs[:, 0], nu[size - 1 - p], out=folded)
+        folded ^= pairs[:, 1]
+        t, spare = folded, t
+    return g, t[0]
+
+
+@cache
+def _node_rows(arity: int, need_e: bool) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layout of a node's table (`_node`): (its rows; the rows that hold the opened variables'
+    shares a_v, and those variables; the row of each dealt monomial, in `_node_products` order)."""
+    hi = arity - 1
+    rows: list[tuple[int, ...]] = [()]  # the subsets of variables, as `_node` folds them
+    for c in range(hi):  # the children below the top, from the lowest up; without e, the lowest
+        # child's e is in no product: its table is [constant, a_(g_0)]
+        low_g_only = c == 0 and not need_e
+        rows = [(), (arity,)] if low_g_only else [*rows, *[(c, *t) for t in rows], (arity + c,)]
+    rows = rows + [(hi, *t) for t in rows]
+    spec = _node_products(arity, need_e)
+    single_rows, single_vars, mono_rows = [], [], [0] * len(spec.monomials)
+    for r, t in enumerate(rows):
+        if len(t) == 1:
+            single_rows.append(r)
+            single_vars.append(t[0])
+        elif t:
+            mono_rows[spec.index[tuple(sorted(t))]] = r
+    # every row is written once: the constant, the opened variables, the dealt monomials
+    if len(rows) != 1 + len(_used(spec)) + len(spec.monomials) or sorted(single_vars) != _used(spec):
+        raise AssertionError(f"a node of {arity} children: its table does not match its products")
+    return len(rows), torch.tensor(single_rows), torch.tensor(single_vars), torch.tensor(mono_rows)
+
+
+def _node(
+    party: int, batch: Batch, d: dict[int, torch.Tensor], a: torch.Tensor, mono: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This party's shares of one batch of nodes from the opened d_v = v XOR a_v: (the XOR of the
+    products e_hi .. e_(low+1) g_low, which with g_hi makes the node's g; the node's e, if needed).
+
+    Below the top, the children from hi - 1 down make a chain: G_c = g_c XOR e_c G_(c-1) (G over no
+    child is 0) and E_c = e_c E_(c-1), and the products are e_hi G_(hi-1) and e_hi E_(hi-1). With
+    v = d_v XOR a_v, each is a polynomial in the a bits with public coefficients, and a party's share
+    is that linear map applied to its shares a_T of the products of a bits, held in one table:
+        over no child: [the constant];   over c: [the table over c - 1, a_(e_c) times each of its
+        subsets, a_(g_c)];              for the top: [the table over hi - 1, a_(e_hi) times each].
+    Then G_c over a table t is d_(g_c) AND t[0] XOR t[a_(g_c)] XOR G_(c-1) over the fold
+        t'[U] = d_(e_c) AND t[U] XOR t[e_c + U],
+    E_c is E_(c-1) over the same fold, and the top is one fold along e_hi: each step halves the table.
+    The lowest child's e is in no product unless e is needed, so its table is [constant, a_(g_0)]."""
+    arity, hi = batch.arity, batch.arity - 1
+    nrows, single_rows, single_vars, mono_rows = _node_rows(arity, batch.need_e)
+    dev = a.device
+    t = torch.empty((nrows, *a.shape[1:]), dtype=torch.int64, device=dev)
+    t[0] = ONES if party == 0 else 0
+    t.index_copy_(0, single_rows.to(dev), a[single_vars.to(dev)])
+    t.index_copy_(0, mono_rows.to(dev), mono)
+    half = nrows // 2
+    t = (t[:half] & d[hi]).bitwise_xor_(t[half:])
+    below = torch.zeros_like(t[0])
+    for c in range(hi - 1, -1, -1):
+        if c == 0 and not batch.need_e:
+            return below.bitwise_xor_(t[0] & d[arity]).bitwise_xor_(t[1]), None
+        half = (t.shape[0] - 1) // 2
+        below.bitwise_xor_(t[0] & d[arity + c]).bitwise_xor_(t[2 * half])
+        t = (t[:half] & d[c]).bitwise_xor_(t[half : 2 * half])
+    return below, t[0]
 
 
 def borrow(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int) -> Proto[torch.Tensor]:
@@ -307,19 +369,12 @@ def borrow(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: in
         peer = yield opened  # one round: every batch of this level in one message
         gs, es = [], []
         for batch, (a, mono), mine, theirs in zip(level, rands, opened, peer, strict=True):
-            spec = batch.spec
-            d = dict(zip(_used(spec), mine ^ theirs, strict=True))
-            k = batch.arity
-            fv = {v: Form(dv, None) for v, dv in d.items()}
-            forms = [[fv[v] for v in p] for p in spec.products]
-            prods = spec.evaluate(forms, a, mono, ctx.party)
-            idx = torch.tensor(batch.nodes)
-            gh = g[idx[:, k - 1]]
-            for p in prods[: k - 1]:
-                gh = gh ^ p
-            gs.append((batch.nodes[0][0], gh))
-            if batch.need_e:
-                es.append((batch.nodes[0][0], prods[k - 1]))
+            d = dict(zip(_used(batch.spec), mine ^ theirs, strict=True))
+            below, e_all = _node(ctx.party, batch, d, a, mono)
+            top = torch.tensor([nd[-1] for nd in batch.nodes])
+            gs.append((batch.nodes[0][0], g[top] ^ below))
+            if e_all is not None:
+                es.append((batch.nodes[0][0], e_all))
         gs.sort(key=lambda t: t[0])
         es.sort(key=lambda t: t[0])
         g = torch.cat([t[1] for t in gs], 0)
