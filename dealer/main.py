@@ -24,7 +24,7 @@ import torch
 
 from secdfd.common import roster
 from secdfd.common.cli.envvars import show_envvars
-from secdfd.common.engine.randomness import MAX_BATCH
+from secdfd.common.engine.randomness import MAX_BATCH, RANDOMNESS_LAYOUT
 from secdfd.common.errors import ProtocolError, SecDFDError
 from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Responder
@@ -102,7 +102,7 @@ class DealerService:
                 info = self.config.info
                 front.reply(req, "provision", {"epoch": epoch, "model": info.arch, "input_size": info.size,
                                                "frac_bits": info.frac, "split": info.split, "digest": digest,
-                                               "max_batch": self.config.max_batch},
+                                               "max_batch": self.config.max_batch, "layout": RANDOMNESS_LAYOUT},
                             [_as_tensor(provisions[role])])
             elif kind == "bundle_request":
                 t0 = time.perf_counter()

@@ -179,7 +179,9 @@ def test_leaf_groups_by_the_position_table_are_exact():
         mono = spec.deal(bits) if spec.monomials else torch.empty((0, count, W), dtype=torch.int64)
         a0, m0 = s.ring(bits.shape), s.ring(mono.shape)
         a1, m1 = bits ^ a0, mono ^ m0
-        out = [compare._leaf_group(p, nu, a, m) for p, a, m in ((0, a0, m0), (1, a1, m1))]
+        order = compare._leaf_table(size).order  # the dealer deals the leaf's monomials in table order
+        assert torch.equal(compare._leaf_table(size).deal(bits), mono[order])
+        out = [compare._leaf_group(p, nu, a, m[order]) for p, a, m in ((0, a0, m0), (1, a1, m1))]
         ref = [_leaf_by_products(p, nu, a, m) for p, a, m in ((0, a0, m0), (1, a1, m1))]
         for (g, e), (gr, er) in zip(out, ref, strict=True):
             assert torch.equal(g, gr) and torch.equal(e, er)
@@ -224,7 +226,9 @@ def test_tree_nodes_by_the_chain_fold_are_exact():
             a0, m0 = s.ring(bits.shape), s.ring(mono.shape)
             shares = ((0, a0, m0), (1, bits ^ a0, mono ^ m0))
             d = {u: v[u] ^ bits[u] for u in compare._used(spec)}  # the opened d = v XOR a
-            out = [compare._node(p, batch, d, a, m) for p, a, m in shares]
+            table = compare._node_table(arity, need_e)  # the dealer deals in table order
+            assert torch.equal(table.deal(bits), mono[table.order])
+            out = [compare._node(p, batch, d, a, m[table.order]) for p, a, m in shares]
             ref = [_node_by_products(p, batch, d, a, m) for p, a, m in shares]
             for (g, e), (gr, er) in zip(out, ref, strict=True):
                 assert torch.equal(g, gr)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from secdfd.common.engine.randomness import RANDOMNESS_LAYOUT
 from secdfd.common.errors import DataError, ProtocolError
 from secdfd.common.ml.data import load_image
 from secdfd.common.ml.dfdnet import FusedDFDNet, build_model
@@ -142,3 +143,24 @@ def test_user_errors_leave_servers_serving(deployment_dir, parties):
         assert client.detect(d / "face.png")["verdict"] in ("real", "fake")
     finally:
         client.close()
+
+
+def test_a_dealer_of_another_randomness_layout_is_refused(deployment_dir, monkeypatch, tmp_path):
+    """A dealer of another release deals bundles whose values a server would read as others (and so
+    compute a wrong verdict): the server refuses it when provisioning, before any request."""
+    d = deployment_dir
+    monkeypatch.setattr("secdfd.dealer.main.RANDOMNESS_LAYOUT", RANDOMNESS_LAYOUT + 1)  # the dealer's side only
+    stop = threading.Event()
+    dealer = DealerService(DealerConfig(d / "keys", tmp_path / "dealer", ANY,
+                                        deployment.read_info(d / "shares" / "model.json")))
+    t = _start(dealer, stop)
+    a = Leader(ServerConfig("a", d / "keys", d / "shares" / "server_a.weights", tmp_path / "a",
+                            ANY, ANY, dealer.endpoint, depth=2, timeout=30.0))
+    try:
+        with pytest.raises(ProtocolError, match=f"randomness of layout {RANDOMNESS_LAYOUT + 1}, .* reads layout "
+                                                f"{RANDOMNESS_LAYOUT}.*same SecDFD release"):
+            a.run(stop)
+        assert not a.ready.is_set()
+    finally:
+        stop.set()
+        t.join(10)

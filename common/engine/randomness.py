@@ -30,6 +30,9 @@ from secdfd.common.errors import RandomnessError
 
 Shape = tuple[int, ...]
 MAX_BATCH = 64  # the most inputs one inference ever runs at once (`Plan.batched`): bounds a bundle's size
+# The layout of what a dealer deals: servers refuse a dealer of another layout, whose bundles would
+# read as other values. 2: a comparison's leaf and node monomials in the order their tables hold them.
+RANDOMNESS_LAYOUT = 2
 
 
 _DTYPES = {"i8": torch.int8, "i16": torch.int16, "i32": torch.int32, "i64": torch.int64}

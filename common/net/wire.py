@@ -155,7 +155,7 @@ MESSAGE_KINDS = MessageKinds(
         MessageKind("provision_request", "server -> dealer: provisioning material for the weight masks"),
         MessageKind("provision", "dealer -> server: serialised provisioning material and the model it deals for",
              meta={"epoch": _STR, "model": _STR, "input_size": _INT, "frac_bits": _INT, "split": _STR,
-                   "digest": _STR, "max_batch": _INT},
+                   "digest": _STR, "max_batch": _INT, "layout": _INT},
              min_tensors=1, max_tensors=1, dtypes=_BYTES),
         MessageKind("bundle_request", "server -> dealer: the next correlated-randomness bundle"),
         MessageKind("batch_request", "server_a -> dealer: a new bundle for a batch of `batch` crops",

@@ -34,6 +34,7 @@ from secdfd.common import roster
 from secdfd.common.engine.evaluator import Party
 from secdfd.common.engine.figures import Report
 from secdfd.common.engine.plan import Plan
+from secdfd.common.engine.randomness import RANDOMNESS_LAYOUT
 from secdfd.common.errors import Busy, ModelError, ProtocolError, RandomnessError, SecDFDError
 from secdfd.common.net.keys import load_party
 from secdfd.common.net.transport import Node, Request, Requester, Responder, ZmqChannel
@@ -175,6 +176,10 @@ class ServerBase:
         """The dealer must deal for this server's model, or every bundle would be for another plan."""
         theirs = deployment.ModelInfo(str(prov.meta["model"]), int(prov.meta["input_size"]),
                                       int(prov.meta["frac_bits"]), self.info.cmp_bits, str(prov.meta["split"]))
+        if prov.meta["layout"] != RANDOMNESS_LAYOUT:
+            raise ProtocolError(f"the dealer deals randomness of layout {prov.meta['layout']}, {self.config.name} "
+                                f"reads layout {RANDOMNESS_LAYOUT}: its bundles would read as other values. Run the "
+                                "dealer and the servers from the same SecDFD release")
         if theirs != self.info or prov.meta["digest"] != self.digest:
             raise ModelError(f"the dealer deals for {theirs.describe()}, {self.config.name}'s weight share is "
                              f"{self.info.describe()}; start the dealer with --model DIR/model.json from the "

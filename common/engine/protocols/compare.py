@@ -206,8 +206,8 @@ def deal_compare(src: Source, sbits: torch.Tensor, n: int, nbits: int) -> CmpRan
         spec = _leaf_products(size)
         shape = (len(spec.monomials), count, W)
 
-        def leaf_value(first: int = first, size: int = size, count: int = count, spec: Products = spec) -> torch.Tensor:
-            return spec.deal(_group_bits(sbits, first, size, count))
+        def leaf_value(first: int = first, size: int = size, count: int = count) -> torch.Tensor:
+            return _leaf_table(size).deal(_group_bits(sbits, first, size, count))
 
         leaf_mono.append(src.bits_from(f"leaf{i}", shape, leaf_value))
     levels = []
@@ -217,14 +217,67 @@ def deal_compare(src: Source, sbits: torch.Tensor, n: int, nbits: int) -> CmpRan
             spec = batch.spec
             a = src.bits(f"a{li}.{bi}", (spec.nvars, len(batch.nodes), W))
             shape = (len(spec.monomials), len(batch.nodes), W)
-            mono = src.bits_from(f"m{li}.{bi}", shape, _dealer_monomials(spec, a))
+            mono = src.bits_from(f"m{li}.{bi}", shape, _dealer_monomials(_node_table(batch.arity, batch.need_e), a))
             batches.append((a, mono))
         levels.append(batches)
     return CmpRand(leaf_mono, levels, one)
 
 
-def _dealer_monomials(spec: Products, a: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: spec.deal(a)
+def _dealer_monomials(table: Table, a: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: table.deal(a)
+
+
+@dataclass(frozen=True)
+class Table:
+    """Where a party's shares sit in the table that a leaf group or a node folds (`_leaf_group`,
+    `_node`): one row per subset T of the products' variables, the constant 1 for the empty T, a_v for
+    T = {v}, the dealt share of a_T otherwise. The dealer deals the monomials in table order, so that a
+    party fills its table with one copy per run of consecutive rows and per variable."""
+
+    spec: Products
+    rows: int
+    singles: tuple[tuple[int, int], ...]  # (row, variable)
+    runs: tuple[tuple[int, int, int], ...]  # (first row, first dealt row, rows)
+    order: torch.Tensor  # the dealer's order: each dealt row's index in `spec.monomials`
+
+    @staticmethod
+    def of(spec: Products, subsets: list[tuple[int, ...]]) -> Table:
+        """The table whose row r is the subset subsets[r] (subsets[0] the empty one)."""
+        singles: list[tuple[int, int]] = []
+        runs: list[tuple[int, int, int]] = []
+        order: list[int] = []
+        for r, t in enumerate(subsets):
+            if len(t) == 1:
+                singles.append((r, t[0]))
+            elif t:
+                if runs and runs[-1][0] + runs[-1][2] == r:
+                    runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+                else:
+                    runs.append((r, len(order), 1))
+                order.append(spec.index[tuple(sorted(t))])
+        # every row is written once: the constant, the variables used, every dealt monomial
+        if (
+            subsets[0] != ()
+            or sorted(order) != list(range(len(spec.monomials)))
+            or sorted(v for _, v in singles) != _used(spec)
+            or len(subsets) != 1 + len(singles) + len(order)
+        ):
+            raise AssertionError(f"a table of {len(subsets)} rows does not match its products")
+        return Table(spec, len(subsets), tuple(singles), tuple(runs), torch.tensor(order, dtype=torch.int64))
+
+    def deal(self, a: torch.Tensor) -> torch.Tensor:
+        """Dealer: the monomials of the mask bits a, in table order."""
+        return self.spec.deal(a)[self.order.to(a.device)]
+
+    def fill(self, party: int, a: torch.Tensor, mono: torch.Tensor) -> torch.Tensor:
+        """This party's table from its shares of the variables a and of the dealt monomials."""
+        t = torch.empty((self.rows, *a.shape[1:]), dtype=torch.int64, device=a.device)
+        t[0] = ONES if party == 0 else 0
+        for r, v in self.singles:
+            t[r] = a[v]
+        for r, i, k in self.runs:
+            t[r : r + k] = mono[i : i + k]
+        return t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,83 +301,58 @@ def _leaf(ctx: Ctx, u: torch.Tensor, sbits: torch.Tensor, R: CmpRand, nbits: int
 
 
 @cache
-def _leaf_rows(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the leaf table (see `_leaf_group`) that hold each bit's share a_k and each dealt monomial
-    (in `_leaf_products(size).monomials` order): the subset's position mask, bit p for bit size-1-p."""
-    hi = size - 1
-    singles = torch.tensor([1 << (hi - k) for k in range(size)], dtype=torch.int64)
-    monos = torch.tensor([sum(1 << (hi - k) for k in m) for m in _leaf_products(size).monomials], dtype=torch.int64)
-    # every row of the table is written (the constant, the bits, the monomials): none is left uninitialised
-    if sorted([0, *singles.tolist(), *monos.tolist()]) != list(range(1 << size)):
-        raise AssertionError(f"leaf products of {size} bits do not cover every subset")
-    return singles, monos
+def _leaf_table(size: int) -> Table:
+    """A leaf group's table (`_leaf_group`): row M holds the subset of the group's bits k with bit k of M
+    set."""
+    return Table.of(_leaf_products(size), [tuple(k for k in range(size) if m >> k & 1) for m in range(1 << size)])
 
 
 def _leaf_group(party: int, nu: torch.Tensor, a: torch.Tensor, mono: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, e) shares of leaf groups of one size: nu (size, count, W) the public NOT u_k, a and mono this
-    party's shares of the mask bits s_k and of their dealt monomials (`_leaf_products`).
+    party's shares of the mask bits s_k and of their dealt monomials (in `_leaf_table` order).
 
-    Bit hi - p of a group sits at position p (p = 0 is its highest bit). With e_p = nu_p XOR s_p and
-    g_p = nu_p AND s_p, the suffixes from position p down are
-        E_p = e_p E_(p+1) = nu_p E_(p+1) XOR s_p E_(p+1),
-        G_p = g_p XOR e_p G_(p+1) = nu_p s_p XOR nu_p G_(p+1) XOR s_p G_(p+1),
-    with E_size = 1 and G_size = 0, and e = E_0, g = G_0. Both are polynomials in the s bits with
+    With e_k = nu_k XOR s_k and g_k = nu_k AND s_k, the group's bits from k down give
+        E_k = e_k E_(k-1) = nu_k E_(k-1) XOR s_k E_(k-1),
+        G_k = g_k XOR e_k G_(k-1) = nu_k s_k XOR nu_k G_(k-1) XOR s_k G_(k-1),
+    with E and G over no bit 1 and 0, and e = E_hi, g = G_hi. Both are polynomials in the s bits with
     public coefficients; a party's share of one is the same linear map applied to its shares s_T of
-    every product of s bits. Held in one table T indexed by position mask (T[0] the constant 1), the
-    map is a fold along each position in turn: E_p and G_p over T equal E_(p+1) and G_(p+1) over
-        T'[U] = nu_p AND T[U] XOR T[U + p]      (U the subsets of the later positions),
-    plus nu_p AND T[{p}] for G. The table halves at each fold: about 2^size rows read and half as
+    every product of s bits. Held in one table T indexed by bit mask (T[0] the constant 1), the map is
+    a fold along each bit from the highest: E_k and G_k over T equal E_(k-1) and G_(k-1) over
+        T'[U] = nu_k AND T[U] XOR T[U + k]      (U the subsets of the lower bits: T's lower half),
+    plus nu_k AND T[{k}] for G. The table halves at each fold: about 2^size rows read and half as
     many written in all, with no coefficient table."""
     size = nu.shape[0]
-    n = 1 << size
-    singles, monos = _leaf_rows(size)
-    table = torch.empty((n, *nu.shape[1:]), dtype=torch.int64, device=nu.device)
-    table[0] = ONES if party == 0 else 0
-    table.index_copy_(0, singles.to(nu.device), a)
-    if len(monos):
-        table.index_copy_(0, monos.to(nu.device), mono)
-    t, spare = table, torch.empty((n // 2, *nu.shape[1:]), dtype=torch.int64, device=nu.device)
-    g = torch.zeros_like(table[0])
-    for p in range(size):  # position p is mask bit 0 of the table folded so far
-        pairs = t.view(n // 2, 2, *t.shape[1:])  # [U, 0] = T[U], [U, 1] = T[U + p]
-        g ^= pairs[0, 1] & nu[size - 1 - p]
-        n //= 2
-        folded = spare[:n]
-        torch.bitwise_and(pairs[:, 0], nu[size - 1 - p], out=folded)
-        folded ^= pairs[:, 1]
+    t = _leaf_table(size).fill(party, a, mono)
+    spare = torch.empty_like(t[: t.shape[0] // 2])
+    g = torch.zeros_like(t[0])
+    for k in range(size - 1, -1, -1):
+        half = 1 << k
+        low, high = t[:half], t[half : 2 * half]  # T[U], T[U + k]
+        g ^= high[0] & nu[k]
+        folded = spare[:half]
+        torch.bitwise_and(low, nu[k], out=folded)
+        folded ^= high
         t, spare = folded, t
     return g, t[0]
 
 
 @cache
-def _node_rows(arity: int, need_e: bool) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layout of a node's table (`_node`): (its rows; the rows that hold the opened variables'
-    shares a_v, and those variables; the row of each dealt monomial, in `_node_products` order)."""
+def _node_table(arity: int, need_e: bool) -> Table:
+    """A node's table, in the order `_node` folds it."""
     hi = arity - 1
-    rows: list[tuple[int, ...]] = [()]  # the subsets of variables, as `_node` folds them
+    rows: list[tuple[int, ...]] = [()]
     for c in range(hi):  # the children below the top, from the lowest up; without e, the lowest
         # child's e is in no product: its table is [constant, a_(g_0)]
         low_g_only = c == 0 and not need_e
         rows = [(), (arity,)] if low_g_only else [*rows, *[(c, *t) for t in rows], (arity + c,)]
-    rows = rows + [(hi, *t) for t in rows]
-    spec = _node_products(arity, need_e)
-    single_rows, single_vars, mono_rows = [], [], [0] * len(spec.monomials)
-    for r, t in enumerate(rows):
-        if len(t) == 1:
-            single_rows.append(r)
-            single_vars.append(t[0])
-        elif t:
-            mono_rows[spec.index[tuple(sorted(t))]] = r
-    # every row is written once: the constant, the opened variables, the dealt monomials
-    if len(rows) != 1 + len(_used(spec)) + len(spec.monomials) or sorted(single_vars) != _used(spec):
-        raise AssertionError(f"a node of {arity} children: its table does not match its products")
-    return len(rows), torch.tensor(single_rows), torch.tensor(single_vars), torch.tensor(mono_rows)
+    return Table.of(_node_products(arity, need_e), rows + [(hi, *t) for t in rows])
 
 
 def _node(
     party: int, batch: Batch, d: dict[int, torch.Tensor], a: torch.Tensor, mono: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This party's shares of one batch of nodes from the opened d_v = v XOR a_v: (the XOR of the
+    """This party's shares of one batch of nodes from the opened d_v = v XOR a_v and its shares of the
+    mask bits a and of the dealt monomials (in `_node_table` order): (the XOR of the
     products e_hi .. e_(low+1) g_low, which with g_hi makes the node's g; the node's e, if needed).
 
     Below the top, the children from hi - 1 down make a chain: G_c = g_c XOR e_c G_(c-1) (G over no
@@ -338,13 +366,8 @@ def _node(
     E_c is E_(c-1) over the same fold, and the top is one fold along e_hi: each step halves the table.
     The lowest child's e is in no product unless e is needed, so its table is [constant, a_(g_0)]."""
     arity, hi = batch.arity, batch.arity - 1
-    nrows, single_rows, single_vars, mono_rows = _node_rows(arity, batch.need_e)
-    dev = a.device
-    t = torch.empty((nrows, *a.shape[1:]), dtype=torch.int64, device=dev)
-    t[0] = ONES if party == 0 else 0
-    t.index_copy_(0, single_rows.to(dev), a[single_vars.to(dev)])
-    t.index_copy_(0, mono_rows.to(dev), mono)
-    half = nrows // 2
+    t = _node_table(arity, batch.need_e).fill(party, a, mono)
+    half = t.shape[0] // 2
     t = (t[:half] & d[hi]).bitwise_xor_(t[half:])
     below = torch.zeros_like(t[0])
     for c in range(hi - 1, -1, -1):
