@@ -231,14 +231,16 @@ def _dealer_monomials(table: Table, a: torch.Tensor) -> Callable[[], torch.Tenso
 class Table:
     """Where a party's shares sit in the table that a leaf group or a node folds (`_leaf_group`,
     `_node`): one row per subset T of the products' variables, the constant 1 for the empty T, a_v for
-    T = {v}, the dealt share of a_T otherwise. The dealer deals the monomials in table order, so that a
-    party fills its table with one copy per run of consecutive rows and per variable."""
+    T = {v}, the dealt share of a_T otherwise. The table's upper half is its top variable times each
+    subset of the lower half. The dealer deals the monomials in table order, so that they lie in runs
+    of consecutive rows, and the upper half's in one run."""
 
     spec: Products
     rows: int
     singles: tuple[tuple[int, int], ...]  # (row, variable)
     runs: tuple[tuple[int, int, int], ...]  # (first row, first dealt row, rows)
     order: torch.Tensor  # the dealer's order: each dealt row's index in `spec.monomials`
+    top: tuple[int, int]  # the top variable and the dealt row of its first product (row rows/2 + 1)
 
     @staticmethod
     def of(spec: Products, subsets: list[tuple[int, ...]]) -> Table:
@@ -263,21 +265,44 @@ class Table:
             or len(subsets) != 1 + len(singles) + len(order)
         ):
             raise AssertionError(f"a table of {len(subsets)} rows does not match its products")
-        return Table(spec, len(subsets), tuple(singles), tuple(runs), torch.tensor(order, dtype=torch.int64))
+        half = len(subsets) // 2
+        top = subsets[half]
+        upper = [(r, v) for r, v in singles if r >= half], [run for run in runs if run[0] + run[2] > half]
+        times_top = [sorted((*top, *t)) for t in subsets[:half]]
+        if len(subsets) % 2 or len(top) != 1 or [sorted(t) for t in subsets[half:]] != times_top:
+            raise AssertionError(f"a table of {len(subsets)} rows is not its top variable times its lower half")
+        if upper != ([(half, top[0])], [(half + 1, runs[-1][1], half - 1)] if half > 1 else []):
+            raise AssertionError(f"a table of {len(subsets)} rows does not hold its upper half in one run")
+        first = runs[-1][1] if half > 1 else 0
+        return Table(spec, len(subsets), tuple(singles), tuple(runs), torch.tensor(order, dtype=torch.int64),
+                     (top[0], first))
 
     def deal(self, a: torch.Tensor) -> torch.Tensor:
         """Dealer: the monomials of the mask bits a, in table order."""
         return self.spec.deal(a)[self.order.to(a.device)]
 
-    def fill(self, party: int, a: torch.Tensor, mono: torch.Tensor) -> torch.Tensor:
-        """This party's table from its shares of the variables a and of the dealt monomials."""
-        t = torch.empty((self.rows, *a.shape[1:]), dtype=torch.int64, device=a.device)
-        t[0] = ONES if party == 0 else 0
-        for r, v in self.singles:
-            t[r] = a[v]
+    def fold_top(self, party: int, a: torch.Tensor, mono: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """This party's table folded along its top variable v with the public planes x:
+            t'[U] = x AND t[U] XOR t[U + v]    for the U of the lower half,
+        made from its shares of the variables a and of the dealt monomials, without the whole table
+        (one pass fewer over it, and no copy)."""
+        half = self.rows // 2
+        v, first = self.top
+        upper = mono[first : first + half - 1]  # t[U + v] for U = 1 .. half - 1
+        out = torch.empty((half, *a.shape[1:]), dtype=torch.int64, device=a.device)
+        if party == 0:  # the constant 1
+            torch.bitwise_xor(x, a[v], out=out[0])
+        else:
+            out[0] = a[v]
+        for r, w in self.singles:
+            if r < half:
+                torch.bitwise_and(a[w], x, out=out[r])
+                out[r] ^= upper[r - 1]
         for r, i, k in self.runs:
-            t[r : r + k] = mono[i : i + k]
-        return t
+            if r < half:
+                torch.bitwise_and(mono[i : i + k], x, out=out[r : r + k])
+                out[r : r + k] ^= upper[r - 1 : r - 1 + k]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,13 +344,15 @@ def _leaf_group(party: int, nu: torch.Tensor, a: torch.Tensor, mono: torch.Tenso
     every product of s bits. Held in one table T indexed by bit mask (T[0] the constant 1), the map is
     a fold along each bit from the highest: E_k and G_k over T equal E_(k-1) and G_(k-1) over
         T'[U] = nu_k AND T[U] XOR T[U + k]      (U the subsets of the lower bits: T's lower half),
-    plus nu_k AND T[{k}] for G. The table halves at each fold: about 2^size rows read and half as
-    many written in all, with no coefficient table."""
+    plus nu_k AND T[{k}] for G. The table halves at each fold; the first fold reads the dealt shares
+    themselves (`Table.fold_top`): 2^size rows read and about as many written in all, with no
+    coefficient table."""
     size = nu.shape[0]
-    t = _leaf_table(size).fill(party, a, mono)
+    hi = size - 1
+    t = _leaf_table(size).fold_top(party, a, mono, nu[hi])
+    g = a[hi] & nu[hi]
     spare = torch.empty_like(t[: t.shape[0] // 2])
-    g = torch.zeros_like(t[0])
-    for k in range(size - 1, -1, -1):
+    for k in range(hi - 1, -1, -1):
         half = 1 << k
         low, high = t[:half], t[half : 2 * half]  # T[U], T[U + k]
         g ^= high[0] & nu[k]
@@ -366,9 +393,7 @@ def _node(
     E_c is E_(c-1) over the same fold, and the top is one fold along e_hi: each step halves the table.
     The lowest child's e is in no product unless e is needed, so its table is [constant, a_(g_0)]."""
     arity, hi = batch.arity, batch.arity - 1
-    t = _node_table(arity, batch.need_e).fill(party, a, mono)
-    half = t.shape[0] // 2
-    t = (t[:half] & d[hi]).bitwise_xor_(t[half:])
+    t = _node_table(arity, batch.need_e).fold_top(party, a, mono, d[hi])
     below = torch.zeros_like(t[0])
     for c in range(hi - 1, -1, -1):
         if c == 0 and not batch.need_e:
