@@ -477,16 +477,18 @@ def open_bits(ctx: Ctx, b: torch.Tensor, R: InjectRand, n: int) -> Proto[torch.T
 
 
 def injected(ctx: Ctx, d: torch.Tensor, m: Masked, R: InjectRand) -> torch.Tensor:
-    """Shares of b * x from the opened d = b XOR beta (local)."""
-    k = 1 - 2 * d
+    """Shares of b * x from the opened d = b XOR beta (local): with z = P [beta] - [beta s] (+ Q [beta m]),
+    b x is z where d = 0 and P - [s] (+ Q [m]) - z where d = 1 (P from party 0 only), one select
+    instead of the products by d and 1 - 2d."""
     assert R.beta_s is not None
-    out = k * (m.P * R.beta_a - R.beta_s) - d * m.s
-    if ctx.party == 0:
-        out = out + d * m.P
+    z = m.P * R.beta_a
+    z -= R.beta_s
+    flip = m.P - m.s if ctx.party == 0 else torch.neg(m.s)
     if m.Q is not None:
         assert R.beta_m is not None and m.m is not None
-        out = out + m.Q * (d * m.m + k * R.beta_m)
-    return out
+        z = z + m.Q * R.beta_m
+        flip = flip + m.Q * m.m
+    return torch.where(d.bool(), flip - z, z)
 
 
 def arith_bit(ctx: Ctx, d: torch.Tensor, R: InjectRand) -> torch.Tensor:
