@@ -4,6 +4,8 @@ import torch
 from secdfd.common.engine.bits import Form, Products, pack, planes, unpack
 from secdfd.common.engine.prng import Stream, new_seed
 from secdfd.common.engine.protocols import compare, pool
+from secdfd.common.engine.protocols.arith import Masked
+from secdfd.common.engine.protocols.base import Ctx
 
 
 def test_planes_match_bit_extraction():
@@ -115,7 +117,6 @@ def _max_layer(seeds, corrections, n, x0, x1, prepared):
     """One max-of-n layer over (100, n) shares, both parties, from the bundle of `seeds`."""
     from secdfd.common.engine.channel import pair, run_pair
     from secdfd.common.engine.driver import drive
-    from secdfd.common.engine.protocols.base import Ctx
     from secdfd.common.engine.randomness import Source
 
     R = [pool.deal_max(Source.party(0, seeds[0], "m"), 100, n, 32),
@@ -132,7 +133,6 @@ def _max_layer(seeds, corrections, n, x0, x1, prepared):
 def test_a_prepared_max_layer_matches_the_unprepared_one_and_consumes_its_table():
     """A max-of-k layer's selectors from the prepared table: the same shares as from the dealt
     monomials, and the table is gone after its one use."""
-    from secdfd.common.engine.protocols.base import Ctx
     from secdfd.common.engine.randomness import Source
     from secdfd.common.engine.sharing import share
     from secdfd.common.errors import RandomnessError
@@ -167,8 +167,8 @@ def _leaf_by_products(party, nu, a, mono):
     return g, prods[size - 1]
 
 
-def test_leaf_groups_by_the_position_table_are_exact():
-    """The leaf's table evaluation gives each party the very shares the generic product evaluation
+def test_leaf_groups_by_the_fold_are_exact():
+    """A leaf group's fold gives each party the very shares the generic product evaluation
     gives, and they open to e = AND of e_k and g = the group's borrow, for every group size used."""
     s = Stream(new_seed(), "leaf")
     for size in range(1, 8):
@@ -180,7 +180,6 @@ def test_leaf_groups_by_the_position_table_are_exact():
         a0, m0 = s.ring(bits.shape), s.ring(mono.shape)
         a1, m1 = bits ^ a0, mono ^ m0
         order = compare._leaf_table(size).order  # the dealer deals the leaf's monomials in table order
-        assert torch.equal(compare._leaf_table(size).deal(bits), mono[order])
         out = [compare._leaf_group(p, nu, a, m[order]) for p, a, m in ((0, a0, m0), (1, a1, m1))]
         ref = [_leaf_by_products(p, nu, a, m) for p, a, m in ((0, a0, m0), (1, a1, m1))]
         for (g, e), (gr, er) in zip(out, ref, strict=True):
@@ -204,8 +203,8 @@ def _node_by_products(party, batch, d, a, mono):
     spec, k = batch.spec, batch.arity
     forms = [[Form(d[v], None) for v in p] for p in spec.products]
     prods = spec.evaluate(forms, a, mono, party)
-    below = prods[0].clone()
-    for p in prods[1 : k - 1]:
+    below = torch.zeros_like(a[0])
+    for p in prods[: k - 1]:
         below ^= p
     return below, prods[k - 1] if batch.need_e else None
 
@@ -213,10 +212,11 @@ def _node_by_products(party, batch, d, a, mono):
 def test_tree_nodes_by_the_chain_fold_are_exact():
     """A tree node's chain fold gives each party the very shares the generic product evaluation
     gives, and they open to the node's borrow and equality over its children, for every arity a
-    tree uses (2 to 8), with and without the node's e."""
+    tree uses (1 to 8), with and without the node's e (a node of one child, in a deep tree's last
+    level, always passes its e on)."""
     s = Stream(new_seed(), "node")
-    for arity in range(2, compare.ROOT_FANIN + 1):
-        for need_e in (False, True):
+    for arity in range(1, compare.ROOT_FANIN + 1):
+        for need_e in (False, True) if arity > 1 else (True,):
             nodes, W = 3, 5
             batch = compare.Batch(tuple((0,) * arity for _ in range(nodes)), arity, need_e)
             spec = batch.spec
@@ -227,7 +227,6 @@ def test_tree_nodes_by_the_chain_fold_are_exact():
             shares = ((0, a0, m0), (1, bits ^ a0, mono ^ m0))
             d = {u: v[u] ^ bits[u] for u in compare._used(spec)}  # the opened d = v XOR a
             table = compare._node_table(arity, need_e)  # the dealer deals in table order
-            assert torch.equal(table.deal(bits), mono[table.order])
             out = [compare._node(p, batch, d, a, m[table.order]) for p, a, m in shares]
             ref = [_node_by_products(p, batch, d, a, m) for p, a, m in shares]
             for (g, e), (gr, er) in zip(out, ref, strict=True):
@@ -241,3 +240,29 @@ def test_tree_nodes_by_the_chain_fold_are_exact():
             assert torch.equal(out[0][0] ^ out[1][0], g_want)
             if need_e:
                 assert torch.equal(out[0][1] ^ out[1][1], run)
+
+
+def test_injection_selects_b_times_x_exactly():
+    """`injected` (one select between the outcomes of d = 0 and d = 1) gives shares of b * x from the
+    opened d = b XOR beta, with and without a truncation's Q m term, exactly in the ring."""
+    s = Stream(new_seed(), "inject")
+    n = 1000
+    for with_q in (False, True):
+        P, sv, mv = s.ring((n,)), s.ring((n,)), s.ring((n,))
+        Q = (s.ring((n,)) & 1) << 48 if with_q else None
+        beta, b = s.ring((n,)) & 1, s.ring((n,)) & 1
+        d = b ^ beta  # what the parties open
+
+        def split(v):
+            r = s.ring(v.shape)
+            return r, v - r
+
+        dealt = [split(v) for v in (sv, mv, beta, beta * sv, beta * mv)]
+        out = []
+        for party in (0, 1):
+            s_i, m_i, beta_i, beta_s_i, beta_m_i = (v[party] for v in dealt)
+            m = Masked(P, s_i, None, Q, m_i if with_q else None)
+            R = compare.InjectRand(torch.zeros(1, dtype=torch.int64), beta_i, beta_s_i, beta_m_i if with_q else None)
+            out.append(compare.injected(Ctx(party, 16, 32), d, m, R))
+        x = P - sv + (Q * mv if with_q else 0)
+        assert torch.equal(out[0] + out[1], b * x)

@@ -155,7 +155,7 @@ def test_a_dealer_of_another_randomness_layout_is_refused(deployment_dir, monkey
                                         deployment.read_info(d / "shares" / "model.json")))
     t = _start(dealer, stop)
     a = Leader(ServerConfig("a", d / "keys", d / "shares" / "server_a.weights", tmp_path / "a",
-                            ANY, ANY, dealer.endpoint, depth=2, timeout=30.0))
+                            ANY, ANY, dealer.endpoint, depth=2, timeout=5.0, startup=5.0))
     try:
         with pytest.raises(ProtocolError, match=f"randomness of layout {RANDOMNESS_LAYOUT + 1}, .* reads layout "
                                                 f"{RANDOMNESS_LAYOUT}.*same SecDFD release"):

@@ -99,7 +99,8 @@ class Products:
     """Which products of dealer-masked bits a protocol needs: the structure both sides agree on.
 
     `products[k]` is a tuple of distinct variable indices; the dealer deals XOR shares of a_T for
-    every subset T (|T| >= 2) of every product, in the order of `monomials`.
+    every subset T (|T| >= 2) of every product, in the order of `monomials` (a comparison's leaves and
+    nodes deal them in the order their fold reads them: `compare.Table`).
     """
 
     nvars: int
@@ -223,7 +224,9 @@ class Products:
         Vectorised over the subsets T: the coefficients of all 2^k subsets are built by doubling
         (one AND per half and variable), the shares a_T gathered in one index, and the XOR over T
         reduced by halving, so a k-input product costs about 3k + 3 tensor operations. Products that
-        start with the same forms share their coefficient prefix.
+        start with the same forms share their coefficient prefix. A max layer's selectors take the
+        stacked path; a comparison's leaves and nodes fold their own tables (`compare.Table`) and are
+        tested share for share against this general evaluation.
         """
         table = _table(a, mono, party)
         if self._uniform and all(f.beta is None and f.alpha is not None for fs in forms for f in fs):

@@ -131,7 +131,7 @@ def tree_levels(nbits: int, one: bool = True) -> tuple[tuple[int, ...], tuple[tu
 @cache
 def _leaf_products(size: int) -> Products:
     """Variables are the group's bits k; product j (j < size-1) is e_hi .. e_(low+1) g_low with
-    low = size-2-j, the last is e_hi .. e_0. Forms (e or g) are chosen in `_leaf`."""
+    low = size-2-j, the last is e_hi .. e_0 (`_leaf_group` evaluates them, e or g by position)."""
     hi = size - 1
     prods = [tuple(range(hi, low - 1, -1)) for low in range(hi - 1, -1, -1)]
     prods.append(tuple(range(hi, -1, -1)))
@@ -172,8 +172,8 @@ def tree_bits(nbits: int, n: int = 1) -> int:
 
 @dataclass
 class CmpRand:
-    leaf_mono: list[torch.Tensor]  # per leaf batch: shares of products of the group's s bits
-    levels: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per level, per batch: (a, monomials)
+    leaf_mono: list[torch.Tensor]  # per leaf batch: shares of products of the group's s bits (`_leaf_table` order)
+    levels: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per level, per batch: (a, monomials in `_node_table` order)
     one: bool  # the tree's shape (`one_round` of the batch's size): both sides derive it from n
 
 
@@ -230,7 +230,7 @@ def _dealer_monomials(table: Table, a: torch.Tensor) -> Callable[[], torch.Tenso
 @dataclass(frozen=True)
 class Table:
     """Where a party's shares sit in the table that a leaf group or a node folds (`_leaf_group`,
-    `_node`): one row per subset T of the products' variables, the constant 1 for the empty T, a_v for
+    `_node`): one row per subset T of variables that some product needs, the constant 1 for the empty T, a_v for
     T = {v}, the dealt share of a_T otherwise. The table's upper half is its top variable times each
     subset of the lower half. The dealer deals the monomials in table order, so that they lie in runs
     of consecutive rows, and the upper half's in one run."""
@@ -481,8 +481,7 @@ def injected(ctx: Ctx, d: torch.Tensor, m: Masked, R: InjectRand) -> torch.Tenso
     b x is z where d = 0 and P - [s] (+ Q [m]) - z where d = 1 (P from party 0 only), one select
     instead of the products by d and 1 - 2d."""
     assert R.beta_s is not None
-    z = m.P * R.beta_a
-    z -= R.beta_s
+    z = m.P * R.beta_a - R.beta_s
     flip = m.P - m.s if ctx.party == 0 else torch.neg(m.s)
     if m.Q is not None:
         assert R.beta_m is not None and m.m is not None
